@@ -1,0 +1,176 @@
+"""Aggregation rules: pure functions from (global state, accepted updates) to a new global state.
+
+The service around them does the I/O; these functions only do arithmetic, never mutate their
+inputs, and do not depend on the order in which clients are given (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted update: the client's parameter deltas and the samples it trained on."""
+
+    device_id: str
+    num_samples: int
+    delta: Mapping[str, np.ndarray]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+def sample_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
+    """Weights n_c / sum n (uniform if every client reports zero samples)."""
+    n = np.array([max(u.num_samples, 0) for u in updates], dtype=np.float64)
+    if n.sum() <= 0:
+        return np.full(len(updates), 1.0 / len(updates))
+    return n / n.sum()
+
+
+def fedit(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+    """FedIT: sample-weighted mean of each tensor (LoRA A and B separately, head likewise).
+
+    Devices send theta_c - theta, so averaging deltas and adding them to the shared start
+    equals averaging the clients' factors: A = sum n_c A_c / sum n_c, B likewise.
+    """
+    if not updates:
+        raise ConfigError("cannot aggregate zero updates")
+    weights = sample_weights(updates)
+    new: State = {}
+    for name, value in global_state.items():
+        acc = np.zeros(value.shape, dtype=np.float64)
+        for w, u in zip(weights, updates, strict=True):
+            acc += w * np.asarray(u.delta[name], dtype=np.float64)
+        new[name] = (np.asarray(value, dtype=np.float64) + acc).astype(np.float32)
+    return new
+
+
+def coordinate_median(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+    """Coordinate-wise median of the deltas (Yin et al. 2018): robust to a minority of attackers.
+
+    Sample counts are ignored on purpose: an attacker can claim any count it likes.
+    """
+    if not updates:
+        raise ConfigError("cannot aggregate zero updates")
+    return {
+        name: (
+            np.asarray(value, dtype=np.float64)
+            + np.median(np.stack([np.asarray(u.delta[name], dtype=np.float64) for u in updates]), axis=0)
+        ).astype(np.float32)
+        for name, value in global_state.items()
+    }
+
+
+def trimmed_mean(
+    global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], trim: float = 0.25
+) -> State:
+    """Coordinate-wise mean after dropping the ``trim`` fraction of highest and of lowest values.
+
+    With n updates, floor(trim * n) are dropped at each end (never all of them), so up to that
+    many attackers per coordinate cannot move the result outside the honest range.
+    """
+    if not updates:
+        raise ConfigError("cannot aggregate zero updates")
+    if not 0 <= trim < 0.5:
+        raise ConfigError(f"trim must be in [0, 0.5), got {trim}")
+    k = int(np.floor(trim * len(updates)))
+    new: State = {}
+    for name, value in global_state.items():
+        stacked = np.sort(np.stack([np.asarray(u.delta[name], dtype=np.float64) for u in updates]), axis=0)
+        kept = stacked[k : len(updates) - k]
+        new[name] = (np.asarray(value, dtype=np.float64) + kept.mean(axis=0)).astype(np.float32)
+    return new
+
+
+def clip_update(update: ClientUpdate, max_norm: float) -> ClientUpdate:
+    """The update scaled down so that its global L2 norm is at most ``max_norm``."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.delta.values())))
+    if norm <= max_norm or norm == 0.0:
+        return update
+    factor = max_norm / norm
+    delta = {
+        k: (np.asarray(v, dtype=np.float64) * factor).astype(np.float32) for k, v in update.delta.items()
+    }
+    return ClientUpdate(update.device_id, update.num_samples, delta, update.metrics)
+
+
+Strategy = Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate]], State]
+
+STRATEGIES: dict[str, Strategy] = {
+    "fedit": fedit,
+    "fedavg": fedit,
+    "median": coordinate_median,
+    "trimmed_mean": trimmed_mean,
+}
+"""Strategies by ``--strategy`` name; ``fedavg`` is an alias of ``fedit`` for LoRA."""
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under ``name``."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+
+
+def head_from_class_means(sums: np.ndarray, counts: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+    """A cosine head whose rows are the scaled unit class means (zero rows for unseen classes).
+
+    With unit-norm features this is the nearest-normalised-class-mean classifier (FedNCM,
+    Legate et al. 2023): a start that needs no training and survives label skew.
+    """
+    means = np.asarray(sums, dtype=np.float64) / np.maximum(np.asarray(counts)[:, None], 1.0)
+    norms = np.linalg.norm(means, axis=1, keepdims=True)
+    weight = np.where(norms > 0, scale * means / np.maximum(norms, 1e-12), 0.0)
+    return {
+        "head.weight": weight.astype(np.float32),
+        "head.bias": np.zeros(len(counts), dtype=np.float32),
+    }
+
+
+ROBUST_STRATEGIES = ("median", "trimmed_mean")
+
+
+def robust_head_from_statistics(
+    updates: Sequence[ClientUpdate], scale: float, rule: str = "median", trim: float = 0.25
+) -> dict[str, np.ndarray]:
+    """A class-mean head that a minority of lying clients cannot steer.
+
+    Each client's class means are normalised, and each class takes the coordinate-wise median (or
+    trimmed mean) over the clients that have that class, ignoring the counts they claim.
+    """
+    if not updates:
+        raise ConfigError("no class statistics to combine")
+    sums = np.stack([np.asarray(u.delta["stats.class_sums"], dtype=np.float64) for u in updates])
+    counts = np.stack([np.asarray(u.delta["stats.class_counts"], dtype=np.float64) for u in updates])
+    means = sums / np.maximum(counts[..., None], 1.0)
+    units = means / np.maximum(np.linalg.norm(means, axis=2, keepdims=True), 1e-12)
+    classes, hidden = sums.shape[1], sums.shape[2]
+    combined = np.zeros((classes, hidden))
+    for c in range(classes):
+        have = units[counts[:, c] > 0, c]
+        if len(have) == 0:
+            continue
+        if rule == "median":
+            combined[c] = np.median(have, axis=0)
+        else:
+            k = int(np.floor(trim * len(have)))
+            combined[c] = np.sort(have, axis=0)[k : len(have) - k].mean(axis=0)
+    present = np.asarray((counts > 0).any(axis=0), dtype=np.float64)
+    return head_from_class_means(combined, present, scale)
+
+
+def sum_class_statistics(updates: Sequence[ClientUpdate]) -> tuple[np.ndarray, np.ndarray]:
+    """Add up the clients' per-class feature sums and counts from a statistics round."""
+    if not updates:
+        raise ConfigError("no class statistics to add up")
+    sums = sum(np.asarray(u.delta["stats.class_sums"], dtype=np.float64) for u in updates)
+    counts = sum(np.asarray(u.delta["stats.class_counts"], dtype=np.float64) for u in updates)
+    return np.asarray(sums), np.asarray(counts)

@@ -1,0 +1,89 @@
+"""The run report (contract: ``report-schema.json``), built from what a run measured."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import ConfigError
+
+SCHEMA_ID = "fedpeft.report/1"
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON schema every report validates against (a copy of the shared contract)."""
+    text = resources.files("broker_server").joinpath("schemas/report-schema.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def communication(
+    bytes_up_total: int, bytes_down_total: int, full_model_params: int, participations: int
+) -> dict[str, Any]:
+    """Bytes moved and the reduction against FedAvg of full fp32 models for the same participations.
+
+    Full FedAvg moves the whole model down and up once per participation: 2 * 4 * params bytes.
+    """
+    full = 4 * full_model_params
+    baseline = 2 * full * max(participations, 1)
+    return {
+        "bytes_up_total": int(bytes_up_total),
+        "bytes_down_total": int(bytes_down_total),
+        "full_model_fp32_bytes": int(full),
+        "participations": int(participations),
+        "reduction_vs_full": 1.0 - (bytes_up_total + bytes_down_total) / baseline,
+    }
+
+
+def build_report(
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    rounds: Sequence[Mapping[str, Any]],
+    final: Mapping[str, Any],
+    communication: Mapping[str, Any],
+    clients: Sequence[Mapping[str, Any]],
+    rejected: Sequence[Mapping[str, Any]],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble a report dict in the contract's shape."""
+    if kind not in ("simulate", "serve", "centralized", "bench"):
+        raise ConfigError(f"unknown report kind {kind!r}")
+    report: dict[str, Any] = {
+        "schema": SCHEMA_ID,
+        "kind": kind,
+        "config": dict(config),
+        "rounds": [dict(r) for r in rounds],
+        "final": dict(final),
+        "communication": dict(communication),
+        "clients": [dict(c) for c in clients],
+        "rejected": [dict(r) for r in rejected],
+    }
+    if extra:
+        report.update(extra)
+    return report
+
+
+def validate_report(report: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the first place where ``report`` breaks the schema."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(dict(report), report_schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise ConfigError(f"report does not match the schema at {where}: {exc.message}") from None
+
+
+def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Validate and write a report atomically; returns the path."""
+    validate_report(report)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,612 @@
+"""The aggregation service: registers devices, assigns modules, validates, aggregates, publishes.
+
+Messages arrive on the transport's network thread and are only queued there; one service thread
+does every check, every write and every publish, so the state needs no further locking.
+
+Rounds are synchronous: the service publishes round r's global module (retained), collects the
+updates trained on it until every participant has answered or the deadline passes, aggregates
+with a pure strategy function, evaluates, checkpoints and publishes round r+1. Round 0 is a
+statistics round when the head starts from class means (FedNCM): devices send per-class feature
+sums of the frozen model instead of trained deltas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from broker_server.aggregation import (
+    ROBUST_STRATEGIES,
+    ClientUpdate,
+    clip_update,
+    get_strategy,
+    head_from_class_means,
+    robust_head_from_statistics,
+    sum_class_statistics,
+)
+from broker_server.evaluation import Evaluator
+from broker_server.privacy import dp_epsilon, dp_fedavg
+from broker_server.state import StateStore
+from edge_runtime import wire
+from edge_runtime.chunking import ChunkAssembler, is_chunk
+from edge_runtime.config import TrainConfig
+from edge_runtime.errors import (
+    ConfigError,
+    DuplicateUpdate,
+    FedPeftError,
+    NormTooLarge,
+    ShapeMismatch,
+    StaleRound,
+    UnknownDevice,
+    UpdateRejected,
+)
+from edge_runtime.transport import Transport
+
+log = logging.getLogger("fedpeft.server")
+
+STATS_PHASE = "stats"
+TRAIN_PHASE = "train"
+DONE_PHASE = "done"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the aggregation service runs one federation."""
+
+    fleet: str
+    rounds: int
+    train: TrainConfig
+    min_clients: int = 1
+    expected_clients: int | None = field(
+        default=None, metadata={"help": "start round 0 once this many devices said hello"}
+    )
+    strategy: str = "fedit"
+    head_init: str = field(default="ncm", metadata={"help": "ncm (class means) or random"})
+    head_scale: float = 16.0
+    round_timeout_s: float = 900.0
+    hello_timeout_s: float = 300.0
+    max_round_retries: int = 3
+    max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD
+    norm_bound: float = field(default=1e3, metadata={"help": "reject deltas with a larger L2 norm"})
+    clip_norm: float | None = field(
+        default=None, metadata={"help": "scale accepted deltas down to this L2 norm"}
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None, metadata={"help": "DP-FedAvg noise multiplier z (needs clip_norm); None = no DP"}
+    )
+    dp_delta: float = 1e-5
+    down_bits: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.fleet or any(c in self.fleet for c in "/+#"):
+            raise ConfigError(f"ServiceConfig.fleet must be a plain name, got {self.fleet!r}")
+        if self.rounds < 1:
+            raise ConfigError(f"ServiceConfig.rounds must be at least 1, got {self.rounds}")
+        if self.min_clients < 1:
+            raise ConfigError(f"ServiceConfig.min_clients must be at least 1, got {self.min_clients}")
+        if self.expected_clients is not None and self.expected_clients < self.min_clients:
+            raise ConfigError("ServiceConfig.expected_clients must be at least min_clients")
+        if self.head_init not in ("ncm", "random"):
+            raise ConfigError(f"ServiceConfig.head_init must be ncm or random, got {self.head_init!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"ServiceConfig.clip_norm must be positive, got {self.clip_norm}")
+        if self.dp_noise_multiplier is not None:
+            if self.dp_noise_multiplier < 0 or self.clip_norm is None:
+                raise ConfigError("DP needs --clip-norm and a non-negative noise multiplier")
+            if self.strategy not in ("fedit", "fedavg"):
+                raise ConfigError(f"DP is defined for fedit/fedavg, not {self.strategy!r}")
+            if not 0 < self.dp_delta < 1:
+                raise ConfigError(f"ServiceConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.down_bits not in (32, 16):
+            raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
+        get_strategy(self.strategy)
+
+
+@dataclass
+class DeviceRecord:
+    """What the service knows of one device."""
+
+    device_id: str
+    hello: wire.Hello
+    config: TrainConfig
+    updates_received: int = 0
+    updates_accepted: int = 0
+    bytes_up: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    train_s: float = 0.0
+    samples: int = 0
+    online: bool = True
+
+
+@dataclass
+class PendingUpdate:
+    """An accepted update waiting for its round's aggregation."""
+
+    update: wire.UpdateMessage
+    content_id: str
+    nbytes: int
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def config_id(config: TrainConfig) -> str:
+    """A short content address of a training configuration, used in the global topic."""
+    blob = json.dumps(config.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class AggregationService:
+    """Runs the rounds of one fleet over a transport; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: ServiceConfig,
+        evaluator: Evaluator,
+        *,
+        store: StateStore | None = None,
+        on_round: RoundCallback | None = None,
+        on_accept: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.transport = transport
+        self.config = config
+        self.evaluator = evaluator
+        self.store = store
+        self.on_round = on_round
+        self.on_accept = on_accept
+        self.clock = clock
+        self.strategy = get_strategy(config.strategy)
+        self.devices: dict[str, DeviceRecord] = {}
+        self.rejected: list[dict[str, Any]] = []
+        self.rounds: list[dict[str, Any]] = []
+        self.final_eval: dict[str, float] = {}
+        self.bytes_up_total = 0
+        self.bytes_down_reported = 0
+        self.config_id = config_id(config.train)
+        self.global_topic = wire.topic(config.fleet, "global", self.config_id)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._state: dict[str, np.ndarray] = {}
+        self._round = 0
+        self._phase = TRAIN_PHASE
+        self._global_id = ""
+        self._pending: dict[str, PendingUpdate] = {}
+        self._stale = 0
+        self._round_bytes_up = 0
+        self._round_bytes_down = 0
+        self._stopped = False
+        self._started = False
+        self._resumed_payload = b""
+        self._dp_rounds = 0
+        self._answered: set[str] = set()
+        # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
+        self._accepted_ids: dict[tuple[str, int], str] = {}
+        self._chunks = ChunkAssembler(max_bytes=config.max_payload_bytes)
+
+    # --- inbound -----------------------------------------------------------------------------
+
+    def privacy_spent(self) -> float | None:
+        """Epsilon spent so far at ``dp_delta`` (None without DP); full participation is q = 1."""
+        z = self.config.dp_noise_multiplier
+        if z is None:
+            return None
+        fleet = max(len(self.devices), 1)
+        q = min(1.0, max(len(self._pending), 1) / fleet)
+        return dp_epsilon(
+            noise_multiplier=z, sampling_rate=q, rounds=self._dp_rounds, delta=self.config.dp_delta
+        )
+
+    def final_state(self) -> dict[str, np.ndarray]:
+        """The current global module (the final one once :meth:`run` has returned)."""
+        return dict(self._state)
+
+    def start(self) -> None:
+        """Subscribe to the fleet's hello, update and status topics (once)."""
+        if self._started:
+            return
+        self._started = True
+        fleet = self.config.fleet
+        for kind in ("hello", "update", "status"):
+            self.transport.subscribe(f"fl/{fleet}/{kind}/+", self._enqueue, qos=1)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        # Runs on the network thread: only queue, never decode or write here.
+        self._inbox.put((topic, payload))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current step."""
+        self._stopped = True
+        self._inbox.put(("", b""))
+
+    def _reject(self, exc: UpdateRejected, device: str | None, round_: int | None) -> None:
+        reason = f"{exc.code}: {exc.reason}"
+        if device is not None and round_ is not None and device in self.devices:
+            if round_ == self._round:
+                self._answered.add(device)  # a rejected update still ends that device's turn
+            if not isinstance(exc, DuplicateUpdate):  # a duplicate was acknowledged as accepted
+                # tell the device, so it stops resending what will never be accepted
+                self._ack(device, round_, "", False, reason)
+        log.warning("rejected update from %s (round %s): %s", device, round_, reason)
+        self.rejected.append({"client": device, "round": round_, "reason": reason})
+
+    def _pump(self, until: float) -> bool:
+        """Handle queued messages until ``until``; True if a message was handled."""
+        timeout = max(0.0, until - self.clock())
+        try:
+            topic, payload = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if not topic:
+            return False
+        try:
+            _, kind, device = wire.parse_topic(topic)
+        except UpdateRejected as exc:
+            self._reject(exc, None, None)
+            return True
+        try:
+            if kind == "hello":
+                self._on_hello(device, payload)
+            elif kind == "update":
+                self._on_update(device, payload)
+            elif kind == "status":
+                self._on_status(device, payload)
+        except UpdateRejected as exc:
+            self._reject(exc, device, exc.round)
+        except FedPeftError as exc:  # a bad config in a hello, say: log and go on
+            self._reject(UpdateRejected(str(exc)), device, None)
+        return True
+
+    def _on_hello(self, device: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained hello
+        hello = wire.decode_hello(payload, max_bytes=self.config.max_payload_bytes)
+        if hello.device_id != device:
+            raise UnknownDevice(f"hello for {hello.device_id!r} published under {device!r}")
+        record = self.devices.get(device)
+        if record is None:
+            record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
+            self.devices[device] = record
+            log.info("device %s registered (%d samples)", device, hello.num_samples)
+        else:
+            record.hello = hello
+            record.online = True
+        if self.store is not None:
+            self.store.save_device(device, payload, time.time())
+        self._assign(record)
+
+    def _assign(self, record: DeviceRecord) -> None:
+        msg = wire.Assignment(
+            device_id=record.device_id,
+            round=self._round,
+            config=record.config.to_dict(),
+            global_topic=self.global_topic,
+        )
+        self.transport.publish(
+            wire.topic(self.config.fleet, "assign", record.device_id), wire.encode_assignment(msg), qos=1
+        )
+
+    def _on_status(self, device: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        status = wire.decode_status(payload, max_bytes=self.config.max_payload_bytes)
+        log.info("device %s is %s", device, status.state)
+        record = self.devices.get(device)
+        if record is not None:
+            record.online = status.state != "offline"
+
+    def _on_update(self, device: str, payload: bytes) -> None:
+        self.bytes_up_total += len(payload)
+        self._round_bytes_up += len(payload)
+        record = self.devices.get(device)
+        if record is not None:
+            record.bytes_up += len(payload)
+        if is_chunk(payload):
+            if record is None:
+                raise UnknownDevice(f"{device!r} never said hello")
+            whole = self._chunks.add(device, payload)
+            if whole is None:
+                return
+            payload = whole
+        update = wire.decode_update(payload, max_bytes=self.config.max_payload_bytes)
+        if update.device_id != device:
+            raise UnknownDevice(
+                f"update for {update.device_id!r} published under {device!r}", round=update.round
+            )
+        if record is None:
+            raise UnknownDevice(f"{device!r} never said hello", round=update.round)
+        record.updates_received += 1
+        cid = wire.content_id(payload)
+        if self._accepted_ids.get((device, update.round)) == cid:
+            # accepted before (perhaps before a crash that ate the ack): acknowledge it again
+            self._ack(device, update.round, cid, True, "duplicate of an accepted update")
+            raise DuplicateUpdate("redelivery of an accepted update, counted once", round=update.round)
+        if update.round < self._round or (update.round == self._round and update.base_id != self._global_id):
+            self._stale += 1
+            raise StaleRound(f"trained on round {update.round}, current is {self._round}", round=update.round)
+        if update.round > self._round:
+            raise StaleRound(
+                f"round {update.round} is ahead of the current {self._round}", round=update.round
+            )
+        previous = self._pending.get(device)
+        self._check_tensors(update)
+        if previous is not None:
+            raise UpdateRejected("a second, different update for the round", round=update.round)
+        if update.num_samples > record.hello.num_samples:
+            raise UpdateRejected(
+                f"claims {update.num_samples} samples, hello said {record.hello.num_samples}",
+                round=update.round,
+            )
+        if self.store is not None:
+            self.store.add_update(update.round, device, cid, payload)
+        self._pending[device] = PendingUpdate(update, cid, len(payload))
+        self._accepted_ids[(device, update.round)] = cid
+        record.updates_accepted += 1
+        record.last_metrics = dict(update.metrics)
+        record.train_s += float(update.metrics.get("train_s", 0.0))
+        record.samples = update.num_samples
+        self._round_bytes_down += int(update.metrics.get("bytes_down", 0))
+        self._ack(device, update.round, cid, True, "")
+        if self.on_accept is not None:
+            self.on_accept(device)
+
+    def _check_tensors(self, update: wire.UpdateMessage) -> None:
+        expected = self._expected_shapes()
+        got = {k: tuple(v.shape) for k, v in update.tensors.items()}
+        if set(got) != set(expected):
+            missing = sorted(set(expected) - set(got))[:3]
+            extra = sorted(set(got) - set(expected))[:3]
+            raise ShapeMismatch(f"tensors differ: missing {missing}, unexpected {extra}", round=update.round)
+        for name, shape in expected.items():
+            if got[name] != shape:
+                raise ShapeMismatch(f"{name}: shape {got[name]} != {shape}", round=update.round)
+        if self._phase == STATS_PHASE:
+            self._check_statistics(update)
+        if self._phase == TRAIN_PHASE:
+            norm = float(
+                np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.tensors.values()))
+            )
+            if norm > self.config.norm_bound:
+                raise NormTooLarge(
+                    f"update norm {norm:.3g} exceeds {self.config.norm_bound:.3g}", round=update.round
+                )
+
+    @staticmethod
+    def _check_statistics(update: wire.UpdateMessage) -> None:
+        """Class statistics must be consistent: features are unit vectors, counts add up."""
+        sums = update.tensors["stats.class_sums"].astype(np.float64)
+        counts = update.tensors["stats.class_counts"].astype(np.float64)
+        if np.any(counts < 0) or np.any(counts != np.round(counts)):
+            raise UpdateRejected("class counts must be non-negative integers", round=update.round)
+        if int(counts.sum()) != update.num_samples:
+            raise UpdateRejected(
+                f"class counts add up to {int(counts.sum())}, the update claims {update.num_samples}",
+                round=update.round,
+            )
+        # the sum of n unit vectors has a norm of at most n
+        if np.any(np.linalg.norm(sums, axis=1) > counts * (1 + 1e-3) + 1e-3):
+            raise NormTooLarge(
+                "a class sum is longer than its count of unit features allows", round=update.round
+            )
+
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._phase == STATS_PHASE:
+            c, h = self._state["head.weight"].shape
+            return {"stats.class_sums": (c, h), "stats.class_counts": (c,)}
+        return {k: tuple(v.shape) for k, v in self._state.items()}
+
+    def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
+        ack = wire.Ack(device_id=device, round=round_, content_id=cid, accepted=accepted, reason=reason)
+        self.transport.publish(wire.topic(self.config.fleet, "ack", device), wire.encode_ack(ack), qos=1)
+
+    # --- rounds ------------------------------------------------------------------------------
+
+    def _publish_global(self, phase: str) -> int:
+        msg = wire.GlobalModule(
+            round=self._round,
+            config_id=self.config_id,
+            tensors=self._state,
+            meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds},
+        )
+        payload = wire.encode_global(msg, bits=self.config.down_bits)
+        self._global_id = wire.content_id(payload)
+        if self.store is not None:
+            self.store.save_global(self._round, self._global_id, payload)
+        self.transport.publish(self.global_topic, payload, qos=1, retain=True)
+        return len(payload)
+
+    def _wait_for_devices(self) -> None:
+        want = self.config.expected_clients or self.config.min_clients
+        deadline = self.clock() + self.config.hello_timeout_s
+        while sum(r.online for r in self.devices.values()) < want and not self._stopped:
+            if self.clock() >= deadline:
+                if len(self.devices) >= self.config.min_clients:
+                    break
+                raise FedPeftError(
+                    f"only {len(self.devices)} of {want} devices said hello within "
+                    f"{self.config.hello_timeout_s:.0f} s"
+                )
+            self._pump(min(deadline, self.clock() + 0.5))
+
+    def _collect(self, participants: set[str]) -> bool:
+        """Handle messages until every participant answered or the deadline; True if enough."""
+        for attempt in range(self.config.max_round_retries + 1):
+            deadline = self.clock() + self.config.round_timeout_s
+            while not self._stopped and self.clock() < deadline:
+                if participants and participants <= set(self._pending) | self._answered:
+                    return True
+                self._pump(min(deadline, self.clock() + 0.5))
+            if len(self._pending) >= self.config.min_clients:
+                return True
+            log.warning(
+                "round %d: %d of %d updates by the deadline (attempt %d); keeping the global module",
+                self._round,
+                len(self._pending),
+                self.config.min_clients,
+                attempt + 1,
+            )
+            if self._stopped:
+                return False
+        return False
+
+    def _aggregate(self) -> None:
+        updates = [
+            ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
+            for _, p in sorted(self._pending.items())  # arrival order must not change the floats
+        ]
+        if self._phase == STATS_PHASE:
+            if self.config.strategy in ROBUST_STRATEGIES:
+                head = robust_head_from_statistics(updates, self.config.head_scale, self.config.strategy)
+            else:
+                sums, counts = sum_class_statistics(updates)
+                head = head_from_class_means(sums, counts, self.config.head_scale)
+            self._state = {**self._state, **head}
+        elif self.config.dp_noise_multiplier is not None:
+            assert self.config.clip_norm is not None
+            self._state = dp_fedavg(
+                self._state,
+                updates,
+                clip_norm=self.config.clip_norm,
+                noise_multiplier=self.config.dp_noise_multiplier,
+                rng=np.random.default_rng([self.config.seed, self._round]),
+            )
+            self._dp_rounds += 1
+        else:
+            if self.config.clip_norm is not None:
+                updates = [clip_update(u, self.config.clip_norm) for u in updates]
+            self._state = self.strategy(self._state, updates)
+
+    def _resume(self) -> int | None:
+        """Restore the last checkpoint from the store; the round to continue, or None if fresh.
+
+        Everything acknowledged is in the store (it is written before the ack), so the restored
+        pending updates are exactly the acknowledged ones of the interrupted round.
+        """
+        if self.store is None:
+            return None
+        latest = self.store.latest_global()
+        if latest is None:
+            return None
+        round_, cid, payload = latest
+        module = wire.decode_global(payload)
+        self._state = dict(module.tensors)
+        self._round = round_
+        self._global_id = cid
+        for device, hello_payload in self.store.devices().items():
+            hello = wire.decode_hello(hello_payload)
+            self.devices[device] = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
+        for device, count in self.store.accepted_counts().items():
+            if device in self.devices:
+                self.devices[device].updates_accepted = count
+        # A crash after a round's record was written but before the next global went out redoes
+        # that round from the same stored updates (summed in device order: the same floats).
+        self.rounds = [rec for rec in self.store.round_records() if int(rec["round"]) < round_]
+        for record in self.rounds:
+            if record.get("accuracy") is not None:
+                self.final_eval = {"accuracy": record["accuracy"], "macro_f1": record["macro_f1"]}
+        self.bytes_up_total = sum(int(r.get("bytes_up_all", 0)) for r in self.rounds)
+        if self.config.dp_noise_multiplier is not None:  # the privacy budget spent before the crash
+            self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") == TRAIN_PHASE)
+        self._accepted_ids = self.store.accepted_ids()
+        self._pending = {}
+        for device, ucid, upayload in self.store.updates(round_):
+            update = wire.decode_update(upayload)
+            self._pending[device] = PendingUpdate(update, ucid, len(upayload))
+            self.bytes_up_total += len(upayload)
+        self._resumed_payload = payload
+        log.warning(
+            "resumed round %d from %s with %d acknowledged updates",
+            round_,
+            self.store.path,
+            len(self._pending),
+        )
+        return round_
+
+    def run(self) -> None:
+        """Run every round; returns when the last global module is published or on stop."""
+        self._state = self.evaluator.initial_state()
+        resume_round = self._resume()
+        self.start()
+        if resume_round is None:
+            self._wait_for_devices()
+        start = self.clock() - (float(self.rounds[-1]["wall_s"]) if self.rounds else 0.0)
+        first = 0 if self.config.head_init == "ncm" else 1
+        if resume_round is not None:
+            first = resume_round
+        for r in range(first, self.config.rounds + 1):
+            if self._stopped:
+                break
+            self._round = r
+            self._phase = STATS_PHASE if (r == 0 and self.config.head_init == "ncm") else TRAIN_PHASE
+            resuming = r == resume_round
+            self._answered = set()
+            if not resuming:
+                self._pending = {}
+            self._stale = 0
+            self._round_bytes_up = sum(p.nbytes for p in self._pending.values())
+            self._round_bytes_down = 0
+            participants = {d for d, rec in self.devices.items() if rec.online}
+            round_start = self.clock()
+            if resuming:
+                # Publish exactly the checkpointed bytes again: same content id, so devices'
+                # updates trained on it before the crash stay valid.
+                self.transport.publish(self.global_topic, self._resumed_payload, qos=1, retain=True)
+                # The crash may have come between storing an update and acknowledging it.
+                for device, pending in sorted(self._pending.items()):
+                    self._ack(device, r, pending.content_id, True, "accepted before a restart")
+            else:
+                self._publish_global(self._phase)
+            if not self._collect(participants):
+                raise FedPeftError(f"round {r} got too few updates after every retry")
+            server_start = self.clock()
+            self._aggregate()
+            result = self.evaluator.evaluate(self._state)
+            record: dict[str, Any] = {
+                "round": r,
+                "phase": self._phase,
+                "wall_s": self.clock() - start,
+                "round_wall_s": self.clock() - round_start,
+                "virtual_s": self.clock() - start,
+                "server_s": self.clock() - server_start,
+                "accuracy": None if result is None else result.accuracy,
+                "macro_f1": None if result is None else result.macro_f1,
+                "loss": None if result is None else result.loss,
+                "participants": len(self._pending),
+                "stale_updates": self._stale,
+                "bytes_up": sum(p.nbytes for p in self._pending.values()),
+                "bytes_up_all": self._round_bytes_up,
+                "bytes_down": self._round_bytes_down,
+                "train_loss": _mean([p.update.metrics.get("loss") for p in self._pending.values()]),
+                "clients": sorted(self._pending),
+                "client_train_s": {
+                    d: float(p.update.metrics.get("train_s", 0.0)) for d, p in self._pending.items()
+                },
+                "client_bytes": {d: p.nbytes for d, p in self._pending.items()},
+            }
+            if self.config.dp_noise_multiplier is not None:
+                record["dp_epsilon"] = self.privacy_spent()
+            if result is not None:
+                self.final_eval = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
+            self.rounds.append(record)
+            if self.store is not None:
+                self.store.save_round_record(r, record)
+            if self.on_round is not None:
+                self.on_round(record)
+        if self._stopped:
+            return
+        self._round = self.config.rounds + 1
+        self._publish_global(DONE_PHASE)
+
+
+def _mean(values: list[Any]) -> float | None:
+    nums = [float(v) for v in values if isinstance(v, (int, float))]
+    return float(np.mean(nums)) if nums else None

@@ -1,0 +1,134 @@
+"""The service's durable state in SQLite: written before anything is acknowledged.
+
+Payloads are stored as the wire bytes they arrived in (never pickle), so a restarted service
+decodes exactly what it accepted. WAL journaling with ``synchronous=FULL`` means a committed
+transaction survives a kill -9 of the service.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, hello BLOB NOT NULL, registered_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS globals (
+    round INTEGER PRIMARY KEY, content_id TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL, device_id TEXT NOT NULL, content_id TEXT NOT NULL,
+    payload BLOB NOT NULL, PRIMARY KEY (round, device_id));
+CREATE TABLE IF NOT EXISTS round_records (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+
+class StateStore:
+    """SQLite-backed state of one aggregation service (one fleet)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A JSON value stored under ``key``."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON value under ``key``."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def save_device(self, device_id: str, hello: bytes, at: float) -> None:
+        """Remember a device's latest hello."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?)", (device_id, hello, at))
+
+    def devices(self) -> dict[str, bytes]:
+        """Every registered device's latest hello payload."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, hello FROM devices").fetchall()
+        return {d: bytes(h) for d, h in rows}
+
+    def save_global(self, round_: int, content_id: str, payload: bytes) -> None:
+        """Checkpoint the global module published for ``round_``."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)", (round_, content_id, payload))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)", (json.dumps(round_),))
+
+    def latest_global(self) -> tuple[int, str, bytes] | None:
+        """The newest checkpointed global module as (round, content id, payload)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round, content_id, payload FROM globals ORDER BY round DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]), bytes(row[2]))
+
+    def add_update(self, round_: int, device_id: str, content_id: str, payload: bytes) -> bool:
+        """Record an accepted update; False if this device already has one for the round."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?)",
+                (round_, device_id, content_id, payload),
+            )
+            return cur.rowcount == 1
+
+    def updates(self, round_: int) -> list[tuple[str, str, bytes]]:
+        """Accepted updates of a round as (device, content id, payload)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, content_id, payload FROM updates WHERE round=? ORDER BY device_id",
+                (round_,),
+            ).fetchall()
+        return [(d, c, bytes(p)) for d, c, p in rows]
+
+    def accepted_ids(self) -> dict[tuple[str, int], str]:
+        """Content id of every accepted update, by (device, round)."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, round, content_id FROM updates").fetchall()
+        return {(str(d), int(r)): str(c) for d, r, c in rows}
+
+    def accepted_counts(self) -> dict[str, int]:
+        """Accepted updates per device, all rounds."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, COUNT(*) FROM updates GROUP BY device_id").fetchall()
+        return {d: int(n) for d, n in rows}
+
+    def save_round_record(self, round_: int, record: dict[str, Any]) -> None:
+        """Keep a finished round's report entry."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO round_records VALUES (?, ?)", (round_, json.dumps(record)))
+
+    def round_records(self) -> list[dict[str, Any]]:
+        """Every finished round's report entry, in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM round_records ORDER BY round").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,285 @@
+"""The device agent: says hello, takes its assignment, trains each global module, sends updates.
+
+Network callbacks only record what arrived; training runs in the caller's thread through
+:meth:`DeviceAgent.run_pending` (or :meth:`DeviceAgent.run`), so a worker process can host many
+agents that train one at a time on one shared engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_runtime import wire
+from edge_runtime.chunking import split_payload
+from edge_runtime.config import TrainConfig
+from edge_runtime.data import TextDataset
+from edge_runtime.engines.base import ProgressFn, TrainingEngine
+from edge_runtime.errors import FedPeftError, UpdateRejected
+from edge_runtime.outbox import Outbox
+from edge_runtime.transport import Transport
+
+log = logging.getLogger("fedpeft.edge")
+
+EngineFactory = Callable[[TrainConfig], TrainingEngine]
+STATS_PHASE = "stats"
+DONE_PHASE = "done"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class DeviceStats:
+    """What a device did, for its report entry."""
+
+    device_id: str
+    updates_sent: int = 0
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    rounds_trained: list[int] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None
+
+
+class DeviceAgent:
+    """One device's side of the protocol over a :class:`Transport`."""
+
+    def __init__(
+        self,
+        device_id: str,
+        fleet: str,
+        transport: Transport,
+        data: TextDataset,
+        engine_factory: EngineFactory,
+        *,
+        profile: dict[str, Any] | None = None,
+        engines: tuple[str, ...] = ("torch",),
+        seed: int = 0,
+        outbox: Outbox | None = None,
+        on_ready: Callable[[DeviceAgent], None] | None = None,
+        progress: ProgressFn | None = None,
+        update_hook: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.fleet = fleet
+        self.transport = transport
+        self.data = data
+        self.engine_factory = engine_factory
+        self.profile = profile or {}
+        self.engines = engines
+        self.seed = seed
+        self.outbox = outbox or Outbox()
+        self.on_ready = on_ready
+        self.progress = progress
+        self.max_message_bytes = max_message_bytes  # the broker's limit; larger updates go in chunks
+        self.update_hook = update_hook  # (phase, tensors) -> tensors, e.g. local DP or simulated attacks
+        self.stats = DeviceStats(device_id)
+        self.assignment: wire.Assignment | None = None
+        self.config: TrainConfig | None = None
+        self.done = threading.Event()
+        self.final_state: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self._pending_global: bytes | None = None
+        self._last_round = -1
+        self._bytes_down_since_update = 0
+        self._wake = threading.Event()
+        self._hello = b""
+        self._hello_at = 0.0
+        self._last_send = time.monotonic()
+
+    # --- network thread ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe to this device's topics, resend unacknowledged updates and say hello."""
+        self.transport.subscribe(wire.topic(self.fleet, "assign", self.device_id), self._on_assign)
+        self.transport.subscribe(wire.topic(self.fleet, "ack", self.device_id), self._on_ack)
+        for _, topic, payload in self.outbox.pending():
+            self._send(topic, payload)
+        hello = wire.Hello(
+            device_id=self.device_id,
+            profile=self.profile,
+            num_samples=len(self.data),
+            label_histogram=tuple(int(x) for x in self.data.label_histogram()),
+            engines=self.engines,
+        )
+        # Retained, so a service that starts (or restarts) after this device still finds it.
+        self._hello = wire.encode_hello(hello)
+        self._hello_at = time.monotonic()
+        self.transport.publish(wire.topic(self.fleet, "hello", self.device_id), self._hello, retain=True)
+
+    def _count_down(self, payload: bytes) -> None:
+        with self._lock:
+            self.stats.bytes_down += len(payload)
+            self._bytes_down_since_update += len(payload)
+
+    def _on_assign(self, topic: str, payload: bytes) -> None:
+        self._count_down(payload)
+        try:
+            assignment = wire.decode_assignment(payload)
+            config = TrainConfig.from_dict(assignment.config)
+        except FedPeftError as exc:
+            log.error("device %s: bad assignment: %s", self.device_id, exc)
+            return
+        first = self.assignment is None or self.assignment.global_topic != assignment.global_topic
+        self.assignment, self.config = assignment, config
+        self.stats.config = assignment.config
+        if first:
+            self.transport.subscribe(assignment.global_topic, self._on_global)
+
+    def _on_global(self, topic: str, payload: bytes) -> None:
+        self._count_down(payload)
+        with self._lock:
+            self._pending_global = payload
+        self._wake.set()
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        try:
+            ack = wire.decode_ack(payload)
+        except UpdateRejected as exc:
+            log.error("device %s: bad ack: %s", self.device_id, exc)
+            return
+        if self.outbox.ack(ack.round):
+            if ack.accepted:
+                self.stats.updates_accepted += 1
+            else:
+                self.stats.updates_rejected += 1
+                log.warning("device %s: round %d rejected: %s", self.device_id, ack.round, ack.reason)
+
+    # --- training thread ---------------------------------------------------------------------
+
+    def run_pending(self) -> bool:
+        """Train on the newest global module if one arrived; True if work was done."""
+        with self._lock:
+            payload, self._pending_global = self._pending_global, None
+        if payload is None or self.config is None:
+            return False
+        try:
+            module = wire.decode_global(payload)
+        except UpdateRejected as exc:
+            log.error("device %s: bad global module: %s", self.device_id, exc)
+            return False
+        phase = str(module.meta.get("phase", "train"))
+        if phase == DONE_PHASE:
+            self.final_state = dict(module.tensors)
+            self.done.set()
+            return True
+        if module.round <= self._last_round:
+            return False  # a redelivered or retained copy of a module already trained on
+        try:
+            self._train_and_send(module, wire.content_id(payload), phase)
+        except FedPeftError as exc:
+            self.stats.last_error = str(exc)
+            log.error("device %s: round %d failed: %s", self.device_id, module.round, exc)
+        return True
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        poll_s: float = 0.5,
+        rehello_s: float = 15.0,
+        resend_s: float = 30.0,
+    ) -> None:
+        """Train every global module as it arrives until the server says done (or ``stop``)."""
+        while not self.done.is_set() and not (stop is not None and stop.is_set()):
+            self._wake.wait(poll_s)
+            self._wake.clear()
+            self.run_pending()
+            self.rehello_if_unassigned(rehello_s)
+            self.resend_unacknowledged(resend_s)
+
+    def resend_unacknowledged(self, after_s: float) -> None:
+        """Publish again what the service has not acknowledged after ``after_s`` (it may have crashed)."""
+        if time.monotonic() - self._last_send < after_s:
+            return
+        pending = self.outbox.pending()
+        if pending:
+            self._last_send = time.monotonic()
+            for _, topic, payload in pending:
+                self._send(topic, payload)
+
+    def rehello_if_unassigned(self, every_s: float) -> None:
+        """Say hello again while no assignment came (the service may have been down)."""
+        if self.assignment is None and self._hello and time.monotonic() - self._hello_at > every_s:
+            self._hello_at = time.monotonic()
+            self.transport.publish(wire.topic(self.fleet, "hello", self.device_id), self._hello, retain=True)
+
+    def _send(self, topic: str, payload: bytes) -> int:
+        parts = (
+            [payload] if self.max_message_bytes is None else split_payload(payload, self.max_message_bytes)
+        )
+        for part in parts:
+            self.transport.publish(topic, part, qos=1)
+        return sum(len(p) for p in parts)
+
+    def _train_and_send(self, module: wire.GlobalModule, base_id: str, phase: str) -> None:
+        assert self.config is not None
+        config = self.config
+        engine = self.engine_factory(config)
+        engine.load_trainable_state(module.tensors)
+        seed = _job_seed(self.seed, self.device_id, module.round)
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        bits = config.bits
+        if phase == STATS_PHASE:
+            sums, counts = engine.class_feature_sums(self.data)
+            tensors = {"stats.class_sums": sums, "stats.class_counts": counts}
+            bits = 32  # statistics are sent once and must stay exact (counts especially)
+        else:
+            result = engine.train(self.data, epochs=config.local_epochs, seed=seed, progress=self.progress)
+            trained = engine.trainable_state()
+            tensors = {k: trained[k] - np.asarray(module.tensors[k], dtype=np.float32) for k in trained}
+            metrics.update(loss=result.loss, train_accuracy=result.accuracy, steps=float(result.steps))
+        if self.update_hook is not None:
+            tensors = self.update_hook(phase, tensors)
+        train_s = time.perf_counter() - start
+        self.stats.train_s += train_s
+        self.stats.peak_rss_mb = peak_rss_mb()
+        with self._lock:
+            bytes_down, self._bytes_down_since_update = self._bytes_down_since_update, 0
+        metrics.update(
+            train_s=train_s,
+            peak_rss_mb=self.stats.peak_rss_mb,
+            bytes_down=float(bytes_down),
+            updates_sent=float(self.stats.updates_sent + 1),
+        )
+        update = wire.UpdateMessage(
+            device_id=self.device_id,
+            round=module.round,
+            base_id=base_id,
+            num_samples=len(self.data),
+            metrics=metrics,
+            tensors=tensors,
+            bits=bits,
+        )
+        payload = wire.encode_update(update, rng=np.random.default_rng(seed))
+        topic = wire.topic(self.fleet, "update", self.device_id)
+        self.outbox.put(module.round, topic, payload)
+        sent = self._send(topic, payload)
+        self._last_send = time.monotonic()
+        self._last_round = module.round
+        self.stats.updates_sent += 1
+        self.stats.bytes_up += sent
+        self.stats.rounds_trained.append(module.round)
+
+
+def _job_seed(seed: int, device_id: str, round_: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{device_id}/{round_}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")

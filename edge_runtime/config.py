@@ -1,0 +1,84 @@
+"""The training configuration a device receives in its assignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.peft_specs import LoraSpec, PeftSpec, spec_from_dict
+
+ENGINES = ("torch", "ort")
+SUPPORTED_BITS = (32, 16, 8, 4, 2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a device needs to train its module for one round; travels in an assignment."""
+
+    peft: PeftSpec = field(default_factory=LoraSpec)
+    model: str = field(default="all-MiniLM-L6-v2", metadata={"help": "model name or local path"})
+    num_labels: int = 2
+    bits: int = field(default=8, metadata={"help": "uplink bit width: 32, 16, 8, 4 or 2"})
+    batch_size: int = 16
+    seq_len: int = 128
+    local_epochs: int = 1
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the PEFT module"})
+    head_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the head"})
+    weight_decay: float = 0.0
+    prox_mu: float = field(default=0.0, metadata={"help": "lambda of lambda ||theta - theta0||^2"})
+    engine: str = "torch"
+    mem_cap_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool]] = [
+            ("num_labels", self.num_labels >= 2),
+            ("bits", self.bits in SUPPORTED_BITS),
+            ("batch_size", self.batch_size >= 1),
+            ("seq_len", 8 <= self.seq_len <= 4096),
+            ("local_epochs", self.local_epochs >= 1),
+            ("lr", self.lr > 0),
+            ("head_lr", self.head_lr >= 0),
+            ("weight_decay", self.weight_decay >= 0),
+            ("prox_mu", self.prox_mu >= 0),
+            ("engine", self.engine in ENGINES),
+            ("mem_cap_mb", self.mem_cap_mb is None or self.mem_cap_mb > 0),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ConfigError(f"TrainConfig.{name} is invalid: {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form for the wire and the report."""
+        return {
+            "peft": self.peft.to_dict(),
+            "model": self.model,
+            "num_labels": self.num_labels,
+            "bits": self.bits,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "local_epochs": self.local_epochs,
+            "lr": self.lr,
+            "head_lr": self.head_lr,
+            "weight_decay": self.weight_decay,
+            "prox_mu": self.prox_mu,
+            "engine": self.engine,
+            "mem_cap_mb": self.mem_cap_mb,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from the wire form, rejecting unknown fields."""
+        if not isinstance(data, dict):
+            raise ConfigError("a training configuration must be an object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown training configuration fields: {sorted(unknown)}")
+        values = dict(data)
+        if "peft" in values:
+            values["peft"] = spec_from_dict(values["peft"])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"bad training configuration: {exc}") from None

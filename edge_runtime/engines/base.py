@@ -1,0 +1,76 @@
+"""The one interface every training engine implements; nothing outside an engine knows which runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from edge_runtime.data import TextDataset
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (steps done, steps total) during training."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call to :meth:`TrainingEngine.train` did."""
+
+    steps: int
+    samples: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy, macro F1 and mean loss of the current module on a dataset."""
+
+    accuracy: float
+    macro_f1: float
+    loss: float
+    predictions: np.ndarray
+
+
+class TrainingEngine(Protocol):
+    """Trains and evaluates one PEFT module on one frozen base model."""
+
+    name: str
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """The trainable parameters by canonical name, as float32 arrays (copies)."""
+        ...
+
+    def load_trainable_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the trainable parameters; names and shapes must match exactly."""
+        ...
+
+    def train(
+        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+    ) -> TrainResult:
+        """Train the module in place for ``epochs`` passes over ``data``."""
+        ...
+
+    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+        """Evaluate the current module on ``data``."""
+        ...
+
+    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class sums of the frozen model's pooled features, and per-class counts."""
+        ...
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """Macro-averaged F1 over the classes present in labels or predictions."""
+    scores = []
+    for c in range(num_classes):
+        tp = int(np.sum((predictions == c) & (labels == c)))
+        fp = int(np.sum((predictions == c) & (labels != c)))
+        fn = int(np.sum((predictions != c) & (labels == c)))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0

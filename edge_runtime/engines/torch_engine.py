@@ -1,0 +1,256 @@
+"""The PyTorch training engine: a frozen Hugging Face encoder, a PEFT module and a linear head.
+
+torch, transformers and peft are imported here and nowhere else in ``edge_runtime``, so a device
+that runs the ONNX Runtime engine never loads them.
+
+The classifier mean-pools the encoder's last hidden states over real tokens and L2-normalises
+them (as sentence-transformers does for all-MiniLM-L6-v2); the head is linear on that unit
+vector, so a head whose rows are scaled class means is a nearest-normalised-class-mean classifier.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.data import TextDataset
+from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
+from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
+from edge_runtime.models import resolve_model
+from edge_runtime.peft_specs import LoraSpec
+
+
+class TextClassifier(nn.Module):
+    """Encoder, masked mean pooling, L2 normalisation and a linear head."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, num_labels)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm mean-pooled sentence features."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return nn.functional.normalize(pooled, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.head(self.features(input_ids, attention_mask))
+
+
+def _canonical(torch_name: str) -> str:
+    # peft names adapters "default"; the wire format carries engine-neutral names.
+    name = torch_name.replace(".default", "")
+    return re.sub(r"\.(lora_[AB])\.weight$", r".\1", name)
+
+
+class TorchEngine:
+    """Trains a PEFT module with PyTorch; one instance serves many devices in turn."""
+
+    name = "torch"
+
+    def __init__(self, config: TrainConfig, *, seed: int = 0, threads: int | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = config
+        path = resolve_model(config.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            torch.manual_seed(seed)
+            encoder = AutoModel.from_pretrained(path, attn_implementation="eager")
+        except OSError as exc:
+            raise EngineError(f"cannot load model {config.model!r}: {exc}") from None
+        hidden = int(encoder.config.hidden_size)
+        self.hidden = hidden
+        self.num_layers = int(encoder.config.num_hidden_layers)
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        self._attach_peft(encoder)
+        self.model = TextClassifier(encoder, hidden, config.num_labels)
+        self.model.eval()  # no dropout in the frozen base; LoRA dropout is in its own module
+        self._params: dict[str, nn.Parameter] = {
+            _canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        self._token_cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
+
+    def _attach_peft(self, encoder: nn.Module) -> None:
+        spec = self.config.peft
+        if isinstance(spec, LoraSpec):
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(
+                r=spec.rank,
+                lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft takes floats; its hint says int
+                target_modules=list(spec.target_modules),
+                lora_dropout=spec.dropout,
+                bias="none",
+            )
+            try:
+                inject_adapter_in_model(lora, encoder)
+            except ValueError as exc:
+                raise ConfigError(f"LoRA target modules not found in the model: {exc}") from None
+            return
+        raise EngineError(f"the torch engine does not support PEFT kind {spec.kind!r}")
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of the whole model, frozen ones included."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """The trainable parameters by canonical name, as float32 arrays (copies)."""
+        return {n: p.detach().cpu().numpy().astype(np.float32, copy=True) for n, p in self._params.items()}
+
+    def load_trainable_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the trainable parameters; names and shapes must match exactly."""
+        missing = set(self._params) - set(state)
+        extra = set(state) - set(self._params)
+        if missing or extra:
+            raise ShapeMismatch(
+                f"module names differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )
+        with torch.no_grad():
+            for name, param in self._params.items():
+                value = np.asarray(state[name], dtype=np.float32)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ShapeMismatch(f"{name}: shape {value.shape} != {tuple(param.shape)}")
+                param.copy_(torch.from_numpy(value))
+
+    def _tokens(self, data: TextDataset) -> list[list[int]]:
+        cached = self._token_cache.get(id(data))
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        enc = self.tokenizer(list(data.texts), truncation=True, max_length=self.config.seq_len, padding=False)
+        ids: list[list[int]] = enc["input_ids"]
+        if len(self._token_cache) > 64:
+            self._token_cache.clear()
+        self._token_cache[id(data)] = (data, ids)
+        return ids
+
+    def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [ids[int(i)] for i in rows]
+        width = max(len(s) for s in seqs)
+        pad = int(self.tokenizer.pad_token_id or 0)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, : len(s)] = 1
+        return input_ids, mask
+
+    def train(
+        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+    ) -> TrainResult:
+        """Train the module in place; loss = CE + prox_mu * ||theta - theta0||^2."""
+        cfg = self.config
+        if len(data) == 0:
+            raise EngineError("cannot train on an empty dataset")
+        ids = self._tokens(data)
+        labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+        head = [p for n, p in self._params.items() if n.startswith("head.")]
+        body = [p for n, p in self._params.items() if not n.startswith("head.")]
+        groups: list[dict[str, Any]] = [{"params": body, "lr": cfg.lr}]
+        if cfg.head_lr > 0:
+            groups.append({"params": head, "lr": cfg.head_lr})
+        else:
+            for p in head:
+                p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        anchor = [p.detach().clone() for p in body + head] if cfg.prox_mu > 0 else []
+        rng = np.random.default_rng(seed)
+        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        total = steps_per_epoch * epochs
+        step = 0
+        loss_sum = 0.0
+        correct = 0
+        seen = 0
+        start = time.perf_counter()
+        self.model.train()
+        try:
+            for _ in range(epochs):
+                order = rng.permutation(len(data))
+                for b in range(steps_per_epoch):
+                    rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                    input_ids, mask = self._batch(ids, rows)
+                    target = labels[torch.from_numpy(rows)]
+                    logits = self.model(input_ids, mask)
+                    loss = nn.functional.cross_entropy(logits, target)
+                    if anchor:
+                        prox = sum(((p - a) ** 2).sum() for p, a in zip(body + head, anchor, strict=True))
+                        loss = loss + cfg.prox_mu * prox
+                    if not torch.isfinite(loss):
+                        raise EngineError(f"training diverged (loss {loss.item()}) at step {step}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(body + head, 1.0)
+                    optimizer.step()
+                    step += 1
+                    loss_sum += float(loss.item()) * len(rows)
+                    correct += int((logits.argmax(-1) == target).sum())
+                    seen += len(rows)
+                    if progress is not None:
+                        progress(step, total)
+        finally:
+            self.model.eval()
+            for p in head:
+                p.requires_grad_(True)
+        return TrainResult(
+            steps=step,
+            samples=seen,
+            loss=loss_sum / max(seen, 1),
+            accuracy=correct / max(seen, 1),
+            seconds=time.perf_counter() - start,
+        )
+
+    @torch.no_grad()
+    def _pooled(self, data: TextDataset, batch_size: int) -> torch.Tensor:
+        ids = self._tokens(data)
+        order = np.argsort([len(s) for s in ids], kind="stable")  # similar lengths pad less
+        out = torch.empty((len(data), self.hidden))
+        for start in range(0, len(data), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, mask = self._batch(ids, rows)
+            out[torch.from_numpy(rows)] = self.model.features(input_ids, mask)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+        """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
+        if len(data) == 0:
+            raise EngineError("cannot evaluate on an empty dataset")
+        logits = self.model.head(self._pooled(data, batch_size))
+        labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+        loss = float(nn.functional.cross_entropy(logits, labels).item())
+        pred = logits.argmax(-1).numpy()
+        y = labels.numpy()
+        return EvalResult(
+            accuracy=float((pred == y).mean()),
+            macro_f1=macro_f1(y, pred, self.config.num_labels),
+            loss=loss,
+            predictions=pred,
+        )
+
+    @torch.no_grad()
+    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class sums of pooled features (with the current module) and per-class counts."""
+        feats = self._pooled(data, 64).numpy().astype(np.float64)
+        c = self.config.num_labels
+        labels = np.asarray(data.labels, dtype=np.int64)
+        sums = np.zeros((c, self.hidden), dtype=np.float64)
+        np.add.at(sums, labels, feats)
+        counts = np.bincount(labels, minlength=c).astype(np.float64)
+        return sums.astype(np.float32), counts.astype(np.float32)

@@ -1,0 +1,289 @@
+"""The ``fedpeft`` command line: profile, simulate, serve, edge, centralized.
+
+Every subcommand prints ``--help``; bad input exits with status 2 and one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import FedPeftError
+
+DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="data folder (train.jsonl/test.jsonl/labels.txt or CSV), "
+        "or a dataset name under $FEDPEFT_DATASETS (default ../shared/datasets)",
+    )
+    p.add_argument(
+        "--model", default="all-MiniLM-L6-v2", help="model name or local folder (default: bundled MiniLM)"
+    )
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample (default 128)")
+    p.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round (default 1)")
+    p.add_argument("--lr", type=_nonneg_float, default=5e-4, help="learning rate of the PEFT module")
+    p.add_argument(
+        "--head-lr", type=_nonneg_float, default=2e-3, help="learning rate of the head (0 freezes it)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--lora-rank", type=_positive_int, default=8)
+    p.add_argument("--lora-alpha", type=_nonneg_float, default=16.0)
+    p.add_argument(
+        "--lora-targets", default="query,value", help="comma-separated module names (default query,value)"
+    )
+    p.add_argument(
+        "--prox-mu", type=_nonneg_float, default=0.0, help="proximal weight lambda (0 = plain FedAvg)"
+    )
+    p.add_argument(
+        "--head-init",
+        choices=("ncm", "random"),
+        default="ncm",
+        help="start the head from federated class means (ncm) or at random",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--test-samples", type=_positive_int, default=1000, help="test samples evaluated each round"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fedpeft`` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fedpeft",
+        description="Federated parameter-efficient fine-tuning "
+        "of foundation models on edge devices, over MQTT.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("profile", help="measure this host and print its device profile as JSON")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a broker, the server and N virtual devices on this machine",
+        description="Simulate a federation on one machine. " + DEFAULTS_NOTE,
+    )
+    _add_training_flags(sim)
+    sim.add_argument("--clients", type=_positive_int, default=8)
+    sim.add_argument("--rounds", type=_positive_int, default=5, help="training rounds after the head round")
+    sim.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA | shards:K")
+    sim.add_argument("--samples-per-client", type=_positive_int, default=150)
+    sim.add_argument(
+        "--bits", type=int, default=4, choices=(32, 16, 8, 4, 2), help="uplink bit width (default 4)"
+    )
+    sim.add_argument("--profiles", default=None, help="device mix, e.g. low=0.3,mid=0.4,high=0.3")
+    sim.add_argument(
+        "--strategy", default="fedit", help="aggregation rule: fedit (default), median, trimmed_mean"
+    )
+    sim.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
+    sim.add_argument(
+        "--dp-noise",
+        type=_nonneg_float,
+        default=None,
+        help="DP-FedAvg noise multiplier z (needs --clip-norm); epsilon goes in the report",
+    )
+    sim.add_argument(
+        "--attack", default=None, help="simulate Byzantine devices: flip:COUNT or scale=FACTOR:COUNT"
+    )
+    sim.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=None,
+        help="the broker's message size limit; larger updates are sent in chunks",
+    )
+    sim.add_argument(
+        "--norm-bound", type=_nonneg_float, default=1e3, help="reject updates with a larger L2 norm"
+    )
+    sim.add_argument(
+        "--dp-delta", type=_nonneg_float, default=1e-5, help="delta of the reported (epsilon, delta)"
+    )
+    sim.add_argument("--mode", default="sync", choices=("sync", "async"))
+    sim.add_argument("--engine", default="auto", choices=("ort", "torch", "auto"))
+    sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
+    sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
+    sim.add_argument("--report", default="run.json", help="report file (default run.json)")
+    sim.add_argument("--plot", default=None, help="PNG plot file (default: the report's name with .png)")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    srv = sub.add_parser("serve", help="run the aggregation service next to an MQTT broker")
+    _add_training_flags(srv)
+    srv.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port or mqtts://...")
+    srv.add_argument("--fleet", required=True, help="fleet name (topic prefix fl/FLEET/...)")
+    srv.add_argument("--state", required=True, help="folder for the service's SQLite state")
+    srv.add_argument("--rounds", type=_positive_int, default=5)
+    srv.add_argument("--min-clients", type=_positive_int, default=2)
+    srv.add_argument("--bits", type=int, default=4, choices=(32, 16, 8, 4, 2))
+    srv.add_argument("--strategy", default="fedit", help="fedit (default), median, trimmed_mean")
+    srv.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
+    srv.add_argument("--round-timeout", type=_nonneg_float, default=900.0, help="seconds a round waits")
+    srv.add_argument("--hello-timeout", type=_nonneg_float, default=600.0, help="seconds to wait for devices")
+    srv.add_argument("--report", default="serve.json")
+    _add_tls_flags(srv)
+
+    edge = sub.add_parser("edge", help="run one device: train on local data, exchange updates over MQTT")
+    edge.add_argument("--broker", required=True)
+    edge.add_argument("--fleet", required=True)
+    edge.add_argument("--device-id", required=True)
+    edge.add_argument("--data", required=True, help="folder with this device's train.jsonl (or train.csv)")
+    edge.add_argument(
+        "--state", default=None, help="folder for the durable outbox (default .fedpeft-edge/ID)"
+    )
+    edge.add_argument("--max-samples", type=_positive_int, default=None, help="use at most this many samples")
+    edge.add_argument("--seed", type=int, default=0)
+    edge.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=None,
+        help="the broker's message size limit; larger updates are sent in chunks",
+    )
+    edge.add_argument(
+        "--resend-after",
+        type=_nonneg_float,
+        default=30.0,
+        help="seconds before an unacknowledged update is sent again (default 30)",
+    )
+    _add_tls_flags(edge)
+
+    cen = sub.add_parser("centralized", help="the centralized reference on the same data budget")
+    _add_training_flags(cen)
+    cen.add_argument("--clients", type=_positive_int, default=8)
+    cen.add_argument("--samples-per-client", type=_positive_int, default=150)
+    cen.add_argument("--partition", default="dirichlet:0.5")
+    cen.add_argument("--rounds", type=_positive_int, default=5, help="epochs = rounds x local epochs")
+    cen.add_argument("--report", default="centralized.json")
+    return parser
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts://")
+    p.add_argument("--cert-file", default=None, help="client certificate for mqtts://")
+    p.add_argument("--key-file", default=None, help="client key for mqtts://")
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Print this host's measured profile."""
+    from hw_profiles import measure
+
+    print(json.dumps(measure().to_dict(), indent=2))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run a simulated federation and write its report and plot."""
+    from broker_server.report import write_report
+    from sdk.plot import plot_report
+    from sdk.progress import RoundProgress
+    from sdk.simulate import Simulation, SimulationConfig
+
+    config = SimulationConfig(
+        data=args.data,
+        clients=args.clients,
+        rounds=args.rounds,
+        partition=args.partition,
+        samples_per_client=args.samples_per_client,
+        test_samples=args.test_samples,
+        seq_len=args.seq_len,
+        local_epochs=args.local_epochs,
+        bits=args.bits,
+        seed=args.seed,
+        profiles=args.profiles,
+        strategy=args.strategy,
+        clip_norm=args.clip_norm,
+        dp_noise=args.dp_noise,
+        dp_delta=args.dp_delta,
+        attack=args.attack,
+        norm_bound=args.norm_bound,
+        max_message_bytes=args.max_message_bytes,
+        mode=args.mode,
+        engine="torch" if args.engine == "auto" else args.engine,
+        model=args.model,
+        broker=args.broker,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=_targets(args.lora_targets),
+        lr=args.lr,
+        head_lr=args.head_lr,
+        batch_size=args.batch_size,
+        prox_mu=args.prox_mu,
+        head_init=args.head_init,
+        workers=args.workers,
+    )
+    progress = RoundProgress(
+        config.clients, config.rounds + (1 if config.head_init == "ncm" else 0), enabled=not args.no_progress
+    )
+    report = Simulation(config, on_round=progress.round_done, on_update=progress.update).run()
+    progress.close()
+    path = write_report(report, args.report)
+    plot = plot_report(report, args.plot or Path(args.report).with_suffix(".png"))
+    final = report["final"]
+    comm = report["communication"]
+    print(
+        f"final accuracy {final['accuracy']:.3f}, macro-F1 {final['macro_f1']:.3f}, "
+        f"{(comm['bytes_up_total'] + comm['bytes_down_total']) / 1e6:.2f} MB moved "
+        f"(reduction vs full fp32 FedAvg {comm['reduction_vs_full']:.4f}); report {path}, plot {plot}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedpeft`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers: dict[str, Any] = {
+        "profile": cmd_profile,
+        "simulate": cmd_simulate,
+    }
+    from sdk import commands
+
+    handlers.update(serve=commands.cmd_serve, edge=commands.cmd_edge, centralized=commands.cmd_centralized)
+    try:
+        return int(handlers[args.command](args))
+    except FedPeftError as exc:
+        print(f"fedpeft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedpeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The ``serve``, ``edge`` and ``centralized`` subcommands (kept apart from the parser)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.peft_specs import LoraSpec
+
+log = logging.getLogger("fedpeft")
+
+
+def _train_config(args: argparse.Namespace, num_labels: int, bits: int = 32) -> TrainConfig:
+    return TrainConfig(
+        peft=LoraSpec(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        ),
+        model=args.model,
+        num_labels=num_labels,
+        bits=bits,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        prox_mu=args.prox_mu,
+        engine="torch",
+    )
+
+
+def _transport(
+    args: argparse.Namespace, client_id: str, *, will: tuple[str, bytes, bool] | None = None
+) -> Any:
+    from edge_runtime.transport import MqttTransport, parse_broker_url
+
+    transport = MqttTransport(
+        parse_broker_url(args.broker),
+        client_id=client_id,
+        clean_start=False,
+        will=will,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+    )
+    transport.connect()
+    return transport
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the aggregation service until the last round, then write its report."""
+    from broker_server.evaluation import Evaluator
+    from broker_server.report import build_report, communication, write_report
+    from broker_server.service import AggregationService, ServiceConfig
+    from broker_server.state import StateStore
+    from edge_runtime.data import load_labels, load_split, resolve_data_dir
+
+    folder = resolve_data_dir(args.data)
+    test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
+    labels = load_labels(folder) or test.label_names
+    train_cfg = _train_config(args, len(labels), bits=args.bits)
+    store = StateStore(Path(args.state) / "state.sqlite")
+    evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))
+    config = ServiceConfig(
+        fleet=args.fleet,
+        rounds=args.rounds,
+        train=train_cfg,
+        min_clients=args.min_clients,
+        expected_clients=args.min_clients,
+        strategy=args.strategy,
+        clip_norm=args.clip_norm,
+        head_init=args.head_init,
+        round_timeout_s=args.round_timeout,
+        hello_timeout_s=args.hello_timeout,
+        seed=args.seed,
+    )
+    transport = _transport(args, f"fedpeft-server-{args.fleet}")
+
+    def on_round(record: dict[str, Any]) -> None:
+        acc = record["accuracy"]
+        print(
+            f"round {record['round']}: {record['participants']} updates, "
+            f"accuracy {acc if acc is None else round(acc, 4)}",
+            flush=True,
+        )
+
+    service = AggregationService(transport, config, evaluator, store=store, on_round=on_round)
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    start = time.monotonic()
+    try:
+        service.run()
+    finally:
+        transport.close()
+    participations = sum(r["participants"] for r in service.rounds)
+    bytes_down = sum(int(r["bytes_down"]) for r in service.rounds)
+    clients = [
+        {
+            "id": d.device_id,
+            "profile": str(d.hello.profile.get("name", "unknown")),
+            "peft": {
+                "type": d.config.peft.kind,
+                "rank": getattr(d.config.peft, "rank", None),
+                "trainable_params": int(sum(v.size for v in service.final_state().values())),
+            },
+            "bits": d.config.bits,
+            "engine": d.config.engine,
+            "mem_cap_mb": d.config.mem_cap_mb,
+            "peak_rss_mb": float(d.last_metrics.get("peak_rss_mb", 0.0)),
+            "train_s": d.train_s,
+            "samples": d.samples,
+            "cluster": None,
+            "updates_sent": int(d.last_metrics.get("updates_sent", d.updates_received)),
+            "updates_accepted": d.updates_accepted,
+        }
+        for d in service.devices.values()
+    ]
+    rounds = [
+        {k: v for k, v in r.items() if k not in ("client_train_s", "client_bytes")} for r in service.rounds
+    ]
+    final = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
+    report = build_report(
+        kind="serve",
+        config={
+            "data": str(folder),
+            "model": args.model,
+            "seed": args.seed,
+            "fleet": args.fleet,
+            "rounds": args.rounds,
+            "strategy": args.strategy,
+            "min_clients": args.min_clients,
+            "train": train_cfg.to_dict(),
+        },
+        rounds=rounds,
+        final=final,
+        communication=communication(
+            service.bytes_up_total, bytes_down, evaluator.total_params, participations
+        ),
+        clients=clients,
+        rejected=service.rejected,
+        extra={"wall_s": time.monotonic() - start},
+    )
+    print(f"report {write_report(report, args.report)}")
+    store.close()
+    return 0
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    """Run one device until the server publishes its last global module."""
+    from sdk.edge_client import EdgeClient
+
+    client = EdgeClient(
+        args.broker,
+        fleet=args.fleet,
+        device_id=args.device_id,
+        data=args.data,
+        state_dir=args.state,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        resend_after_s=args.resend_after,
+        max_message_bytes=args.max_message_bytes,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: client.stop())
+    print(
+        f"device {args.device_id}: {len(client.data)} samples, waiting for the server on {args.broker}",
+        flush=True,
+    )
+    s = client.run()
+    print(
+        f"device {args.device_id}: {s.updates_sent} updates sent, {s.updates_accepted} accepted, "
+        f"peak RSS {s.peak_rss_mb:.0f} MiB"
+    )
+    return 0
+
+
+def cmd_centralized(args: argparse.Namespace) -> int:
+    """Train the same model and PEFT on the union of the clients' data: the reference."""
+    from broker_server.aggregation import head_from_class_means
+    from broker_server.report import build_report, write_report
+    from edge_runtime.data import load_folder, resolve_data_dir
+    from edge_runtime.engines.torch_engine import TorchEngine
+    from sdk.partition import parse_partition, partition
+
+    folder = resolve_data_dir(args.data)
+    train, test = load_folder(folder, test_limit=args.test_samples, seed=args.seed)
+    parts = partition(
+        train.labels,
+        args.clients,
+        parse_partition(args.partition),
+        seed=args.seed,
+        samples_per_client=args.samples_per_client,
+    )
+    union = train.subset(np.concatenate(parts))
+    cfg = _train_config(args, len(train.label_names))
+    engine = TorchEngine(cfg, seed=args.seed, threads=len(os.sched_getaffinity(0)))
+    start = time.monotonic()
+    rounds = []
+    if args.head_init == "ncm":
+        sums, counts = engine.class_feature_sums(union)
+        engine.load_trainable_state({**engine.trainable_state(), **head_from_class_means(sums, counts, 16.0)})
+    epochs = args.rounds * args.local_epochs
+    from tqdm import tqdm
+
+    result = engine.evaluate(test)
+    rounds.append(_epoch_record(0, result, start))
+    for epoch in tqdm(range(1, epochs + 1), desc="centralized", unit="epoch"):
+        engine.train(union, epochs=1, seed=args.seed + epoch)
+        result = engine.evaluate(test)
+        rounds.append(_epoch_record(epoch, result, start))
+        tqdm.write(f"epoch {epoch}: accuracy {result.accuracy:.3f}")
+    report = build_report(
+        kind="centralized",
+        config={
+            "data": str(folder),
+            "model": args.model,
+            "seed": args.seed,
+            "clients": args.clients,
+            "samples_per_client": args.samples_per_client,
+            "partition": args.partition,
+            "epochs": epochs,
+            "train": cfg.to_dict(),
+            "train_samples": len(union),
+        },
+        rounds=rounds,
+        final={"accuracy": result.accuracy, "macro_f1": result.macro_f1},
+        communication={
+            "bytes_up_total": 0,
+            "bytes_down_total": 0,
+            "full_model_fp32_bytes": 4 * engine.total_params,
+            "reduction_vs_full": 1.0,
+        },
+        clients=[],
+        rejected=[],
+        extra={"wall_s": time.monotonic() - start},
+    )
+    print(
+        f"centralized accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}; "
+        f"report {write_report(report, args.report)}"
+    )
+    return 0
+
+
+def _epoch_record(epoch: int, result: Any, start: float) -> dict[str, Any]:
+    wall = time.monotonic() - start
+    return {
+        "round": epoch,
+        "wall_s": wall,
+        "virtual_s": wall,
+        "accuracy": result.accuracy,
+        "macro_f1": result.macro_f1,
+        "loss": result.loss,
+        "participants": 1,
+        "bytes_up": 0,
+        "bytes_down": 0,
+    }

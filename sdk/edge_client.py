@@ -1,0 +1,120 @@
+"""``EdgeClient``: federated training embedded in an app, in a few lines.
+
+from sdk import EdgeClient
+client = EdgeClient("mqtt://broker:1883", fleet="shop", device_id="till-3", data="/data/till3")
+stats = client.run()          # blocks until the service publishes its last global module
+module = client.final_module  # the trained PEFT module, by tensor name
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime import wire
+from edge_runtime.agent import DeviceAgent, DeviceStats
+from edge_runtime.config import TrainConfig
+from edge_runtime.data import TextDataset, load_split, resolve_data_dir
+from edge_runtime.engines import TrainingEngine, create_engine
+from edge_runtime.outbox import Outbox
+from edge_runtime.transport import MqttTransport, parse_broker_url
+from hw_profiles import measure
+
+
+class EdgeClient:
+    """One device: connects, says hello, trains what it is assigned, sends updates until done."""
+
+    def __init__(
+        self,
+        broker: str,
+        *,
+        fleet: str,
+        device_id: str,
+        data: str | Path | TextDataset,
+        state_dir: str | Path | None = None,
+        max_samples: int | None = None,
+        seed: int = 0,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        resend_after_s: float = 30.0,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        if isinstance(data, TextDataset):
+            self.data = data
+        else:
+            self.data = load_split(resolve_data_dir(data), "train", limit=max_samples, seed=seed)
+        self.fleet = fleet
+        self.device_id = device_id
+        self.seed = seed
+        self.resend_after_s = resend_after_s
+        self._engines: dict[str, TrainingEngine] = {}
+        status_topic = wire.topic(fleet, "status", device_id)
+        offline = wire.encode_status(wire.Status(device_id=device_id, state="offline", detail={}))
+        self.transport = MqttTransport(
+            parse_broker_url(broker),
+            client_id=f"{fleet}-{device_id}",
+            clean_start=False,
+            will=(status_topic, offline, True),
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+        self._status_topic = status_topic
+        state = Path(state_dir) if state_dir is not None else Path(".fedpeft-edge") / device_id
+        self.agent = DeviceAgent(
+            device_id,
+            fleet,
+            self.transport,
+            self.data,
+            self._engine,
+            profile=measure().to_dict(),
+            seed=seed,
+            outbox=Outbox(state / "outbox"),
+            max_message_bytes=max_message_bytes,
+        )
+        self._stop = threading.Event()
+
+    def _engine(self, config: TrainConfig) -> TrainingEngine:
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in self._engines:
+            self._engines[key] = create_engine(config, seed=self.seed)
+        return self._engines[key]
+
+    def run(self) -> DeviceStats:
+        """Train until the service publishes its last global module or :meth:`stop` is called."""
+        self.transport.connect()
+        try:
+            self.agent.start()
+            online = wire.encode_status(wire.Status(self.device_id, "online", {}))
+            self.transport.publish(self._status_topic, online, retain=True)
+            self.agent.run(self._stop, resend_s=self.resend_after_s)
+            offline = wire.encode_status(wire.Status(self.device_id, "offline", {"reason": "done"}))
+            self.transport.publish(self._status_topic, offline, retain=True)
+        finally:
+            self.transport.close()
+        return self.agent.stats
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        self._stop.set()
+
+    @property
+    def final_module(self) -> dict[str, np.ndarray] | None:
+        """The last global module, once the service said done."""
+        return self.agent.final_state
+
+    def summary(self) -> dict[str, Any]:
+        """What this device did, as a dict."""
+        s = self.agent.stats
+        return {
+            "device_id": s.device_id,
+            "updates_sent": s.updates_sent,
+            "updates_accepted": s.updates_accepted,
+            "peak_rss_mb": s.peak_rss_mb,
+            "train_s": s.train_s,
+        }

@@ -1,0 +1,134 @@
+"""A worker process of the fleet simulator: hosts several virtual devices, trains them in turn.
+
+Each device keeps its own MQTT client (own client id, own session, own last will) and its own
+data; the worker loads the base model once and swaps each device's module in and out of it, so
+the memory measured here is what one device of this configuration needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VirtualDevice:
+    """What a worker needs to run one virtual device."""
+
+    device_id: str
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+    profile: dict[str, Any]
+    attack: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything one worker process runs."""
+
+    index: int
+    broker_url: str
+    fleet: str
+    devices: tuple[VirtualDevice, ...]
+    seed: int
+    threads: int
+    log_level: int = logging.WARNING
+    resend_after_s: float = 20.0
+    max_message_bytes: int | None = None
+
+
+def worker_main(job: WorkerJob, results: Any, stop: Any) -> None:
+    """Entry point of a worker process: run its devices until the server says done or ``stop``."""
+    logging.basicConfig(level=job.log_level, format=f"%(asctime)s worker{job.index} %(name)s: %(message)s")
+    try:
+        _run(job, results, stop)
+    except BaseException as exc:  # report, never hang the simulator on a dead worker
+        results.put(("error", job.index, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        results.put(("exit", job.index, None))
+
+
+def _run(job: WorkerJob, results: Any, stop: Any) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from edge_runtime import wire
+    from edge_runtime.agent import DeviceAgent, peak_rss_mb
+    from edge_runtime.config import TrainConfig
+    from edge_runtime.data import TextDataset
+    from edge_runtime.engines.base import TrainingEngine
+    from edge_runtime.transport import MqttTransport, parse_broker_url
+    from sdk.attacks import attack_hook, parse_attack
+
+    engines: dict[str, TrainingEngine] = {}
+
+    def factory(config: TrainConfig) -> TrainingEngine:
+        # One engine per distinct configuration in this process; devices take turns on it.
+        key = json.dumps({k: v for k, v in config.to_dict().items()}, sort_keys=True)
+        if key not in engines:
+            from edge_runtime.engines import create_engine
+
+            engines[key] = create_engine(config, seed=job.seed, threads=job.threads)
+        return engines[key]
+
+    wake = threading.Event()
+    url = parse_broker_url(job.broker_url)
+    agents: list[DeviceAgent] = []
+    transports: list[MqttTransport] = []
+    for dev in job.devices:
+        data = TextDataset(
+            texts=dev.texts, labels=np.asarray(dev.labels, dtype=np.int64), label_names=dev.label_names
+        )
+        status_topic = wire.topic(job.fleet, "status", dev.device_id)
+        offline = wire.encode_status(wire.Status(device_id=dev.device_id, state="offline", detail={}))
+        transport = MqttTransport(
+            url,
+            client_id=f"{job.fleet}-{dev.device_id}",
+            clean_start=False,  # a persistent session keeps acks and globals across broker restarts
+            will=(status_topic, offline, False),
+        )
+        transport.connect()
+        transports.append(transport)
+        agent = DeviceAgent(
+            dev.device_id,
+            job.fleet,
+            transport,
+            data,
+            factory,
+            profile=dev.profile,
+            seed=job.seed,
+            on_ready=lambda _agent: wake.set(),
+            max_message_bytes=job.max_message_bytes,
+            update_hook=attack_hook(parse_attack(dev.attack)) if dev.attack else None,
+        )
+        agents.append(agent)
+    for agent in agents:
+        agent.start()
+    results.put(("ready", job.index, [a.device_id for a in agents]))
+    while not stop.is_set() and not all(a.done.is_set() for a in agents):
+        worked = False
+        for agent in agents:
+            if agent.run_pending():
+                worked = True
+                results.put(("trained", job.index, agent.device_id))
+            agent.resend_unacknowledged(job.resend_after_s)
+        if not worked:
+            wake.wait(0.2)
+            wake.clear()
+    for agent, transport in zip(agents, transports, strict=True):
+        stats = asdict(agent.stats)
+        stats["transport_bytes_published"] = transport.bytes_published
+        stats["transport_bytes_received"] = transport.bytes_received
+        stats["worker"] = job.index
+        stats["worker_peak_rss_mb"] = peak_rss_mb()
+        results.put(("stats", job.index, stats))
+    time.sleep(0.2)  # let the last acks and publishes flush before closing
+    for transport in transports:
+        transport.close()

@@ -1,0 +1,410 @@
+"""The fleet simulator: a broker, the aggregation service and many virtual devices on one machine.
+
+Devices run in a pool of worker processes no larger than the core count; the service runs in
+this process. A virtual clock makes runs comparable across machines: a device's time for a round
+is its measured training time scaled by its profile's speed relative to this host, plus its link
+time (bytes over its profile's bandwidth); a round ends when its slowest participant is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from broker_server.aggregation import get_strategy
+from broker_server.evaluation import Evaluator
+from broker_server.report import build_report, communication
+from broker_server.service import AggregationService, ServiceConfig
+from edge_runtime.config import SUPPORTED_BITS, TrainConfig
+from edge_runtime.data import TextDataset, load_folder, resolve_data_dir
+from edge_runtime.errors import ConfigError, FedPeftError
+from edge_runtime.peft_specs import LoraSpec
+from edge_runtime.transport import MqttTransport, parse_broker_url
+from hw_profiles import DeviceProfile, ProfileError, load_profile, measure
+from sdk.attacks import parse_attack
+from sdk.fleet_worker import VirtualDevice, WorkerJob, worker_main
+from sdk.partition import parse_partition, partition
+
+log = logging.getLogger("fedpeft.simulate")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything ``fedpeft simulate`` needs; validated on construction."""
+
+    data: str
+    clients: int = 8
+    rounds: int = 5
+    partition: str = "dirichlet:0.5"
+    samples_per_client: int | None = 150
+    test_samples: int | None = 1000
+    seq_len: int = 128
+    local_epochs: int = 1
+    bits: int = 4
+    seed: int = 0
+    profiles: str | None = None
+    strategy: str = "fedit"
+    clip_norm: float | None = None
+    dp_noise: float | None = None
+    dp_delta: float = 1e-5
+    attack: str | None = field(default=None, metadata={"help": "flip:COUNT or scale=FACTOR:COUNT"})
+    norm_bound: float = 1e3
+    max_message_bytes: int | None = field(default=None, metadata={"help": "split larger updates into chunks"})
+    mode: str = "sync"
+    engine: str = "torch"
+    model: str = "all-MiniLM-L6-v2"
+    broker: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("query", "value")
+    lr: float = 5e-4
+    head_lr: float = 2e-3
+    batch_size: int = 16
+    prox_mu: float = 0.0
+    head_init: str = "ncm"
+    workers: int | None = None
+    round_timeout_s: float = 900.0
+    clean: str = "auto"
+    fleet: str = field(default="sim", metadata={"help": "fleet name in the MQTT topics"})
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ConfigError(f"--clients must be at least 1, got {self.clients}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.samples_per_client is not None and self.samples_per_client < 1:
+            raise ConfigError("--samples-per-client must be at least 1")
+        if self.test_samples is not None and self.test_samples < 1:
+            raise ConfigError("--test-samples must be at least 1")
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.mode != "sync":
+            raise ConfigError(f"--mode {self.mode} is not available yet; use --mode sync")
+        if self.engine not in ("torch", "auto"):
+            raise ConfigError(f"--engine {self.engine} is not available yet; use torch or auto")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        parse_partition(self.partition)
+        if self.attack is not None and parse_attack(self.attack).count > self.clients:
+            raise ConfigError("--attack names more attackers than there are clients")
+        get_strategy(self.strategy)
+        if self.broker is not None:
+            parse_broker_url(self.broker)
+        if self.profiles is not None:
+            parse_profile_mix(self.profiles)
+
+    def train_config(self, num_labels: int) -> TrainConfig:
+        """The training configuration every device is assigned."""
+        return TrainConfig(
+            peft=LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, target_modules=self.lora_targets),
+            model=self.model,
+            num_labels=num_labels,
+            bits=self.bits,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            local_epochs=self.local_epochs,
+            lr=self.lr,
+            head_lr=self.head_lr,
+            prox_mu=self.prox_mu,
+            engine="torch",
+        )
+
+
+def parse_profile_mix(text: str) -> list[tuple[str, float]]:
+    """Parse ``TIER=FRACTION,...`` into (profile name, fraction) pairs summing to 1."""
+    pairs: list[tuple[str, float]] = []
+    for part in text.split(","):
+        name, sep, frac = part.strip().partition("=")
+        try:
+            value = float(frac)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or not value > 0:
+            raise ConfigError(f"--profiles expects NAME=FRACTION,... (e.g. low=0.3,high=0.7), got {text!r}")
+        try:
+            load_profile(name)
+        except ProfileError as exc:
+            raise ConfigError(f"--profiles: {exc}") from None
+        pairs.append((name, value))
+    total = sum(f for _, f in pairs)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"--profiles fractions must sum to 1, got {total:g}")
+    return pairs
+
+
+def assign_profiles(mix: list[tuple[str, float]], clients: int, seed: int) -> list[str]:
+    """Profile names for each client, in proportion to the mix (largest remainders), shuffled."""
+    raw = [f * clients for _, f in mix]
+    counts = [int(np.floor(r)) for r in raw]
+    for i in sorted(range(len(mix)), key=lambda i: raw[i] - counts[i], reverse=True)[: clients - sum(counts)]:
+        counts[i] += 1
+    names = [name for (name, _), n in zip(mix, counts, strict=True) for _ in range(n)]
+    order = np.random.default_rng(seed).permutation(clients)
+    return [names[i] for i in order]
+
+
+RoundHook = Callable[[dict[str, Any]], None]
+
+
+class Simulation:
+    """One simulated federation; :meth:`run` returns the report dict."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        *,
+        on_round: RoundHook | None = None,
+        on_update: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_round = on_round
+        self.on_update = on_update
+        self.host = measure()
+
+    def _load(self) -> tuple[TextDataset, TextDataset]:
+        cfg = self.config
+        folder = resolve_data_dir(cfg.data)
+        return load_folder(folder, test_limit=cfg.test_samples, seed=cfg.seed, clean=cfg.clean)
+
+    def _devices(self, train: TextDataset) -> list[VirtualDevice]:
+        cfg = self.config
+        parts = partition(
+            train.labels,
+            cfg.clients,
+            parse_partition(cfg.partition),
+            seed=cfg.seed,
+            samples_per_client=cfg.samples_per_client,
+        )
+        if cfg.profiles:
+            names = assign_profiles(parse_profile_mix(cfg.profiles), cfg.clients, cfg.seed)
+        else:
+            names = ["host"] * cfg.clients
+        devices = []
+        for i, idx in enumerate(parts):
+            sub = train.subset(idx)
+            profile = self.host if names[i] == "host" else load_profile(names[i])
+            devices.append(
+                VirtualDevice(
+                    device_id=f"dev{i:03d}",
+                    texts=tuple(sub.texts),
+                    labels=tuple(int(x) for x in sub.labels),
+                    label_names=tuple(train.label_names),
+                    profile=profile.to_dict(),
+                    attack=cfg.attack if cfg.attack and i < parse_attack(cfg.attack).count else None,
+                )
+            )
+        return devices
+
+    def run(self) -> dict[str, Any]:
+        """Run the federation end to end and return its report."""
+        cfg = self.config
+        train, test = self._load()
+        devices = self._devices(train)
+        train_cfg = cfg.train_config(len(train.label_names))
+        cores = len(os.sched_getaffinity(0))
+        workers = min(cfg.workers or cores, cores, len(devices))
+        if cfg.broker is None:
+            from sdk.embedded_broker import EmbeddedBroker
+
+            broker: Any = EmbeddedBroker()
+            broker.start()
+            url = broker.url
+        else:
+            broker, url = None, cfg.broker
+        try:
+            return self._run_with_broker(url, devices, train_cfg, test, workers, cores)
+        finally:
+            if broker is not None:
+                broker.stop()
+
+    def _run_with_broker(
+        self,
+        url: str,
+        devices: list[VirtualDevice],
+        train_cfg: TrainConfig,
+        test: TextDataset,
+        workers: int,
+        cores: int,
+    ) -> dict[str, Any]:
+        cfg = self.config
+        fleet = f"{cfg.fleet}-{os.getpid()}-{int(time.time())}"  # never see another run's retained modules
+        evaluator = Evaluator(train_cfg, test, seed=cfg.seed, threads=cores)
+        service_cfg = ServiceConfig(
+            fleet=fleet,
+            rounds=cfg.rounds,
+            train=train_cfg,
+            min_clients=max(1, len(devices) // 2),  # rejected updates must not stall a round
+            expected_clients=len(devices),
+            strategy=cfg.strategy,
+            clip_norm=cfg.clip_norm,
+            dp_noise_multiplier=cfg.dp_noise,
+            dp_delta=cfg.dp_delta,
+            norm_bound=cfg.norm_bound,
+            head_init=cfg.head_init,
+            round_timeout_s=cfg.round_timeout_s,
+            seed=cfg.seed,
+        )
+        server_transport = MqttTransport(
+            parse_broker_url(url), client_id=f"fedpeft-server-{fleet}", clean_start=False
+        )
+        server_transport.connect()
+        service = AggregationService(
+            server_transport, service_cfg, evaluator, on_round=self.on_round, on_accept=self.on_update
+        )
+        service.start()
+        ctx = mp.get_context("spawn")
+        results: Any = ctx.Queue()
+        stop = ctx.Event()
+        jobs = [
+            WorkerJob(
+                index=w,
+                broker_url=url,
+                fleet=fleet,
+                devices=tuple(devices[w::workers]),
+                seed=cfg.seed,
+                threads=max(1, cores // workers),
+                max_message_bytes=cfg.max_message_bytes,
+            )
+            for w in range(workers)
+        ]
+        procs = [ctx.Process(target=worker_main, args=(job, results, stop), daemon=True) for job in jobs]
+        for p in procs:
+            p.start()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                service.run()
+            except BaseException as exc:
+                failure.append(exc)
+
+        server_thread = threading.Thread(target=serve, name="aggregation-service", daemon=True)
+        wall_start = time.monotonic()
+        server_thread.start()
+        stats: dict[str, dict[str, Any]] = {}
+        exited: set[int] = set()
+        errors: list[str] = []
+        while len(exited) < workers:
+            try:
+                kind, index, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                if not server_thread.is_alive() and (failure or errors):
+                    break
+                if any(not p.is_alive() for p in procs) and not server_thread.is_alive():
+                    break
+                continue
+            if kind == "stats":
+                stats[payload["device_id"]] = payload
+            elif kind == "error":
+                errors.append(payload)
+                log.error("worker %d failed: %s", index, payload)
+                service.stop()
+            elif kind == "exit":
+                exited.add(index)
+        server_thread.join(timeout=30)
+        stop.set()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        server_transport.close()
+        if failure:
+            raise failure[0]
+        if errors:
+            raise FedPeftError("a device worker failed: " + errors[0].splitlines()[0])
+        wall_s = time.monotonic() - wall_start
+        return self._report(service, devices, stats, train_cfg, evaluator.total_params, wall_s, url)
+
+    def _virtual_round_s(self, record: dict[str, Any], profiles: dict[str, DeviceProfile]) -> float:
+        longest = 0.0
+        for device, train_s in record["client_train_s"].items():
+            profile = profiles[device]
+            compute = train_s * self.host.gflops / max(profile.gflops, 1e-9)
+            up = record["client_bytes"][device] * 8 / (profile.uplink_mbps * 1e6)
+            down = record["bytes_down"] / max(record["participants"], 1) * 8 / (profile.downlink_mbps * 1e6)
+            longest = max(longest, compute + up + down)
+        return longest + float(record.get("server_s", 0.0))
+
+    def _report(
+        self,
+        service: AggregationService,
+        devices: list[VirtualDevice],
+        stats: dict[str, dict[str, Any]],
+        train_cfg: TrainConfig,
+        total_params: int,
+        wall_s: float,
+        url: str,
+    ) -> dict[str, Any]:
+        cfg = self.config
+        profiles = {d.device_id: DeviceProfile.from_dict(d.profile) for d in devices}
+        clock = 0.0
+        rounds = []
+        for record in service.rounds:
+            clock += self._virtual_round_s(record, profiles)
+            rounds.append(
+                {k: v for k, v in record.items() if k not in ("client_train_s", "client_bytes")}
+                | {"virtual_s": clock}
+            )
+        bytes_up = sum(int(s["bytes_up"]) for s in stats.values())
+        bytes_down = sum(int(s["bytes_down"]) for s in stats.values())
+        participations = sum(r["participants"] for r in service.rounds)
+        clients = []
+        for dev in devices:
+            s = stats.get(dev.device_id, {})
+            device_record = service.devices.get(dev.device_id)
+            peft = train_cfg.peft
+            clients.append(
+                {
+                    "id": dev.device_id,
+                    "profile": dev.profile.get("name", "host"),
+                    "peft": {
+                        "type": peft.kind,
+                        "rank": getattr(peft, "rank", None),
+                        "trainable_params": int(sum(v.size for v in service.final_state().values())),
+                    },
+                    "bits": train_cfg.bits,
+                    "engine": train_cfg.engine,
+                    "mem_cap_mb": train_cfg.mem_cap_mb,
+                    "peak_rss_mb": float(s.get("peak_rss_mb", 0.0)),
+                    "train_s": float(s.get("train_s", 0.0)),
+                    "samples": len(dev.texts),
+                    "label_histogram": np.bincount(
+                        np.asarray(dev.labels, dtype=np.int64), minlength=len(dev.label_names)
+                    ).tolist(),
+                    "cluster": None,
+                    "updates_sent": int(s.get("updates_sent", 0)),
+                    "updates_accepted": 0 if device_record is None else device_record.updates_accepted,
+                    "worker": s.get("worker"),
+                    "attacker": dev.attack is not None,
+                }
+            )
+        run_config = asdict(cfg) | {
+            "data": str(resolve_data_dir(cfg.data)),
+            "broker": "embedded" if cfg.broker is None else str(parse_broker_url(url)),
+            "train": train_cfg.to_dict(),
+            "host": self.host.to_dict(),
+        }
+        final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
+        final.setdefault("personalized_accuracy", None)
+        final["dp_epsilon"] = service.privacy_spent()
+        final["dp_delta"] = cfg.dp_delta if cfg.dp_noise is not None else None
+        return build_report(
+            kind="simulate",
+            config=run_config,
+            rounds=rounds,
+            final=final,
+            communication=communication(bytes_up, bytes_down, total_params, participations)
+            | {"bytes_up_received_by_server": service.bytes_up_total},
+            clients=clients,
+            rejected=service.rejected,
+            extra={"wall_s": wall_s},
+        )

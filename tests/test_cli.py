@@ -1,0 +1,59 @@
+"""The command line: help for every subcommand, one clear line and status 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdk.cli import build_parser, main
+
+SUBCOMMANDS = ("profile", "simulate", "serve", "edge", "centralized")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, "--help"])
+    assert exc.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["simulate", "--data", "x", "--clients", "0"], "positive integer"),
+        (["simulate", "--data", "x", "--bits", "3"], "invalid choice"),
+        (["simulate", "--data", "x", "--partition", "zipf:2"], "partition"),
+        (["simulate", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["simulate", "--data", "x", "--broker", "http://h:1"], "mqtt://"),
+        (["simulate", "--data", "x", "--profiles", "low=0.5,high=0.2"], "sum to 1"),
+        (["simulate", "--data", "x", "--strategy", "krum"], "unknown strategy"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert fragment in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_profile_prints_json() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sdk.cli", "profile"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+    profile = json.loads(out)
+    assert profile["ram_mb"] > 100 and profile["cores"] >= 1 and profile["gflops"] > 0

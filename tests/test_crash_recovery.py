@@ -1,0 +1,184 @@
+"""`fedpeft serve` killed with SIGKILL mid-round three times: every acknowledged update counts once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker_server.evaluation import Evaluator
+from broker_server.report import validate_report
+from broker_server.service import AggregationService, ServiceConfig
+from broker_server.state import StateStore
+from edge_runtime.agent import DeviceAgent
+from edge_runtime.config import TrainConfig
+from edge_runtime.data import load_folder
+from edge_runtime.engines.torch_engine import TorchEngine
+from edge_runtime.transport import InMemoryBroker, InMemoryTransport
+from tests.helpers import write_text_folder
+from tests.tiny_model import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 5
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sdk.cli", *args]
+
+
+def test_service_survives_three_sigkills(mosquitto: Any, tmp_path: Path) -> None:
+    model = make_tiny_bert(tmp_path / "model")
+    data = write_text_folder(tmp_path / "data", per_class_train=10)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    report = tmp_path / "serve.json"
+    serve = _cli(
+        "serve",
+        "--broker",
+        mosquitto.url,
+        "--fleet",
+        "crash",
+        "--state",
+        str(tmp_path / "state"),
+        "--data",
+        str(data),
+        "--rounds",
+        str(ROUNDS),
+        "--min-clients",
+        "2",
+        "--report",
+        str(report),
+        "--round-timeout",
+        "120",
+        "--hello-timeout",
+        "60",
+        "--model",
+        str(model),
+        "--seq-len",
+        "16",
+    )
+    logs = [open(tmp_path / f"serve{i}.log", "w") for i in range(4)]
+    devices = [
+        subprocess.Popen(
+            _cli(
+                "edge",
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                "crash",
+                "--device-id",
+                f"d{i}",
+                "--data",
+                str(data),
+                "--state",
+                str(tmp_path / f"edge{i}"),
+                "--max-samples",
+                "12",
+                "--seed",
+                str(i),
+                "--resend-after",
+                "3",
+            ),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        for kill in range(3):
+            proc = subprocess.Popen(serve, cwd=tmp_path, env=env, stdout=logs[kill], stderr=subprocess.STDOUT)
+            # wait until this incarnation finished a round, then kill it in the middle of the next one
+            log_path = tmp_path / f"serve{kill}.log"
+            deadline = time.monotonic() + 90
+            while "round " not in log_path.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+            time.sleep(0.3 + 0.4 * kill)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        final = subprocess.run(
+            serve, cwd=tmp_path, env=env, stdout=logs[3], stderr=subprocess.STDOUT, timeout=240
+        )
+        outputs = [d.communicate(timeout=60)[0] for d in devices]
+    finally:
+        for p in devices:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    assert final.returncode == 0, (tmp_path / "serve3.log").read_text()
+    assert all(d.returncode == 0 for d in devices), outputs
+    out = json.loads(report.read_text())
+    validate_report(out)
+    assert [r["round"] for r in out["rounds"]] == list(range(ROUNDS + 1))
+    assert all(r["participants"] == 2 for r in out["rounds"])  # nothing lost, nothing twice
+    for client in out["clients"]:
+        assert client["updates_accepted"] == ROUNDS + 1, client
+    for i, text in enumerate(outputs):
+        assert f"{ROUNDS + 1} accepted" in text, text
+        assert not any((tmp_path / f"edge{i}" / "outbox").glob("update-*.bin"))
+    assert "resumed round" in "".join((tmp_path / f"serve{i}.log").read_text() for i in range(1, 4))
+
+
+class _Crash(BaseException):
+    """Stands in for SIGKILL inside one process: nothing in the service catches it."""
+
+
+@pytest.mark.parametrize("crash", ["between storing and acknowledging", "after the round, ack lost"])
+def test_an_acknowledgement_lost_in_a_crash_is_sent_again(tmp_path: Path, crash: str) -> None:
+    model = make_tiny_bert(tmp_path / "model")
+    train, test = load_folder(write_text_folder(tmp_path / "data", per_class_train=6))
+    cfg = TrainConfig(model=str(model), num_labels=3, seq_len=16)
+    config = ServiceConfig(
+        fleet="f", rounds=1, train=cfg, min_clients=1, expected_clients=1, round_timeout_s=5
+    )
+    broker = InMemoryBroker()
+    evaluator = Evaluator(cfg, test, seed=0, threads=1)
+    engine = TorchEngine(cfg, seed=0, threads=1)
+    agent = DeviceAgent("d", "f", InMemoryTransport(broker, "d"), train, lambda c: engine)
+
+    first = AggregationService(
+        InMemoryTransport(broker, "server-1"), config, evaluator, store=StateStore(tmp_path / "a.db")
+    )
+    first._ack = lambda *args: None  # type: ignore[method-assign]  # the ack never leaves
+
+    def on_accept(device: str) -> None:
+        if crash.startswith("between"):
+            raise _Crash
+        first.stop()  # finishes round 0, publishes round 1, then returns
+
+    first.on_accept = on_accept
+    first.start()
+    agent.on_ready = lambda a: a.run_pending()  # in-memory delivery is synchronous
+    agent.start()
+    if crash.startswith("between"):
+        with pytest.raises(_Crash):
+            first.run()
+    else:
+        first.run()
+    first.transport.close()
+    assert agent.stats.updates_accepted == 0 and len(agent.outbox.pending()) == 1
+
+    second = AggregationService(
+        InMemoryTransport(broker, "server-2"), config, evaluator, store=StateStore(tmp_path / "a.db")
+    )
+
+    def resend_then_train(a: DeviceAgent) -> None:
+        a.resend_unacknowledged(0.0)  # what a device does when no ack came for a while
+        a.run_pending()
+
+    agent.on_ready = resend_then_train
+    second.run()
+    assert agent.stats.updates_accepted == 2, agent.stats
+    assert agent.outbox.pending() == [] and agent.stats.updates_rejected == 0
+    assert [r["participants"] for r in second.rounds] == [1, 1]  # counted once
+    assert second.devices["d"].updates_accepted == 2

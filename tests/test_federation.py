@@ -1,0 +1,220 @@
+"""End to end over real brokers: a tiny federation, and corrupted updates rejected in flight."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from broker_server.evaluation import Evaluator
+from broker_server.report import validate_report
+from broker_server.service import AggregationService, ServiceConfig
+from edge_runtime import wire
+from edge_runtime.agent import DeviceAgent
+from edge_runtime.config import TrainConfig
+from edge_runtime.data import load_folder
+from edge_runtime.engines.torch_engine import TorchEngine
+from edge_runtime.transport import MqttTransport, parse_broker_url
+from sdk.simulate import Simulation, SimulationConfig
+from tests.helpers import replace_float, with_schema_version, write_text_folder
+from tests.tiny_model import make_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fed")
+    return make_tiny_bert(root / "model"), write_text_folder(root / "data", per_class_train=30)
+
+
+def _sim_config(tiny: tuple[Path, Path], **kw: Any) -> SimulationConfig:
+    base: dict[str, Any] = dict(
+        data=str(tiny[1]),
+        model=str(tiny[0]),
+        clients=3,
+        rounds=2,
+        partition="iid",
+        samples_per_client=20,
+        test_samples=30,
+        seq_len=16,
+        local_epochs=1,
+        bits=4,
+        workers=2,
+        round_timeout_s=60.0,
+    )
+    base.update(kw)
+    return SimulationConfig(**base)
+
+
+def test_three_clients_two_rounds_over_mosquitto(
+    tiny: tuple[Path, Path], mosquitto: Any, tmp_path: Path
+) -> None:
+    start = time.monotonic()
+    report = Simulation(_sim_config(tiny, broker=mosquitto.url)).run()
+    assert time.monotonic() - start < 60
+    validate_report(report)
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert all(r["participants"] == 3 for r in report["rounds"])
+    assert report["rejected"] == []
+    for client in report["clients"]:
+        assert client["updates_sent"] == 3 and client["updates_accepted"] == 3
+        assert client["peak_rss_mb"] > 50
+    comm = report["communication"]
+    # every byte a device published reached the server, and nothing else did
+    assert comm["bytes_up_total"] == comm["bytes_up_received_by_server"]
+    assert comm["bytes_up_total"] == sum(r["bytes_up"] for r in report["rounds"])
+    assert comm["bytes_down_total"] > 0 and 0 < comm["reduction_vs_full"] < 1
+
+
+def test_embedded_broker_gives_the_same_result_as_mosquitto(tiny: tuple[Path, Path], mosquitto: Any) -> None:
+    a = Simulation(_sim_config(tiny, rounds=1)).run()
+    b = Simulation(_sim_config(tiny, rounds=1, broker=mosquitto.url)).run()
+    assert a["config"]["broker"] == "embedded"
+    assert a["final"]["accuracy"] == pytest.approx(b["final"]["accuracy"], abs=1e-6)
+    # sizes differ by a few bytes: the header carries measured timings
+    assert [r["participants"] for r in a["rounds"]] == [r["participants"] for r in b["rounds"]]
+
+
+def _corruptions(
+    device: str, fleet_round: int, base_id: str, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, bytes]:
+    def update(tensors: dict[str, np.ndarray], bits: int = 32) -> bytes:
+        msg = wire.UpdateMessage(
+            device_id=device,
+            round=fleet_round,
+            base_id=base_id,
+            num_samples=5,
+            metrics={},
+            tensors=tensors,
+            bits=bits,
+        )
+        return wire.encode_update(msg, rng=np.random.default_rng(0))
+
+    good = update({k: np.zeros(s, np.float32) for k, s in shapes.items()})
+    sentinel = {k: np.full(s, 1234.5, np.float32) for k, s in shapes.items()}
+    wrong = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    name = sorted(wrong)[0]
+    wrong[name] = np.zeros((3, 3, 3), np.float32)
+    return {
+        "bad magic": b"XXXX" + good[4:],
+        "truncated": good[: len(good) // 2],
+        "wrong shape": update(wrong),
+        "NaN": replace_float(update(sentinel), 1234.5, float("nan")),
+        "unknown schema version": with_schema_version(good, 99),
+    }
+
+
+def _engine_factory(engine: TorchEngine) -> Any:
+    # each agent trains in its own thread here, so each gets its own engine
+    return lambda _config: engine
+
+
+def test_corrupted_updates_are_rejected_and_the_round_completes(
+    tiny: tuple[Path, Path], mosquitto: Any
+) -> None:
+    train, test = load_folder(tiny[1])
+    cfg = TrainConfig(model=str(tiny[0]), num_labels=3, seq_len=16, batch_size=8, bits=8)
+    fleet = f"corrupt{int(time.time())}"
+    url = parse_broker_url(mosquitto.url)
+    server_t = MqttTransport(url, client_id="server", clean_start=True)
+    server_t.connect()
+    service = AggregationService(
+        server_t,
+        ServiceConfig(
+            fleet=fleet, rounds=1, train=cfg, min_clients=2, expected_clients=2, round_timeout_s=30
+        ),
+        Evaluator(cfg, test, seed=0, threads=1),
+    )
+    service.start()
+    agents, transports = [], []
+    for i in range(2):
+        t = MqttTransport(url, client_id=f"dev{i}", clean_start=True)
+        t.connect()
+        transports.append(t)
+        agents.append(
+            DeviceAgent(
+                f"dev{i}",
+                fleet,
+                t,
+                train.subset(np.arange(i, len(train), 2)),
+                _engine_factory(TorchEngine(cfg, seed=0, threads=1)),
+            )
+        )
+    attacker = MqttTransport(url, client_id="attacker", clean_start=True)
+    attacker.connect()
+    sent: list[str] = []
+
+    def corrupt_when_round_1(topic: str, payload: bytes) -> None:
+        module = wire.decode_global(payload)
+        if module.round == 1 and not sent:
+            shapes = {k: v.shape for k, v in module.tensors.items()}
+            for label, bad in _corruptions("dev0", 1, wire.content_id(payload), shapes).items():
+                attacker.publish(wire.topic(fleet, "update", "dev0"), bad, qos=1)
+                sent.append(label)
+
+    attacker.subscribe(service.global_topic, corrupt_when_round_1)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    for a in agents:
+        a.start()
+    stop = threading.Event()
+    runners = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
+    for r in runners:
+        r.start()
+    thread.join(timeout=120)
+    stop.set()
+    for t in [*transports, attacker, server_t]:
+        t.close()
+    assert not thread.is_alive(), "the service did not finish its rounds"
+    assert len(sent) == 5
+    reasons = [r["reason"] for r in service.rejected]
+    assert len(reasons) == 5, reasons
+    for code in ("malformed", "shape_mismatch", "non_finite", "schema_mismatch"):
+        assert any(r.startswith(code) for r in reasons), (code, reasons)
+    assert service.rounds[-1]["round"] == 1 and service.rounds[-1]["participants"] == 2
+    assert json.dumps(service.rejected)  # reasons are plain JSON for the report
+
+
+def test_broker_restart_mid_run_loses_no_update(
+    tiny: tuple[Path, Path], mosquitto_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    broker = mosquitto_factory(persistence=True)
+    restarted = threading.Event()
+
+    def restart_during_next_round(record: dict[str, Any]) -> None:
+        if record["round"] == 1 and not restarted.is_set():
+            restarted.set()
+            threading.Thread(target=lambda: (time.sleep(0.2), broker.restart()), daemon=True).start()
+
+    report = Simulation(
+        _sim_config(tiny, broker=broker.url, rounds=3), on_round=restart_during_next_round
+    ).run()
+    assert restarted.is_set()
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
+    assert all(r["participants"] == 3 for r in report["rounds"])
+    for client in report["clients"]:
+        assert client["updates_accepted"] == 4, client
+    assert report["rejected"] == [] or all(r["reason"].startswith("duplicate") for r in report["rejected"])
+
+
+def test_differential_privacy_reports_its_budget(tiny: tuple[Path, Path]) -> None:
+    report = Simulation(_sim_config(tiny, rounds=2, clip_norm=1.0, dp_noise=1.0)).run()
+    validate_report(report)
+    eps = [r["dp_epsilon"] for r in report["rounds"] if r["round"] > 0]
+    assert 0 < eps[0] < eps[1] == report["final"]["dp_epsilon"]
+    assert report["final"]["dp_delta"] == 1e-5
+
+
+def test_attackers_are_rejected_or_outvoted_and_rounds_complete(tiny: tuple[Path, Path]) -> None:
+    scaled = Simulation(_sim_config(tiny, rounds=1, attack="scale=1e4:1", norm_bound=50.0)).run()
+    assert [c["attacker"] for c in scaled["clients"]] == [True, False, False]
+    reasons = [r["reason"] for r in scaled["rejected"] if r["client"] == "dev000"]
+    assert len(reasons) == 2 and all(r.startswith("norm_too_large") for r in reasons)
+    assert [r["participants"] for r in scaled["rounds"]] == [2, 2]
+    flipped = Simulation(_sim_config(tiny, rounds=1, attack="flip:1", strategy="median")).run()
+    assert flipped["rejected"] == [] and [r["participants"] for r in flipped["rounds"]] == [3, 3]
