@@ -104,16 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits", type=int, default=4, choices=(32, 16, 8, 4, 2), help="uplink bit width (default 4)"
     )
     sim.add_argument("--profiles", default=None, help="device mix, e.g. low=0.3,mid=0.4,high=0.3")
-    sim.add_argument(
-        "--strategy", default="fedit", help="aggregation rule: fedit (default), median, trimmed_mean"
-    )
-    sim.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
-    sim.add_argument(
-        "--dp-noise",
-        type=_nonneg_float,
-        default=None,
-        help="DP-FedAvg noise multiplier z (needs --clip-norm); epsilon goes in the report",
-    )
+    _add_aggregation_flags(sim)
     sim.add_argument(
         "--attack", default=None, help="simulate Byzantine devices: flip:COUNT or scale=FACTOR:COUNT"
     )
@@ -122,12 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="the broker's message size limit; larger updates are sent in chunks",
-    )
-    sim.add_argument(
-        "--norm-bound", type=_nonneg_float, default=1e3, help="reject updates with a larger L2 norm"
-    )
-    sim.add_argument(
-        "--dp-delta", type=_nonneg_float, default=1e-5, help="delta of the reported (epsilon, delta)"
     )
     sim.add_argument("--mode", default="sync", choices=("sync", "async"))
     sim.add_argument("--engine", default="auto", choices=("ort", "torch", "auto"))
@@ -145,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--rounds", type=_positive_int, default=5)
     srv.add_argument("--min-clients", type=_positive_int, default=2)
     srv.add_argument("--bits", type=int, default=4, choices=(32, 16, 8, 4, 2))
-    srv.add_argument("--strategy", default="fedit", help="fedit (default), median, trimmed_mean")
-    srv.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
+    _add_aggregation_flags(srv)
     srv.add_argument("--round-timeout", type=_nonneg_float, default=900.0, help="seconds a round waits")
     srv.add_argument("--hello-timeout", type=_nonneg_float, default=600.0, help="seconds to wait for devices")
     srv.add_argument("--report", default="serve.json")
@@ -184,6 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     cen.add_argument("--rounds", type=_positive_int, default=5, help="epochs = rounds x local epochs")
     cen.add_argument("--report", default="centralized.json")
     return parser
+
+
+def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--strategy", default="fedit", help="aggregation rule: fedit (default), median, trimmed_mean"
+    )
+    p.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
+    p.add_argument(
+        "--norm-bound",
+        type=_nonneg_float,
+        default=1e3,
+        help="reject updates with a larger L2 norm (default 1000)",
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=_nonneg_float,
+        default=None,
+        help="DP-FedAvg noise multiplier z (needs --clip-norm); epsilon goes in the report",
+    )
+    p.add_argument(
+        "--dp-delta", type=_nonneg_float, default=1e-5, help="delta of the reported (epsilon, delta)"
+    )
 
 
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:

@@ -68,8 +68,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
     labels = load_labels(folder) or test.label_names
     train_cfg = _train_config(args, len(labels), bits=args.bits)
-    store = StateStore(Path(args.state) / "state.sqlite")
-    evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     config = ServiceConfig(
         fleet=args.fleet,
         rounds=args.rounds,
@@ -78,11 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         expected_clients=args.min_clients,
         strategy=args.strategy,
         clip_norm=args.clip_norm,
+        norm_bound=args.norm_bound,
+        dp_noise_multiplier=args.dp_noise,
+        dp_delta=args.dp_delta,
         head_init=args.head_init,
         round_timeout_s=args.round_timeout,
         hello_timeout_s=args.hello_timeout,
         seed=args.seed,
     )
+    store = StateStore(Path(args.state) / "state.sqlite")
+    evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     transport = _transport(args, f"fedpeft-server-{args.fleet}")
 
     def on_round(record: dict[str, Any]) -> None:
@@ -126,7 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rounds = [
         {k: v for k, v in r.items() if k not in ("client_train_s", "client_bytes")} for r in service.rounds
     ]
-    final = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
+    final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
+    final["dp_epsilon"] = service.privacy_spent()
+    final["dp_delta"] = args.dp_delta if args.dp_noise is not None else None
     report = build_report(
         kind="serve",
         config={

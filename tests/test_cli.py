@@ -57,3 +57,26 @@ def test_profile_prints_json() -> None:
     ).stdout
     profile = json.loads(out)
     assert profile["ram_mb"] > 100 and profile["cores"] >= 1 and profile["gflops"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--dp-noise", "1.0"], "DP needs --clip-norm"),
+        (["--strategy", "krum"], "unknown strategy"),
+        (["--clip-norm", "0"], "clip_norm must be positive"),
+    ],
+)
+def test_serve_rejects_bad_aggregation_flags_before_connecting(
+    flags: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.helpers import write_text_folder
+
+    data = write_text_folder(tmp_path / "data", per_class_train=2)
+    # port 1 has no broker: the error must come from the flags, before any connection is tried
+    argv = ["serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--state", str(tmp_path / "s")]
+    code = main([*argv, "--data", str(data), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert fragment in err and "cannot reach" not in err
+    assert not (tmp_path / "s").exists()  # nothing written for a run that never started
