@@ -1,0 +1,252 @@
+"""Heterogeneity-aware allocation: which PEFT module each device trains, from what it measured.
+
+For device c and candidate configuration p (PEFT kind and size, batch, sequence length) the
+allocator scores
+
+    U(c, p) = alpha * R(p) - beta * C(c, p) + gamma * E(p)
+
+- ``R(p)``, reward: the expected accuracy gain of configuration p, in [0, 1]. It starts from a prior
+  table (bigger modules are expected to learn more, with diminishing returns: a log curve per kind)
+  and is updated online from the accuracy gains the server observes in rounds where p took part
+  (:class:`RewardTable`).
+- ``C(c, p)``, cost: the larger of predicted training memory over the device's memory cap and the
+  predicted time of one round of local training over the round's time budget (both ratios in
+  [0, 1] for feasible configurations). Memory above the cap is infeasible, never assigned.
+- ``E(p)``, economy: 1 minus the log share of trainable parameters in the largest candidate's, so
+  fewer parameters (less to send, less to store) scores higher.
+
+The memory cap of a device is its RAM minus a reserve for the operating system and the app
+(:func:`memory_cap_mb`). The uplink bit width comes from the link: the most bits whose update
+still goes up within the round's upload budget (:func:`bits_for_link`).
+
+Everything here is a pure function of its inputs; the cost of a candidate comes from a predictor
+(``Predictor``) that the caller supplies, so the allocator knows nothing of engines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from edge_runtime.errors import ConfigError, FedPeftError
+from edge_runtime.peft_specs import PeftSpec, spec_from_dict
+from hw_profiles import DeviceProfile
+
+ALLOWED_BITS = (16, 8, 4, 2)
+
+
+class NoFeasibleConfig(FedPeftError):
+    """No candidate fits the device's memory cap; the device is left out, with this reason."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the allocation grid."""
+
+    peft: PeftSpec
+    batch_size: int
+    seq_len: int
+
+    @property
+    def key(self) -> str:
+        """A short stable name of the PEFT part, e.g. ``lora:r8`` (the reward table's key)."""
+        return peft_key(self.peft)
+
+
+def peft_key(spec: PeftSpec) -> str:
+    """``lora:r8``, ``adapter:b16``, ``prompt:l16``: kind and size of a PEFT module."""
+    d = spec.to_dict()
+    size = {"lora": ("rank", "r"), "adapter": ("bottleneck", "b"), "prompt": ("length", "l")}.get(spec.kind)
+    if size is None or size[0] not in d:
+        return spec.kind
+    return f"{spec.kind}:{size[1]}{d[size[0]]}"
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Predicted training memory (MiB, peak resident) and seconds per step on the device."""
+
+    memory_mb: float
+    step_s: float
+    trainable_params: int
+
+
+Predictor = Callable[[Candidate, DeviceProfile], CostEstimate]
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """The utility's weights and the budgets costs are measured against."""
+
+    alpha: float = field(default=1.0, metadata={"help": "weight of the expected accuracy gain R"})
+    beta: float = field(default=0.5, metadata={"help": "weight of the resource cost C"})
+    gamma: float = field(default=0.2, metadata={"help": "weight of the parameter economy E"})
+    round_budget_s: float = field(
+        default=600.0, metadata={"help": "local training time per round a device should stay within"}
+    )
+    upload_budget_s: float = field(default=30.0, metadata={"help": "seconds an update may take to go up"})
+    reserve_mb: float = field(default=512.0, metadata={"help": "RAM kept for the OS and the app"})
+    reserve_fraction: float = field(default=0.25, metadata={"help": "or this share of RAM, if larger"})
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma", "reserve_mb"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"AllocationConfig.{name} must be a non-negative number, got {value!r}")
+        for name in ("round_budget_s", "upload_budget_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"AllocationConfig.{name} must be positive, got {value!r}")
+        if not 0 <= self.reserve_fraction < 1:
+            raise ConfigError(
+                f"AllocationConfig.reserve_fraction must be in [0, 1), got {self.reserve_fraction}"
+            )
+
+
+def memory_cap_mb(profile: DeviceProfile, config: AllocationConfig) -> float:
+    """The profile's RAM minus the larger of the fixed and the proportional reserve."""
+    return profile.ram_mb - max(config.reserve_mb, config.reserve_fraction * profile.ram_mb)
+
+
+def bits_for_link(trainable_params: int, uplink_mbps: float, budget_s: float) -> int:
+    """The most bits per value (16, 8, 4, 2) whose update goes up within ``budget_s``."""
+    for bits in ALLOWED_BITS:
+        seconds = trainable_params * bits / (uplink_mbps * 1e6)
+        if seconds <= budget_s:
+            return bits
+    return ALLOWED_BITS[-1]
+
+
+# Prior expected gains: a log curve in the module's size per kind, in [0, 1]. LoRA learns most per
+# parameter on encoders, adapters next, prompts least (Hu et al. 2021; He et al. 2022, "Towards a
+# unified view of parameter-efficient transfer learning"); the server corrects them online.
+PRIOR_SCALE = {"lora": (0.55, 0.08), "adapter": (0.45, 0.08), "prompt": (0.25, 0.06)}
+
+
+def prior_reward(spec: PeftSpec) -> float:
+    """The prior expected gain of a PEFT module, before any observation."""
+    base, slope = PRIOR_SCALE.get(spec.kind, (0.3, 0.05))
+    d = spec.to_dict()
+    size = float(d.get("rank", d.get("bottleneck", d.get("length", 1))))
+    return min(1.0, max(0.0, base + slope * math.log2(max(size, 1.0))))
+
+
+@dataclass
+class RewardTable:
+    """R(p): the prior, moved toward observed accuracy gains (a running mean with prior weight)."""
+
+    prior_weight: float = 3.0
+    gain_scale: float = 0.05  # an accuracy gain of this size in one round counts as reward 1
+    observations: dict[str, list[float]] = field(default_factory=dict)
+
+    def reward(self, spec: PeftSpec) -> float:
+        """The current estimate for ``spec``'s kind and size."""
+        prior = prior_reward(spec)
+        seen = self.observations.get(peft_key(spec), [])
+        if not seen:
+            return prior
+        total = self.prior_weight * prior + sum(seen)
+        return total / (self.prior_weight + len(seen))
+
+    def observe(self, keys: Iterable[str], accuracy_gain: float) -> None:
+        """Credit a round's accuracy gain to every configuration that took part in it."""
+        value = min(1.0, max(0.0, 0.5 + accuracy_gain / (2 * self.gain_scale)))
+        for key in set(keys):
+            self.observations.setdefault(key, []).append(value)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """The observations, for the service's state."""
+        return {k: list(v) for k, v in self.observations.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Sequence[float]]) -> RewardTable:
+        """Rebuild from :meth:`to_dict`."""
+        return cls(observations={str(k): [float(x) for x in v] for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a device was assigned and why: its candidate, bit width and utility terms."""
+
+    candidate: Candidate
+    bits: int
+    mem_cap_mb: float
+    cost: CostEstimate
+    reward: float
+    resource_cost: float
+    economy: float
+    utility: float
+
+    def terms(self) -> dict[str, float]:
+        """The utility's terms for the report."""
+        return {
+            "R": round(self.reward, 4),
+            "C": round(self.resource_cost, 4),
+            "E": round(self.economy, 4),
+            "U": round(self.utility, 4),
+            "predicted_memory_mb": round(self.cost.memory_mb, 1),
+            "predicted_step_s": round(self.cost.step_s, 4),
+        }
+
+
+def allocate(
+    profile: DeviceProfile,
+    candidates: Sequence[Candidate],
+    predict: Predictor,
+    rewards: RewardTable,
+    config: AllocationConfig,
+    *,
+    steps_per_round: int,
+) -> Allocation:
+    """The feasible candidate of highest utility for ``profile``; ties go to the earlier candidate.
+
+    ``steps_per_round`` is how many training steps a round takes at batch size 1 worth of samples
+    (samples x epochs); a candidate's round time is its step time x ceil(samples / batch).
+    """
+    if not candidates:
+        raise ConfigError("the allocation grid is empty")
+    cap = memory_cap_mb(profile, config)
+    costs = [predict(c, profile) for c in candidates]
+    largest = max(cost.trainable_params for cost in costs)
+    best: Allocation | None = None
+    smallest_need = math.inf
+    for cand, cost in zip(candidates, costs, strict=True):
+        smallest_need = min(smallest_need, cost.memory_mb)
+        if cap <= 0 or cost.memory_mb > cap:
+            continue
+        steps = math.ceil(steps_per_round / cand.batch_size)
+        round_s = cost.step_s * steps
+        resource = max(cost.memory_mb / cap, min(round_s / config.round_budget_s, 2.0))
+        economy = 1.0 - math.log1p(cost.trainable_params) / math.log1p(largest) if largest > 0 else 0.0
+        reward = rewards.reward(cand.peft)
+        utility = config.alpha * reward - config.beta * resource + config.gamma * economy
+        if best is None or utility > best.utility + 1e-12:
+            bits = bits_for_link(cost.trainable_params, profile.uplink_mbps, config.upload_budget_s)
+            best = Allocation(cand, bits, cap, cost, reward, resource, economy, utility)
+    if best is None:
+        raise NoFeasibleConfig(
+            f"device profile {profile.name!r}: memory cap {cap:.0f} MiB "
+            f"(RAM {profile.ram_mb:.0f} MiB minus reserve) is below the smallest candidate's "
+            f"predicted {smallest_need:.0f} MiB"
+        )
+    return best
+
+
+def default_grid(
+    *,
+    lora_ranks: Sequence[int] = (2, 4, 8, 16),
+    adapter_bottlenecks: Sequence[int] = (8, 32),
+    prompt_lengths: Sequence[int] = (8, 16),
+    batch_sizes: Sequence[int] = (8, 16),
+    seq_lens: Sequence[int] = (128,),
+    lora_targets: Sequence[str] = ("query", "value"),
+) -> list[Candidate]:
+    """The candidate grid: every (kind and size) x batch x sequence length."""
+    specs: list[PeftSpec] = [
+        spec_from_dict({"kind": "lora", "rank": r, "alpha": 2.0 * r, "target_modules": list(lora_targets)})
+        for r in lora_ranks
+    ]
+    specs += [spec_from_dict({"kind": "adapter", "bottleneck": b}) for b in adapter_bottlenecks]
+    specs += [spec_from_dict({"kind": "prompt", "length": n}) for n in prompt_lengths]
+    return [Candidate(s, b, n) for s in specs for b in batch_sizes for n in seq_lens]

@@ -1,0 +1,124 @@
+"""The allocator: feasible by memory, tier-dependent choices, link-dependent bit widths."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker_server.allocation import (
+    AllocationConfig,
+    Candidate,
+    CostEstimate,
+    NoFeasibleConfig,
+    RewardTable,
+    allocate,
+    bits_for_link,
+    memory_cap_mb,
+    peft_key,
+)
+from edge_runtime.errors import ConfigError
+from edge_runtime.peft_specs import LoraSpec
+from hw_profiles import DeviceProfile, load_profile
+
+GRID = [Candidate(LoraSpec(rank=r, alpha=2.0 * r), b, 128) for r in (2, 4, 8, 16, 32) for b in (4, 16)]
+
+
+def fake_predict(c: Candidate, p: DeviceProfile) -> CostEstimate:
+    """Memory grows with batch and rank; time with batch over the device's speed."""
+    rank = c.peft.to_dict()["rank"]
+    params = 12 * 2 * 384 * rank
+    memory = 500 + 40 * c.batch_size + 20 * rank  # MiB, roughly MiniLM's figures
+    return CostEstimate(memory_mb=memory, step_s=0.02 * c.batch_size * 10 / p.gflops, trainable_params=params)
+
+
+def test_tiers_get_different_modules_and_none_over_its_cap() -> None:
+    cfg = AllocationConfig()
+    chosen = {}
+    for tier in ("low", "mid", "high"):
+        profile = load_profile(tier)
+        a = allocate(profile, GRID, fake_predict, RewardTable(), cfg, steps_per_round=150)
+        assert a.cost.memory_mb <= a.mem_cap_mb == memory_cap_mb(profile, cfg)
+        chosen[tier] = a.candidate.peft.to_dict()["rank"]
+        assert set(a.terms()) >= {"R", "C", "E", "U"}
+        assert a.utility == pytest.approx(
+            cfg.alpha * a.reward - cfg.beta * a.resource_cost + cfg.gamma * a.economy
+        )
+    assert chosen["low"] < chosen["high"], chosen
+
+
+def test_infeasible_candidates_are_never_assigned() -> None:
+    tiny = DeviceProfile(name="tiny", ram_mb=1300, cores=1, gflops=1.0)
+    a = allocate(tiny, GRID, fake_predict, RewardTable(), AllocationConfig(), steps_per_round=10)
+    assert a.cost.memory_mb <= a.mem_cap_mb
+    too_small = DeviceProfile(name="pico", ram_mb=600, cores=1, gflops=1.0)
+    with pytest.raises(NoFeasibleConfig, match=r"pico.*memory cap"):
+        allocate(too_small, GRID, fake_predict, RewardTable(), AllocationConfig(), steps_per_round=10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(300, 16000), st.floats(0.5, 50), st.floats(0, 2), st.floats(0, 2), st.floats(0, 2))
+def test_the_choice_always_fits_and_maximises_utility(
+    ram: float, gflops: float, a: float, b: float, g: float
+) -> None:
+    profile = DeviceProfile(name="x", ram_mb=ram, cores=2, gflops=gflops)
+    cfg = AllocationConfig(alpha=a, beta=b, gamma=g)
+    try:
+        best = allocate(profile, GRID, fake_predict, RewardTable(), cfg, steps_per_round=100)
+    except NoFeasibleConfig:
+        assert all(fake_predict(c, profile).memory_mb > memory_cap_mb(profile, cfg) for c in GRID)
+        return
+    assert best.cost.memory_mb <= memory_cap_mb(profile, cfg)
+    for c in GRID:  # no feasible candidate scores higher
+        if fake_predict(c, profile).memory_mb <= memory_cap_mb(profile, cfg):
+            other = allocate(profile, [c], fake_predict, RewardTable(), cfg, steps_per_round=100)
+            assert other.utility <= best.utility + 1e-9
+
+
+def test_bits_follow_the_link() -> None:
+    params = 100_000
+    assert bits_for_link(params, uplink_mbps=100.0, budget_s=1.0) == 16
+    assert bits_for_link(params, uplink_mbps=0.5, budget_s=1.0) == 4
+    assert bits_for_link(params, uplink_mbps=0.01, budget_s=1.0) == 2  # never below 2
+    slow = allocate(
+        load_profile("low"),
+        GRID,
+        fake_predict,
+        RewardTable(),
+        AllocationConfig(upload_budget_s=0.2),
+        steps_per_round=10,
+    )
+    fast = allocate(
+        load_profile("high"),
+        GRID,
+        fake_predict,
+        RewardTable(),
+        AllocationConfig(upload_budget_s=0.2),
+        steps_per_round=10,
+    )
+    assert slow.bits <= fast.bits
+
+
+def test_rewards_learn_from_observed_gains() -> None:
+    table = RewardTable()
+    spec = LoraSpec(rank=8)
+    prior = table.reward(spec)
+    for _ in range(5):
+        table.observe([peft_key(spec)], accuracy_gain=0.05)
+    assert table.reward(spec) > prior
+    table.observe([peft_key(spec)] * 3, accuracy_gain=-10.0)  # counted once per round, clamped
+    assert 0.0 <= table.reward(spec) <= 1.0
+    assert len(table.observations["lora:r8"]) == 6
+    assert RewardTable.from_dict(table.to_dict()).reward(spec) == table.reward(spec)
+    assert table.reward(LoraSpec(rank=2)) == table.reward(LoraSpec(rank=2, alpha=1.0))  # keyed by kind+size
+
+
+def test_bad_allocation_settings_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        AllocationConfig(alpha=-1)
+    with pytest.raises(ConfigError):
+        AllocationConfig(round_budget_s=0)
+    with pytest.raises(ConfigError):
+        AllocationConfig(reserve_fraction=1.0)
+    with pytest.raises(ConfigError, match="empty"):
+        allocate(load_profile("low"), [], fake_predict, RewardTable(), AllocationConfig(), steps_per_round=1)
