@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from runner import DATA_20NG, ROOT, main_guard, run_all
 
 RUNS = {
     "honest-fedit": [],
@@ -33,49 +30,18 @@ RUNS = {
 def main() -> int:
     """Run every configuration and write a summary with the gaps to the honest run."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared/datasets/20newsgroups"))
+    p.add_argument("--data", default=DATA_20NG)
     p.add_argument("--out", default=str(ROOT / "bench/results/byzantine"))
     p.add_argument("--rounds", default="2")
     p.add_argument("--only", nargs="*", default=None, help="run only these configurations")
     a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     common = [
-        "--data",
-        a.data,
-        "--clients",
-        "8",
-        "--rounds",
-        a.rounds,
-        "--partition",
-        "dirichlet:0.5",
-        "--samples-per-client",
-        "150",
-        "--bits",
-        "4",
-        "--seed",
-        "0",
-        "--test-samples",
-        "500",
+        "--data", a.data, "--clients", "8", "--rounds", a.rounds, "--partition", "dirichlet:0.5",
+        "--samples-per-client", "150", "--bits", "4", "--seed", "0", "--test-samples", "500",
         "--no-progress",
-    ]
-    summary: dict[str, dict[str, float]] = {}
-    for name, extra in RUNS.items():
-        if a.only and name not in a.only:
-            continue
-        report = out / f"{name}.json"
-        cmd = [str(ROOT / ".venv/bin/fedpeft"), "simulate", *common, *extra, "--report", str(report)]
-        print("$", " ".join(cmd), flush=True)
-        start = time.monotonic()
-        subprocess.run(cmd, check=True)
-        r = json.loads(report.read_text())
-        summary[name] = {
-            "final_accuracy": r["final"]["accuracy"],
-            "accuracy_by_round": [x["accuracy"] for x in r["rounds"]],
-            "rejected": len(r["rejected"]),
-            "wall_s": time.monotonic() - start,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ]  # fmt: skip
+    out = Path(a.out)
+    summary = run_all(RUNS, common, out, only=a.only)
     if "honest-fedit" in summary:
         honest = summary["honest-fedit"]["final_accuracy"]
         for s in summary.values():
@@ -86,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard(main)

@@ -15,9 +15,10 @@ allocator scores
 - ``E(p)``, economy: 1 minus the log share of trainable parameters in the largest candidate's, so
   fewer parameters (less to send, less to store) scores higher.
 
-The memory cap of a device is its RAM minus a reserve for the operating system and the app
-(:func:`memory_cap_mb`). The uplink bit width comes from the link: the most bits whose update
-still goes up within the round's upload budget (:func:`bits_for_link`).
+The memory cap of a device is its RAM minus a reserve for the operating system and the app: a
+quarter of it, at least 128 MiB and at most 512 MiB (:func:`memory_cap_mb`). The uplink bit width
+comes from the link: the most bits whose update still goes up within the round's upload budget
+(:func:`bits_for_link`).
 
 Everything here is a pure function of its inputs; the cost of a candidate comes from a predictor
 (``Predictor``) that the caller supplies, so the allocator knows nothing of engines.
@@ -27,10 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError, FedPeftError
-from edge_runtime.peft_specs import PeftSpec, spec_from_dict
+from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
 from hw_profiles import DeviceProfile
 
 ALLOWED_BITS = (16, 8, 4, 2)
@@ -83,14 +85,15 @@ class AllocationConfig:
     beta: float = field(default=0.5, metadata={"help": "weight of the resource cost C"})
     gamma: float = field(default=0.2, metadata={"help": "weight of the parameter economy E"})
     round_budget_s: float = field(
-        default=600.0, metadata={"help": "local training time per round a device should stay within"}
+        default=120.0, metadata={"help": "local training time per round a device should stay within"}
     )
     upload_budget_s: float = field(default=30.0, metadata={"help": "seconds an update may take to go up"})
-    reserve_mb: float = field(default=512.0, metadata={"help": "RAM kept for the OS and the app"})
-    reserve_fraction: float = field(default=0.25, metadata={"help": "or this share of RAM, if larger"})
+    reserve_fraction: float = field(default=0.25, metadata={"help": "share of RAM kept for the OS and app"})
+    reserve_min_mb: float = field(default=128.0, metadata={"help": "the reserve is at least this"})
+    reserve_mb: float = field(default=512.0, metadata={"help": "and at most this"})
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "reserve_mb"):
+        for name in ("alpha", "beta", "gamma", "reserve_mb", "reserve_min_mb"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"AllocationConfig.{name} must be a non-negative number, got {value!r}")
@@ -105,8 +108,9 @@ class AllocationConfig:
 
 
 def memory_cap_mb(profile: DeviceProfile, config: AllocationConfig) -> float:
-    """The profile's RAM minus the larger of the fixed and the proportional reserve."""
-    return profile.ram_mb - max(config.reserve_mb, config.reserve_fraction * profile.ram_mb)
+    """The profile's RAM minus a reserve: a share of it, kept between the minimum and maximum."""
+    reserve = min(max(config.reserve_fraction * profile.ram_mb, config.reserve_min_mb), config.reserve_mb)
+    return profile.ram_mb - reserve
 
 
 def bits_for_link(trainable_params: int, uplink_mbps: float, budget_s: float) -> int:
@@ -129,6 +133,9 @@ def prior_reward(spec: PeftSpec) -> float:
     base, slope = PRIOR_SCALE.get(spec.kind, (0.3, 0.05))
     d = spec.to_dict()
     size = float(d.get("rank", d.get("bottleneck", d.get("length", 1))))
+    layers = d.get("layers")
+    if layers:  # adapters in the top layers only: scaled by their share of the layers up to the top one
+        size *= len(layers) / (max(layers) + 1)
     return min(1.0, max(0.0, base + slope * math.log2(max(size, 1.0))))
 
 
@@ -241,12 +248,118 @@ def default_grid(
     batch_sizes: Sequence[int] = (8, 16),
     seq_lens: Sequence[int] = (128,),
     lora_targets: Sequence[str] = ("query", "value"),
+    num_layers: int | None = None,
 ) -> list[Candidate]:
-    """The candidate grid: every (kind and size) x batch x sequence length."""
+    """The candidate grid: every (kind and size) x batch x sequence length.
+
+    With ``num_layers``, adapters also come in the top half of the layers only: gradients then stop
+    halfway down, which saves activation memory and backward time on small devices.
+    """
     specs: list[PeftSpec] = [
         spec_from_dict({"kind": "lora", "rank": r, "alpha": 2.0 * r, "target_modules": list(lora_targets)})
         for r in lora_ranks
     ]
     specs += [spec_from_dict({"kind": "adapter", "bottleneck": b}) for b in adapter_bottlenecks]
+    if num_layers is not None and num_layers >= 2:
+        top = list(range(num_layers // 2, num_layers))
+        specs += [
+            spec_from_dict({"kind": "adapter", "bottleneck": b, "layers": top}) for b in adapter_bottlenecks
+        ]
     specs += [spec_from_dict({"kind": "prompt", "length": n}) for n in prompt_lengths]
     return [Candidate(s, b, n) for s in specs for b in batch_sizes for n in seq_lens]
+
+
+def _size(spec: PeftSpec) -> tuple[float, bool]:
+    """Order within a kind: by size, then a module in every layer above one in some layers."""
+    d = spec.to_dict()
+    return float(d.get("rank", d.get("bottleneck", d.get("length", 0)))), not d.get("layers")
+
+
+@dataclass
+class Allocator:
+    """The allocation grid, a cost predictor, the reward table and the utility's settings."""
+
+    grid: Sequence[Candidate]
+    predict: Predictor
+    config: AllocationConfig = field(default_factory=AllocationConfig)
+    rewards: RewardTable = field(default_factory=RewardTable)
+    adapt_bits: bool = True  # False: every device keeps the fleet's bit width
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            raise ConfigError("the allocation grid is empty")
+
+    def assign(
+        self, base: TrainConfig, profile: DeviceProfile, num_samples: int
+    ) -> tuple[TrainConfig, Allocation]:
+        """The configuration for this device (``base`` with the chosen module, batch, length, bits)."""
+        chosen = allocate(
+            profile,
+            self.grid,
+            self.predict,
+            self.rewards,
+            self.config,
+            steps_per_round=max(1, num_samples) * base.local_epochs,
+        )
+        cfg = replace(
+            base,
+            peft=chosen.candidate.peft,
+            batch_size=chosen.candidate.batch_size,
+            seq_len=chosen.candidate.seq_len,
+            bits=chosen.bits if self.adapt_bits else base.bits,
+            mem_cap_mb=round(chosen.mem_cap_mb, 1),
+        )
+        return cfg, chosen
+
+    def largest(self, base: TrainConfig) -> list[TrainConfig]:
+        """Per PEFT kind in the grid, ``base`` with that kind's largest module (the super-state)."""
+        best: dict[str, PeftSpec] = {}
+        for cand in self.grid:
+            kind = cand.peft.kind
+            if kind not in best or _size(cand.peft) > _size(best[kind]):
+                best[kind] = cand.peft
+        return [replace(base, peft=spec) for _, spec in sorted(best.items())]
+
+
+def spec_predictor(dims: ModelDims, num_labels: int) -> Predictor:
+    """The specs' own cost model (:meth:`PeftSpec.predict_cost`) on an encoder of ``dims``."""
+
+    def predict(candidate: Candidate, profile: DeviceProfile) -> CostEstimate:
+        cost = candidate.peft.predict_cost(dims, candidate.batch_size, candidate.seq_len, num_labels)
+        return CostEstimate(
+            memory_mb=cost.memory_mb,
+            step_s=cost.step_s(profile.gflops),
+            trainable_params=cost.trainable_params,
+        )
+
+    return predict
+
+
+ALLOCATIONS = ("fixed", "utility", "uniform")
+
+
+def build_allocator(
+    mode: str,
+    base: TrainConfig,
+    dims: ModelDims,
+    config: AllocationConfig | None = None,
+    grid: Sequence[Candidate] | None = None,
+) -> Allocator | None:
+    """``fixed``: no allocator, every device gets ``base``. ``utility``: the grid, scored by U.
+    ``uniform``: ``base`` for every device it fits, the others left out (plain FedAvg-LoRA).
+    """
+    if mode not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {mode!r}; use one of {', '.join(ALLOCATIONS)}")
+    if mode == "fixed":
+        return None
+    if mode == "uniform":
+        grid = [Candidate(base.peft, base.batch_size, base.seq_len)]
+    elif grid is None:
+        targets = getattr(base.peft, "target_modules", ("query", "value"))
+        grid = default_grid(seq_lens=(base.seq_len,), lora_targets=tuple(targets), num_layers=dims.layers)
+    return Allocator(
+        grid,
+        spec_predictor(dims, base.num_labels),
+        config or AllocationConfig(),
+        adapt_bits=mode == "utility",
+    )

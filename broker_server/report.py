@@ -8,6 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from broker_server.allocation import peft_key
+from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError
 
 SCHEMA_ID = "fedpeft.report/1"
@@ -87,3 +89,24 @@ def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     tmp.replace(target)
     return target
+
+
+def peft_entry(config: TrainConfig, trainable_params: int) -> dict[str, Any]:
+    """A client's ``peft`` entry: kind, its size field and trainable parameter count."""
+    spec = config.peft.to_dict()
+    entry: dict[str, Any] = {"type": config.peft.kind, "trainable_params": int(trainable_params)}
+    for field_name, key in (("rank", "rank"), ("bottleneck", "bottleneck"), ("length", "prompt_length")):
+        if field_name in spec:
+            entry[key] = int(spec[field_name])
+    return entry
+
+
+def allocation_entry(record: Any) -> dict[str, Any] | None:
+    """What the allocator chose for a device and why (utility terms), or why it left it out."""
+    if record is None:
+        return None
+    if record.excluded:
+        return {"excluded": record.excluded}
+    if record.allocation is None:
+        return None
+    return {"module": peft_key(record.config.peft), **record.allocation.terms()}

@@ -32,12 +32,15 @@ from broker_server.aggregation import (
     robust_head_from_statistics,
     sum_class_statistics,
 )
+from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
 from broker_server.evaluation import Evaluator
+from broker_server.heterogeneous import coverage_mean, view
 from broker_server.privacy import dp_epsilon, dp_fedavg
 from broker_server.state import StateStore
 from edge_runtime import wire
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
+from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
     ConfigError,
     DuplicateUpdate,
@@ -49,6 +52,7 @@ from edge_runtime.errors import (
     UpdateRejected,
 )
 from edge_runtime.transport import Transport
+from hw_profiles import DeviceProfile, ProfileError
 
 log = logging.getLogger("fedpeft.server")
 
@@ -118,6 +122,8 @@ class DeviceRecord:
     device_id: str
     hello: wire.Hello
     config: TrainConfig
+    allocation: Allocation | None = None
+    excluded: str = ""  # why the allocator left this device out, if it did
     updates_received: int = 0
     updates_accepted: int = 0
     bytes_up: int = 0
@@ -134,6 +140,17 @@ class PendingUpdate:
     update: wire.UpdateMessage
     content_id: str
     nbytes: int
+
+
+@dataclass
+class Group:
+    """Devices that train the same configuration share one global topic and one module view."""
+
+    config: TrainConfig
+    config_id: str
+    topic: str
+    shapes: dict[str, tuple[int, ...]]
+    global_id: str = ""
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -158,6 +175,7 @@ class AggregationService:
         on_round: RoundCallback | None = None,
         on_accept: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        allocator: Allocator | None = None,
     ) -> None:
         self.transport = transport
         self.config = config
@@ -166,6 +184,10 @@ class AggregationService:
         self.on_round = on_round
         self.on_accept = on_accept
         self.clock = clock
+        self.allocator = allocator
+        if allocator is not None and (config.strategy != "fedit" or config.dp_noise_multiplier is not None):
+            raise ConfigError("a mixed fleet (allocation) aggregates with fedit, without DP, for now")
+        self.groups: dict[str, Group] = {}
         self.strategy = get_strategy(config.strategy)
         self.devices: dict[str, DeviceRecord] = {}
         self.rejected: list[dict[str, Any]] = []
@@ -275,6 +297,7 @@ class AggregationService:
         record = self.devices.get(device)
         if record is None:
             record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
+            self._configure(record)
             self.devices[device] = record
             log.info("device %s registered (%d samples)", device, hello.num_samples)
         else:
@@ -282,14 +305,74 @@ class AggregationService:
             record.online = True
         if self.store is not None:
             self.store.save_device(device, payload, time.time())
-        self._assign(record)
+        if not record.excluded:
+            self._assign(record)
+
+    def _configure(self, record: DeviceRecord) -> None:
+        """Choose the device's configuration: the allocator's pick for its profile, or the fleet's."""
+        if self.allocator is None:
+            return
+        stored = None if self.store is None else self.store.get_meta(f"assignment/{record.device_id}")
+        if stored is not None:  # assigned before a restart: keep it, its updates depend on it
+            record.config = TrainConfig.from_dict(stored["config"])
+            record.excluded = str(stored.get("excluded", ""))
+            return
+        try:
+            profile = DeviceProfile.from_dict(dict(record.hello.profile))
+            record.config, record.allocation = self.allocator.assign(
+                self.config.train, profile, record.hello.num_samples
+            )
+        except (NoFeasibleConfig, ProfileError) as exc:
+            record.excluded = str(exc)
+            log.warning("device %s left out: %s", record.device_id, exc)
+        else:
+            log.info(
+                "device %s assigned %s, batch %d, %d bits (U=%.3f)",
+                record.device_id,
+                peft_key(record.config.peft),
+                record.config.batch_size,
+                record.config.bits,
+                record.allocation.utility if record.allocation else float("nan"),
+            )
+        if self.store is not None:
+            self.store.set_meta(
+                f"assignment/{record.device_id}",
+                {"config": record.config.to_dict(), "excluded": record.excluded},
+            )
+
+    def _group(self, config: TrainConfig) -> Group:
+        cid = config_id(config)
+        group = self.groups.get(cid)
+        if group is None:
+            shapes = self._shapes_for(config)
+            group = Group(config, cid, wire.topic(self.config.fleet, "global", cid), shapes)
+            self.groups[cid] = group
+            if self.allocator is not None and self._global_id:  # a newcomer joins the current round
+                payload = self._encode_global(self._phase, cid, view(self._state, shapes))
+                group.global_id = wire.content_id(payload)
+                self.transport.publish(group.topic, payload, qos=1, retain=True)
+        return group
+
+    def module_params(self, config: TrainConfig) -> int:
+        """Trainable parameters of ``config``'s module (its view of the global state)."""
+        if not self._state:
+            return 0
+        return int(sum(int(np.prod(shape)) for shape in self._shapes_for(config).values()))
+
+    def _shapes_for(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
+        group = self.groups.get(config_id(config))
+        if group is not None:
+            return group.shapes
+        if self.allocator is None:
+            return {k: tuple(v.shape) for k, v in self._state.items()}
+        return self.evaluator.shapes(config)
 
     def _assign(self, record: DeviceRecord) -> None:
         msg = wire.Assignment(
             device_id=record.device_id,
             round=self._round,
             config=record.config.to_dict(),
-            global_topic=self.global_topic,
+            global_topic=self._group(record.config).topic,
         )
         self.transport.publish(
             wire.topic(self.config.fleet, "assign", record.device_id), wire.encode_assignment(msg), qos=1
@@ -303,6 +386,14 @@ class AggregationService:
         record = self.devices.get(device)
         if record is not None:
             record.online = status.state != "offline"
+        if record is not None and status.state == "failed":
+            # the device could not train this round (over its memory cap, say): end its turn
+            round_ = status.detail.get("round")
+            reason = f"device_failed: {status.detail.get('reason', 'no reason given')}"
+            if round_ == self._round:
+                self._answered.add(device)
+            log.warning("device %s failed round %s: %s", device, round_, reason)
+            self.rejected.append({"client": device, "round": round_, "reason": reason})
 
     def _on_update(self, device: str, payload: bytes) -> None:
         self.bytes_up_total += len(payload)
@@ -330,7 +421,8 @@ class AggregationService:
             # accepted before (perhaps before a crash that ate the ack): acknowledge it again
             self._ack(device, update.round, cid, True, "duplicate of an accepted update")
             raise DuplicateUpdate("redelivery of an accepted update, counted once", round=update.round)
-        if update.round < self._round or (update.round == self._round and update.base_id != self._global_id):
+        base_id = self._group(record.config).global_id
+        if update.round < self._round or (update.round == self._round and update.base_id != base_id):
             self._stale += 1
             raise StaleRound(f"trained on round {update.round}, current is {self._round}", round=update.round)
         if update.round > self._round:
@@ -360,7 +452,7 @@ class AggregationService:
             self.on_accept(device)
 
     def _check_tensors(self, update: wire.UpdateMessage) -> None:
-        expected = self._expected_shapes()
+        expected = self._expected_shapes(self.devices[update.device_id].config)
         got = {k: tuple(v.shape) for k, v in update.tensors.items()}
         if set(got) != set(expected):
             missing = sorted(set(expected) - set(got))[:3]
@@ -398,11 +490,11 @@ class AggregationService:
                 "a class sum is longer than its count of unit features allows", round=update.round
             )
 
-    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+    def _expected_shapes(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
         if self._phase == STATS_PHASE:
             c, h = self._state["head.weight"].shape
             return {"stats.class_sums": (c, h), "stats.class_counts": (c,)}
-        return {k: tuple(v.shape) for k, v in self._state.items()}
+        return dict(self._group(config).shapes)
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
         ack = wire.Ack(device_id=device, round=round_, content_id=cid, accepted=accepted, reason=reason)
@@ -410,32 +502,55 @@ class AggregationService:
 
     # --- rounds ------------------------------------------------------------------------------
 
-    def _publish_global(self, phase: str) -> int:
+    def _encode_global(self, phase: str, cid: str, tensors: dict[str, np.ndarray]) -> bytes:
         msg = wire.GlobalModule(
             round=self._round,
-            config_id=self.config_id,
-            tensors=self._state,
+            config_id=cid,
+            tensors=tensors,
             meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds},
         )
-        payload = wire.encode_global(msg, bits=self.config.down_bits)
-        self._global_id = wire.content_id(payload)
-        if self.store is not None:
-            self.store.save_global(self._round, self._global_id, payload)
-        self.transport.publish(self.global_topic, payload, qos=1, retain=True)
-        return len(payload)
+        return wire.encode_global(msg, bits=self.config.down_bits)
+
+    def _publish_global(self, phase: str, checkpoint: bytes | None = None) -> None:
+        """Checkpoint the whole state, then publish every group's view of it (retained).
+
+        ``checkpoint`` is the stored payload when resuming: published again byte for byte, so the
+        content ids that devices trained on before a crash stay valid (views are re-encoded from
+        it deterministically).
+        """
+        if checkpoint is None:
+            checkpoint = self._encode_global(phase, self.config_id, self._state)
+            self._global_id = wire.content_id(checkpoint)
+            if self.store is not None:
+                self.store.save_global(self._round, self._global_id, checkpoint)
+        if self.allocator is None:
+            self._group(self.config.train).global_id = self._global_id
+            self.transport.publish(self.global_topic, checkpoint, qos=1, retain=True)
+            return
+        for group in self.groups.values():
+            payload = self._encode_global(phase, group.config_id, view(self._state, group.shapes))
+            group.global_id = wire.content_id(payload)
+            self.transport.publish(group.topic, payload, qos=1, retain=True)
 
     def _wait_for_devices(self) -> None:
         want = self.config.expected_clients or self.config.min_clients
         deadline = self.clock() + self.config.hello_timeout_s
+        # every device counts as here once it said hello, even one the allocator left out
         while sum(r.online for r in self.devices.values()) < want and not self._stopped:
             if self.clock() >= deadline:
-                if len(self.devices) >= self.config.min_clients:
+                if sum(not r.excluded for r in self.devices.values()) >= self.config.min_clients:
                     break
                 raise FedPeftError(
                     f"only {len(self.devices)} of {want} devices said hello within "
                     f"{self.config.hello_timeout_s:.0f} s"
                 )
             self._pump(min(deadline, self.clock() + 0.5))
+        able = [r for r in self.devices.values() if not r.excluded]
+        if len(able) < self.config.min_clients and not self._stopped:
+            left_out = "; ".join(f"{r.device_id}: {r.excluded}" for r in self.devices.values() if r.excluded)
+            raise FedPeftError(
+                f"only {len(able)} devices can train, {self.config.min_clients} needed (left out: {left_out})"
+            )
 
     def _collect(self, participants: set[str]) -> bool:
         """Handle messages until every participant answered or the deadline; True if enough."""
@@ -483,7 +598,60 @@ class AggregationService:
         else:
             if self.config.clip_norm is not None:
                 updates = [clip_update(u, self.config.clip_norm) for u in updates]
-            self._state = self.strategy(self._state, updates)
+            # a mixed fleet: zero-pad and average each element over the clients that trained it
+            rule = coverage_mean if self.allocator is not None else self.strategy
+            self._state = rule(self._state, updates)
+
+    def _initial_state(self) -> dict[str, np.ndarray]:
+        if self.allocator is None:
+            return self.evaluator.initial_state()
+        # the union of every kind's largest module, and one head
+        state: dict[str, np.ndarray] = {}
+        for cfg in self.allocator.largest(self.config.train):
+            for name, value in self.evaluator.initial_state(cfg).items():
+                state.setdefault(name, value)
+        return state
+
+    def _evaluate(self) -> tuple[EvalResult | None, dict[str, float]]:
+        """The global model's test figures; in a mixed fleet, per kind, weighted by its devices."""
+        if self.allocator is None:
+            return self.evaluator.evaluate(self._state), {}
+        members: dict[str, int] = {}
+        for rec in self.devices.values():
+            if not rec.excluded:
+                members[rec.config.peft.kind] = members.get(rec.config.peft.kind, 0) + 1
+        results: list[tuple[int, EvalResult]] = []
+        by_kind: dict[str, float] = {}
+        for cfg in self.allocator.largest(self.config.train):
+            if cfg.peft.kind not in members:
+                continue
+            res = self.evaluator.evaluate(view(self._state, self.evaluator.shapes(cfg)), cfg)
+            if res is None:
+                return None, {}
+            results.append((members[cfg.peft.kind], res))
+            by_kind[cfg.peft.kind] = res.accuracy
+        if not results:
+            return None, {}
+        total = sum(n for n, _ in results)
+        merged = EvalResult(
+            accuracy=sum(n * r.accuracy for n, r in results) / total,
+            macro_f1=sum(n * r.macro_f1 for n, r in results) / total,
+            loss=sum(n * r.loss for n, r in results) / total,
+            predictions=results[0][1].predictions,
+        )
+        return merged, by_kind
+
+    def _learn_rewards(self, record: dict[str, Any]) -> None:
+        """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
+        if self.allocator is None or record["phase"] != TRAIN_PHASE or record["accuracy"] is None:
+            return
+        before = [r["accuracy"] for r in self.rounds if r.get("accuracy") is not None]
+        if not before:
+            return
+        keys = [peft_key(self.devices[d].config.peft) for d in record["clients"] if d in self.devices]
+        self.allocator.rewards.observe(keys, float(record["accuracy"]) - float(before[-1]))
+        if self.store is not None:
+            self.store.set_meta("rewards", self.allocator.rewards.to_dict())
 
     def _resume(self) -> int | None:
         """Restore the last checkpoint from the store; the round to continue, or None if fresh.
@@ -500,10 +668,16 @@ class AggregationService:
         module = wire.decode_global(payload)
         self._state = dict(module.tensors)
         self._round = round_
-        self._global_id = cid
         for device, hello_payload in self.store.devices().items():
             hello = wire.decode_hello(hello_payload)
-            self.devices[device] = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
+            device_record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
+            self._configure(device_record)
+            self.devices[device] = device_record
+            if not device_record.excluded:
+                self._group(device_record.config)
+        if self.allocator is not None:
+            self.allocator.rewards = RewardTable.from_dict(self.store.get_meta("rewards", {}))
+        self._global_id = cid  # after the groups exist: they are published by run(), in the right phase
         for device, count in self.store.accepted_counts().items():
             if device in self.devices:
                 self.devices[device].updates_accepted = count
@@ -533,7 +707,7 @@ class AggregationService:
 
     def run(self) -> None:
         """Run every round; returns when the last global module is published or on stop."""
-        self._state = self.evaluator.initial_state()
+        self._state = self._initial_state()
         resume_round = self._resume()
         self.start()
         if resume_round is None:
@@ -554,12 +728,12 @@ class AggregationService:
             self._stale = 0
             self._round_bytes_up = sum(p.nbytes for p in self._pending.values())
             self._round_bytes_down = 0
-            participants = {d for d, rec in self.devices.items() if rec.online}
+            participants = {d for d, rec in self.devices.items() if rec.online and not rec.excluded}
             round_start = self.clock()
             if resuming:
                 # Publish exactly the checkpointed bytes again: same content id, so devices'
                 # updates trained on it before the crash stay valid.
-                self.transport.publish(self.global_topic, self._resumed_payload, qos=1, retain=True)
+                self._publish_global(self._phase, checkpoint=self._resumed_payload)
                 # The crash may have come between storing an update and acknowledging it.
                 for device, pending in sorted(self._pending.items()):
                     self._ack(device, r, pending.content_id, True, "accepted before a restart")
@@ -569,7 +743,7 @@ class AggregationService:
                 raise FedPeftError(f"round {r} got too few updates after every retry")
             server_start = self.clock()
             self._aggregate()
-            result = self.evaluator.evaluate(self._state)
+            result, by_kind = self._evaluate()
             record: dict[str, Any] = {
                 "round": r,
                 "phase": self._phase,
@@ -592,8 +766,11 @@ class AggregationService:
                 },
                 "client_bytes": {d: p.nbytes for d, p in self._pending.items()},
             }
+            if by_kind:
+                record["accuracy_by_kind"] = by_kind
             if self.config.dp_noise_multiplier is not None:
                 record["dp_epsilon"] = self.privacy_spent()
+            self._learn_rewards(record)
             if result is not None:
                 self.final_eval = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
             self.rounds.append(record)

@@ -13,7 +13,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,8 @@ from edge_runtime.chunking import split_payload
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.engines.base import ProgressFn, TrainingEngine
-from edge_runtime.errors import FedPeftError, UpdateRejected
+from edge_runtime.errors import FedPeftError, MemoryCapExceeded, UpdateRejected
+from edge_runtime.memory import MemoryGuard
 from edge_runtime.outbox import Outbox
 from edge_runtime.transport import Transport
 
@@ -187,7 +188,20 @@ class DeviceAgent:
             self._train_and_send(module, wire.content_id(payload), phase)
         except FedPeftError as exc:
             self.stats.last_error = str(exc)
+            self._last_round = module.round  # do not retry the same module forever
             log.error("device %s: round %d failed: %s", self.device_id, module.round, exc)
+            # tell the service, so the round does not wait for this device until its deadline
+            status = wire.Status(
+                device_id=self.device_id,
+                state="failed",
+                detail={
+                    "round": module.round,
+                    "reason": f"{getattr(exc, 'code', type(exc).__name__)}: {exc}",
+                },
+            )
+            self.transport.publish(
+                wire.topic(self.fleet, "status", self.device_id), wire.encode_status(status), qos=1
+            )
         return True
 
     def run(
@@ -229,34 +243,64 @@ class DeviceAgent:
             self.transport.publish(topic, part, qos=1)
         return sum(len(p) for p in parts)
 
+    def _compute(
+        self, config: TrainConfig, module: wire.GlobalModule, phase: str, seed: int, guard: MemoryGuard
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Train (or gather statistics) under the memory guard; the update's tensors and metrics."""
+        with guard:
+            guard.check()  # already over the cap before training: fail now, not mid-step
+            engine = self.engine_factory(config)
+            engine.load_trainable_state(module.tensors)
+            if phase == STATS_PHASE:
+                sums, counts = engine.class_feature_sums(self.data)
+                guard.check()
+                return {"stats.class_sums": sums, "stats.class_counts": counts}, {}
+            result = engine.train(
+                self.data, epochs=config.local_epochs, seed=seed, progress=guard.wrap(self.progress)
+            )
+            guard.check()
+            trained = engine.trainable_state()
+        tensors = {k: trained[k] - np.asarray(module.tensors[k], dtype=np.float32) for k in trained}
+        metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "steps": float(result.steps)}
+        return tensors, metrics
+
     def _train_and_send(self, module: wire.GlobalModule, base_id: str, phase: str) -> None:
         assert self.config is not None
         config = self.config
-        engine = self.engine_factory(config)
-        engine.load_trainable_state(module.tensors)
         seed = _job_seed(self.seed, self.device_id, module.round)
         start = time.perf_counter()
-        metrics: dict[str, float] = {}
-        bits = config.bits
-        if phase == STATS_PHASE:
-            sums, counts = engine.class_feature_sums(self.data)
-            tensors = {"stats.class_sums": sums, "stats.class_counts": counts}
-            bits = 32  # statistics are sent once and must stay exact (counts especially)
-        else:
-            result = engine.train(self.data, epochs=config.local_epochs, seed=seed, progress=self.progress)
-            trained = engine.trainable_state()
-            tensors = {k: trained[k] - np.asarray(module.tensors[k], dtype=np.float32) for k in trained}
-            metrics.update(loss=result.loss, train_accuracy=result.accuracy, steps=float(result.steps))
+        bits = 32 if phase == STATS_PHASE else config.bits  # statistics must stay exact
+        retries = 0
+        while True:
+            guard = MemoryGuard(config.mem_cap_mb)
+            try:
+                tensors, metrics = self._compute(config, module, phase, seed, guard)
+                break
+            except MemoryCapExceeded as exc:
+                # only the text: the exception's traceback holds the failed step's activations
+                reason = str(exc)
+                exc.__traceback__ = None
+                if config.batch_size == 1:
+                    raise MemoryCapExceeded(f"{reason}, even with a batch of 1") from None
+                smaller = max(1, config.batch_size // 2)
+                log.warning("device %s: %s; retrying with batch %d", self.device_id, reason, smaller)
+                config = replace(config, batch_size=smaller)
+                retries += 1
+        # the peak of the attempt that fitted; attempts the guard stopped are counted apart
+        peak = guard.peak_mb
         if self.update_hook is not None:
             tensors = self.update_hook(phase, tensors)
         train_s = time.perf_counter() - start
         self.stats.train_s += train_s
-        self.stats.peak_rss_mb = peak_rss_mb()
+        # the peak while this device trained (the process may have held more before, for others)
+        self.stats.peak_rss_mb = max(self.stats.peak_rss_mb, peak)
+        metrics["batch_size"] = float(config.batch_size)
+        metrics["memory_retries"] = float(retries)
         with self._lock:
             bytes_down, self._bytes_down_since_update = self._bytes_down_since_update, 0
         metrics.update(
             train_s=train_s,
-            peak_rss_mb=self.stats.peak_rss_mb,
+            peak_rss_mb=peak,
             bytes_down=float(bytes_down),
             updates_sent=float(self.stats.updates_sent + 1),
         )

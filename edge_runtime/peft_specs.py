@@ -1,20 +1,62 @@
-"""PEFT module specifications and their one registry.
+"""PEFT module specifications, their one registry, and what training them costs.
 
-A spec says *what* a device trains (LoRA of some rank on some modules, ...); the engines say
-*how*. Specs travel inside assignments, so they are frozen dataclasses with ``to_dict`` and
-``from_dict``. Adding a kind means one spec class and one :func:`register_peft_kind` call.
+A spec says *what* a device trains (LoRA of some rank on some modules, bottleneck adapters, a soft
+prompt); the engines say *how*. Specs travel inside assignments, so they are frozen dataclasses
+with ``to_dict`` and ``from_dict``. Adding a kind means one spec class and one
+:func:`register_peft_kind` call.
+
+Every spec also predicts what one training step costs on a BERT-family encoder
+(:meth:`PeftSpec.predict_cost`), so the server can choose a module that fits a device before the
+device tries. The prediction is a sum of parts (:class:`TrainingCost`):
+
+- the frozen encoder's fp32 weights;
+- the trainable parameters (module and head) four times: weights, gradients and two AdamW moments;
+- the tensors autograd keeps for the backward pass, layer by layer: a frozen linear keeps only its
+  weight, so what is kept is Q, K and V, the attention map (softmax output, dropout noise, dropped
+  map), the LayerNorm inputs, the GELU input and the dropout noise of both sublayers, in every
+  layer that gradients flow through; layers below the first trained one keep nothing. A prompt
+  lengthens the sequence every layer sees;
+- the backward pass's largest transients (the top layer's attention-map gradients);
+- a runtime constant: the interpreter, torch, transformers, the tokenizer (calibrated).
+
+Activations are multiplied by a calibrated factor for the forward temporaries autograd does not
+keep and what the allocator holds beyond live tensors. Both constants were fitted to the peak RSS
+of fresh processes training all-MiniLM-L6-v2 (torch's CPU build, one thread) at batch x seq_len
+8 x 64, 32 x 64 and 8 x 256, and are checked at 16 x 128 and 4 x 32 (``tests/test_peft_kinds.py``).
+Other hardware, allocators or thread counts shift them: re-measure with
+:func:`edge_runtime.engines.memory_probe.measure_training`.
+
+The step's arithmetic is ~2 FLOPs per weight per token forward, the same again backward for the
+input gradients of every layer gradients flow through, and 2 per *trainable* weight per token for
+the weight gradients (frozen weights get none); attention adds 4 * seq * hidden per token and layer
+each way. :meth:`TrainingCost.step_s` turns it into seconds for a device's GFLOPS figure.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from edge_runtime.errors import ConfigError
 
+MIB = 1024.0 * 1024.0
+FP32_BYTES = 4
+ADAMW_COPIES = 4  # weight, gradient and the two AdamW moments, all fp32
+
+# Fitted to peak RSS of fresh single-threaded processes (edge_runtime.engines.memory_probe) training
+# all-MiniLM-L6-v2 with torch 2.13 CPU, two steps, at (batch, seq_len) = (8, 64), (32, 64) and
+# (8, 256) for each kind; least squares with one factor gave 430 MiB and 1.81. Re-measured with
+# VmHWM (not ru_maxrss, which exec inflates with the parent's size) at 4x32, 8x64 and 16x128 the
+# prediction ran 4-11% low, so the runtime constant was raised by 50 MiB: over- beats under-predicting.
+RUNTIME_MB = 480.0  # python, torch, transformers, the tokenizer, the first step's one-off buffers
+ACTIVATION_FACTOR = 1.8  # forward temporaries autograd does not keep, and allocator slack
+
 
 class PeftSpec(Protocol):
-    """What every PEFT spec offers: its kind, a dict form and a parameter count."""
+    """What every PEFT spec offers: its kind, a dict form, a parameter count and a cost."""
 
     kind: ClassVar[str]
 
@@ -24,6 +66,10 @@ class PeftSpec(Protocol):
 
     def trainable_params(self, hidden: int, layers: int, num_labels: int) -> int:
         """Trainable parameters on an encoder of this width and depth, head included."""
+        ...
+
+    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+        """Predicted peak memory and arithmetic of one training step on an encoder of ``dims``."""
         ...
 
 
@@ -61,6 +107,170 @@ def spec_from_dict(data: dict[str, Any]) -> PeftSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of a BERT-family encoder that decide what training it costs."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    total_params: int = field(metadata={"help": "every parameter of the frozen encoder, pooler included"})
+    max_positions: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "intermediate", "vocab", "heads", "total_params", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"ModelDims.{name} must be a positive integer, got {value!r}")
+        if self.hidden % self.heads:
+            raise ConfigError(f"ModelDims.hidden ({self.hidden}) is not a multiple of heads ({self.heads})")
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelDims:
+        """From a transformers config object or the dict of a ``config.json`` (BERT, RoBERTa)."""
+
+        def get(name: str, default: int | None = None) -> int:
+            value = (
+                config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+            )
+            if value is None:
+                raise ConfigError(f"the model configuration has no {name!r}")
+            return int(value)
+
+        hidden, layers = get("hidden_size"), get("num_hidden_layers")
+        inter, vocab, positions = get("intermediate_size"), get("vocab_size"), get("max_position_embeddings")
+        embeddings = (vocab + positions + get("type_vocab_size", 2)) * hidden + 2 * hidden
+        per_layer = 4 * (hidden * hidden + hidden) + (2 * hidden * inter + inter + hidden) + 4 * hidden
+        pooler = hidden * hidden + hidden
+        return cls(
+            hidden=hidden,
+            layers=layers,
+            intermediate=inter,
+            vocab=vocab,
+            heads=get("num_attention_heads"),
+            total_params=embeddings + layers * per_layer + pooler,
+            max_positions=positions,
+        )
+
+    @classmethod
+    def from_model_dir(cls, folder: str | Path) -> ModelDims:
+        """From the ``config.json`` of a model folder, without importing transformers."""
+        path = Path(folder) / "config.json"
+        try:
+            return cls.from_hf_config(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"cannot read model dimensions from {path}: {exc}") from None
+
+    def layer_flops(self, batch: int, seq_len: int, *, attention: bool = True) -> float:
+        """Forward FLOPs of one encoder layer; without the attention block if ``attention`` is off."""
+        tokens = batch * seq_len
+        h = self.hidden
+        flops = 2.0 * tokens * (h * h + 2 * h * self.intermediate)  # attention output and feed-forward
+        if attention:
+            flops += 2.0 * tokens * 3 * h * h + 4.0 * batch * seq_len * seq_len * h  # Q, K, V and the map
+        return flops
+
+    def layer_saved_bytes(self, batch: int, seq_len: int, *, attention: bool = True) -> float:
+        """Bytes autograd keeps in a frozen layer that gradients flow through (all fp32).
+
+        On CPU, dropout keeps its scaled noise tensor (fp32, not a 1-byte mask). Without
+        ``attention`` the self-attention block is left out: nothing below it needs gradients.
+        """
+        tokens = batch * seq_len
+        h = self.hidden
+        # per sublayer: dropout noise, LayerNorm input, LayerNorm mean and rstd; the GELU input
+        saved = tokens * (2 * (2 * FP32_BYTES * h + 2 * FP32_BYTES) + FP32_BYTES * self.intermediate)
+        if attention:
+            maps = batch * self.heads * seq_len * seq_len
+            # Q, K and V; the softmax output, its dropout noise and the dropped map
+            saved += tokens * 3 * FP32_BYTES * h + 3 * FP32_BYTES * maps
+        return float(saved)
+
+    def backward_transient_bytes(self, batch: int, seq_len: int) -> float:
+        """The backward pass's short-lived tensors at its start: one layer's map and FFN gradients."""
+        maps = batch * self.heads * seq_len * seq_len
+        tokens = batch * seq_len
+        return float(3 * FP32_BYTES * maps + FP32_BYTES * tokens * (self.intermediate + 2 * self.hidden))
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    """Predicted peak resident memory (MiB, by part) and arithmetic of one training step."""
+
+    frozen_mb: float = field(metadata={"help": "the frozen encoder's fp32 weights"})
+    trainable_mb: float = field(metadata={"help": "module and head: weights, gradients, AdamW moments"})
+    activation_mb: float = field(metadata={"help": "what autograd keeps for backward, and its transients"})
+    runtime_mb: float = field(metadata={"help": "interpreter, libraries and tokenizer"})
+    step_flops: float
+    trainable_params: int
+
+    @property
+    def memory_mb(self) -> float:
+        """Predicted peak resident memory of training, in MiB."""
+        return self.frozen_mb + self.trainable_mb + self.activation_mb + self.runtime_mb
+
+    def step_s(self, gflops: float) -> float:
+        """Seconds per step on a device that sustains ``gflops`` billion FLOPs per second."""
+        if not gflops > 0:
+            raise ConfigError(f"gflops must be positive, got {gflops!r}")
+        return self.step_flops / (gflops * 1e9)
+
+
+def _check_sizes(batch: int, seq_len: int, num_labels: int) -> None:
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("num_labels", num_labels)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _training_cost(
+    dims: ModelDims,
+    batch: int,
+    seq_len: int,
+    *,
+    trainable: int,
+    head: int,
+    first_trained_layer: int,
+    attention_in_first: bool,
+    module_saved_bytes: float,
+    module_flops: float,
+) -> TrainingCost:
+    """Sum the parts of the cost; ``seq_len`` is the length the encoder sees (prompt included).
+
+    Gradients flow through every layer from ``first_trained_layer`` up; in that first layer the
+    attention block takes part only if ``attention_in_first`` (something in it is trained).
+    """
+    saved = 0.0
+    forward = 0.0
+    backward = 0.0
+    for layer in range(dims.layers):
+        forward += dims.layer_flops(batch, seq_len)
+        if layer < first_trained_layer:
+            continue
+        attention = layer > first_trained_layer or attention_in_first
+        saved += dims.layer_saved_bytes(batch, seq_len, attention=attention)
+        backward += dims.layer_flops(batch, seq_len, attention=attention)
+    tokens = batch * seq_len
+    saved += module_saved_bytes + 2 * FP32_BYTES * tokens * dims.hidden  # pooling keeps the last states
+    activation = ACTIVATION_FACTOR * (saved + dims.backward_transient_bytes(batch, seq_len))
+    weight_grads = 2.0 * tokens * (trainable - head)
+    return TrainingCost(
+        frozen_mb=dims.total_params * FP32_BYTES / MIB,
+        trainable_mb=trainable * ADAMW_COPIES * FP32_BYTES / MIB,
+        activation_mb=activation / MIB,
+        runtime_mb=RUNTIME_MB,
+        step_flops=forward + module_flops + backward + module_flops + weight_grads,
+        trainable_params=trainable,
+    )
+
+
+def _head_params(hidden: int, num_labels: int) -> int:
+    return hidden * num_labels + num_labels
+
+
 @register_peft_kind
 @dataclass(frozen=True)
 class LoraSpec:
@@ -95,4 +305,166 @@ class LoraSpec:
     def trainable_params(self, hidden: int, layers: int, num_labels: int) -> int:
         """LoRA factors on square attention projections plus the classification head."""
         per_module = 2 * hidden * self.rank
-        return layers * len(self.target_modules) * per_module + hidden * num_labels + num_labels
+        return layers * len(self.target_modules) * per_module + _head_params(hidden, num_labels)
+
+    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+        """LoRA in every layer: gradients flow through all of them; each factor keeps its input."""
+        _check_sizes(batch, seq_len, num_labels)
+        tokens = batch * seq_len
+        modules = len(self.target_modules)
+        # A keeps its input (shared by modules on the same input), B keeps the r-wide A output;
+        # a dropout above 0 keeps its noise and a dropped copy of the input per module.
+        per_layer = FP32_BYTES * tokens * (dims.hidden + modules * self.rank)
+        if self.dropout > 0:
+            per_layer += modules * tokens * dims.hidden * 2 * FP32_BYTES
+        in_attention = any(m in ("query", "key", "value") for m in self.target_modules)
+        return _training_cost(
+            dims,
+            batch,
+            seq_len,
+            trainable=self.trainable_params(dims.hidden, dims.layers, num_labels),
+            head=_head_params(dims.hidden, num_labels),
+            first_trained_layer=0,
+            attention_in_first=in_attention,
+            module_saved_bytes=dims.layers * per_layer,
+            module_flops=dims.layers * modules * 2.0 * tokens * 2 * dims.hidden * self.rank,
+        )
+
+
+ADAPTER_ACTIVATIONS = ("gelu", "relu")
+
+
+@register_peft_kind
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Houlsby bottleneck adapters: h + f(h W_down) W_up after both sublayers' output projections.
+
+    One adapter follows the attention output projection and one the feed-forward output
+    projection of each chosen layer, before the residual LayerNorm. ``W_up`` starts at zero, so
+    the untrained model is exactly the base model.
+    """
+
+    kind: ClassVar[str] = "adapter"
+    bottleneck: int = field(default=16, metadata={"help": "width m of the W_down (m x hidden) projection"})
+    activation: str = field(default="gelu", metadata={"help": "f: 'gelu' or 'relu'"})
+    layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "0-based encoder layers that get adapters; None means all"}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1:
+            raise ConfigError(f"AdapterSpec.bottleneck must be a positive integer, got {self.bottleneck!r}")
+        if self.activation not in ADAPTER_ACTIVATIONS:
+            raise ConfigError(
+                f"AdapterSpec.activation must be one of {', '.join(ADAPTER_ACTIVATIONS)}, "
+                f"got {self.activation!r}"
+            )
+        if self.layers is not None:
+            if (
+                not self.layers
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+                or len(set(self.layers)) != len(self.layers)
+            ):
+                raise ConfigError(
+                    f"AdapterSpec.layers must be distinct non-negative layer indices, got {self.layers!r}"
+                )
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form that travels in an assignment."""
+        layers = None if self.layers is None else list(self.layers)
+        return {
+            "kind": self.kind,
+            "bottleneck": self.bottleneck,
+            "activation": self.activation,
+            "layers": layers,
+        }
+
+    def adapted_layers(self, layers: int) -> tuple[int, ...]:
+        """The layers of an encoder this deep that get adapters."""
+        if self.layers is None:
+            return tuple(range(layers))
+        return tuple(i for i in self.layers if i < layers)
+
+    def trainable_params(self, hidden: int, layers: int, num_labels: int) -> int:
+        """Two adapters (down and up projections with biases) per adapted layer, plus the head."""
+        per_adapter = 2 * hidden * self.bottleneck + self.bottleneck + hidden
+        return 2 * len(self.adapted_layers(layers)) * per_adapter + _head_params(hidden, num_labels)
+
+    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+        """Gradients flow from the lowest adapted layer's attention output up."""
+        _check_sizes(batch, seq_len, num_labels)
+        adapted = self.adapted_layers(dims.layers)
+        if not adapted:
+            raise ConfigError(
+                f"AdapterSpec.layers {self.layers} are all beyond the model's {dims.layers} layers"
+            )
+        tokens = batch * seq_len
+        # each adapter keeps its input, the activation's input and W_up's input
+        per_adapter = FP32_BYTES * tokens * (dims.hidden + 2 * self.bottleneck)
+        return _training_cost(
+            dims,
+            batch,
+            seq_len,
+            trainable=self.trainable_params(dims.hidden, dims.layers, num_labels),
+            head=_head_params(dims.hidden, num_labels),
+            first_trained_layer=adapted[0],
+            attention_in_first=False,
+            module_saved_bytes=2 * len(adapted) * per_adapter,
+            module_flops=2 * len(adapted) * 2.0 * tokens * 2 * dims.hidden * self.bottleneck,
+        )
+
+
+PROMPT_INITS = ("vocab", "normal")
+
+
+@register_peft_kind
+@dataclass(frozen=True)
+class PromptSpec:
+    """Soft prompt tuning: ``length`` trainable input embeddings before the text's own.
+
+    The attention mask covers the prompt, so every token attends to it; the sentence feature
+    mean-pools the text's tokens only, never the prompt positions.
+    """
+
+    kind: ClassVar[str] = "prompt"
+    length: int = field(default=16, metadata={"help": "number of trainable prompt embeddings"})
+    init: str = field(
+        default="vocab",
+        metadata={"help": "'vocab': embeddings of random vocabulary tokens; 'normal': N(0, 0.02^2) noise"},
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.length, int) or isinstance(self.length, bool) or not 1 <= self.length <= 512:
+            raise ConfigError(f"PromptSpec.length must be an integer in [1, 512], got {self.length!r}")
+        if self.init not in PROMPT_INITS:
+            raise ConfigError(f"PromptSpec.init must be one of {', '.join(PROMPT_INITS)}, got {self.init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form that travels in an assignment."""
+        return {"kind": self.kind, **asdict(self)}
+
+    def trainable_params(self, hidden: int, layers: int, num_labels: int) -> int:
+        """One hidden-wide vector per prompt position, plus the head."""
+        return self.length * hidden + _head_params(hidden, num_labels)
+
+    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+        """The encoder sees ``seq_len + length`` tokens and gradients flow through all of it."""
+        _check_sizes(batch, seq_len, num_labels)
+        seq = seq_len + self.length
+        tokens = batch * seq
+        # the embedding LayerNorm's input and the embedding dropout's noise
+        embeddings = 2 * FP32_BYTES * tokens * dims.hidden
+        return _training_cost(
+            dims,
+            batch,
+            seq,
+            trainable=self.trainable_params(dims.hidden, dims.layers, num_labels),
+            head=_head_params(dims.hidden, num_labels),
+            first_trained_layer=0,
+            attention_in_first=True,
+            module_saved_bytes=embeddings,
+            module_flops=0.0,
+        )

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import FedPeftError
+from edge_runtime.config import TrainConfig
+from edge_runtime.errors import ConfigError, FedPeftError
+from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
 
 DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
 
@@ -88,7 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("profile", help="measure this host and print its device profile as JSON")
+    prof = sub.add_parser(
+        "profile",
+        help="measure this host and print its device profile as JSON",
+        description="Measure this host (memory, cores, a matmul microbenchmark) and print its device "
+        "profile as JSON. With --probe, also train a few steps of that PEFT module in a fresh process "
+        "and add its seconds per step and peak memory to the profile's 'extra'.",
+    )
+    prof.add_argument(
+        "--probe",
+        default=None,
+        metavar="KIND:SIZE",
+        help="probe a training step of lora:RANK, adapter:BOTTLENECK or prompt:LENGTH (off by default)",
+    )
+    prof.add_argument(
+        "--model", default="all-MiniLM-L6-v2", help="model of the probe (default: bundled MiniLM)"
+    )
+    prof.add_argument("--batch-size", type=_positive_int, default=8, help="batch of the probe (default 8)")
+    prof.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample of the probe")
 
     sim = sub.add_parser(
         "simulate",
@@ -104,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits", type=int, default=4, choices=(32, 16, 8, 4, 2), help="uplink bit width (default 4)"
     )
     sim.add_argument("--profiles", default=None, help="device mix, e.g. low=0.3,mid=0.4,high=0.3")
+    _add_allocation_flags(sim, default="auto")
     _add_aggregation_flags(sim)
     sim.add_argument(
         "--attack", default=None, help="simulate Byzantine devices: flip:COUNT or scale=FACTOR:COUNT"
@@ -131,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--min-clients", type=_positive_int, default=2)
     srv.add_argument("--bits", type=int, default=4, choices=(32, 16, 8, 4, 2))
     _add_aggregation_flags(srv)
+    _add_allocation_flags(srv, default="fixed")
     srv.add_argument("--round-timeout", type=_nonneg_float, default=900.0, help="seconds a round waits")
     srv.add_argument("--hello-timeout", type=_nonneg_float, default=600.0, help="seconds to wait for devices")
     srv.add_argument("--report", default="serve.json")
@@ -170,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_allocation_flags(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--allocation",
+        default=default,
+        choices=("auto", "fixed", "utility", "uniform")
+        if default == "auto"
+        else ("fixed", "utility", "uniform"),
+        help="who trains what: fixed (the flags' module for all), utility (U = aR - bC + gE per "
+        "device profile), uniform (the flags' module where it fits, others left out)"
+        + ("; auto = utility with --profiles, else fixed" if default == "auto" else ""),
+    )
+    p.add_argument("--alpha", type=_nonneg_float, default=1.0, help="utility weight of expected gain R")
+    p.add_argument("--beta", type=_nonneg_float, default=0.5, help="utility weight of resource cost C")
+    p.add_argument("--gamma", type=_nonneg_float, default=0.2, help="utility weight of parameter economy E")
+
+
 def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy", default="fedit", help="aggregation rule: fedit (default), median, trimmed_mean"
@@ -202,11 +239,59 @@ def _targets(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def probe_spec(text: str) -> PeftSpec:
+    """``lora:8``, ``adapter:16`` or ``prompt:16`` as a PEFT spec (the kind alone takes its default)."""
+    kind, _, size = text.partition(":")
+    field = {"lora": "rank", "adapter": "bottleneck", "prompt": "length"}.get(kind.strip())
+    if field is None:
+        raise ConfigError(f"--probe {text!r}: the kind must be lora, adapter or prompt")
+    data: dict[str, object] = {"kind": kind.strip()}
+    if size.strip():
+        try:
+            value = int(size)
+        except ValueError:
+            raise ConfigError(f"--probe {text!r}: {size!r} is not a whole number") from None
+        data[field] = value
+        if field == "rank":
+            data["alpha"] = 2.0 * value  # the allocation grid's scaling, alpha / r = 2
+    return spec_from_dict(data)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Print this host's measured profile."""
+    """Print this host's measured profile, with a training-step probe if asked."""
     from hw_profiles import measure
 
-    print(json.dumps(measure().to_dict(), indent=2))
+    if args.probe is None:
+        print(json.dumps(measure().to_dict(), indent=2))
+        return 0
+    from edge_runtime.engines.memory_probe import measure_training
+    from edge_runtime.models import resolve_model
+
+    config = TrainConfig(
+        peft=probe_spec(args.probe),
+        model=args.model,
+        num_labels=2,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+    )
+    dims = ModelDims.from_model_dir(resolve_model(config.model))
+    predicted = config.peft.predict_cost(dims, config.batch_size, config.seq_len).memory_mb
+    print(
+        f"probing 3 training steps of {args.probe} (batch {args.batch_size}, {args.seq_len} tokens)...",
+        file=sys.stderr,
+    )
+    measured = measure_training(config, steps=3)
+    profile = measure(step_probe=lambda: measured.step_s)
+    profile.extra.update(
+        {
+            "train_peak_rss_mb": round(measured.peak_rss_mb, 1),
+            "train_predicted_mb": round(predicted, 1),
+            "train_trainable_params": float(measured.trainable_params),
+            "train_batch_size": float(args.batch_size),
+            "train_seq_len": float(args.seq_len),
+        }
+    )
+    print(json.dumps(profile.to_dict(), indent=2))
     return 0
 
 
@@ -229,6 +314,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         bits=args.bits,
         seed=args.seed,
         profiles=args.profiles,
+        allocation=args.allocation,
+        alpha=args.alpha,
+        beta=args.beta,
+        gamma=args.gamma,
         strategy=args.strategy,
         clip_norm=args.clip_norm,
         dp_noise=args.dp_noise,

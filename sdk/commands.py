@@ -58,11 +58,15 @@ def _transport(
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the aggregation service until the last round, then write its report."""
+    from broker_server.allocation import AllocationConfig, build_allocator
     from broker_server.evaluation import Evaluator
-    from broker_server.report import build_report, communication, write_report
+    from broker_server.report import allocation_entry, build_report, communication, peft_entry, write_report
     from broker_server.service import AggregationService, ServiceConfig
     from broker_server.state import StateStore
     from edge_runtime.data import load_labels, load_split, resolve_data_dir
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.models import resolve_model
+    from edge_runtime.peft_specs import ModelDims
 
     folder = resolve_data_dir(args.data)
     test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
@@ -84,6 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hello_timeout_s=args.hello_timeout,
         seed=args.seed,
     )
+    allocator = build_allocator(
+        args.allocation,
+        train_cfg,
+        ModelDims.from_model_dir(resolve_model(train_cfg.model)),
+        AllocationConfig(alpha=args.alpha, beta=args.beta, gamma=args.gamma),
+    )
+    if allocator is not None and (args.strategy != "fedit" or args.dp_noise is not None):
+        raise ConfigError("--allocation utility/uniform aggregates with fedit and without DP for now")
     store = StateStore(Path(args.state) / "state.sqlite")
     evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     transport = _transport(args, f"fedpeft-server-{args.fleet}")
@@ -96,7 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    service = AggregationService(transport, config, evaluator, store=store, on_round=on_round)
+    service = AggregationService(
+        transport, config, evaluator, store=store, on_round=on_round, allocator=allocator
+    )
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     start = time.monotonic()
     try:
@@ -109,11 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         {
             "id": d.device_id,
             "profile": str(d.hello.profile.get("name", "unknown")),
-            "peft": {
-                "type": d.config.peft.kind,
-                "rank": getattr(d.config.peft, "rank", None),
-                "trainable_params": int(sum(v.size for v in service.final_state().values())),
-            },
+            "peft": peft_entry(d.config, service.module_params(d.config)),
+            "allocation": allocation_entry(d),
             "bits": d.config.bits,
             "engine": d.config.engine,
             "mem_cap_mb": d.config.mem_cap_mb,

@@ -57,6 +57,18 @@ def worker_main(job: WorkerJob, results: Any, stop: Any) -> None:
         results.put(("exit", job.index, None))
 
 
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS reflects what is held."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the pages stay until reused
+        pass
+
+
 def _run(job: WorkerJob, results: Any, stop: Any) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from edge_runtime import wire
@@ -70,11 +82,15 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
     engines: dict[str, TrainingEngine] = {}
 
     def factory(config: TrainConfig) -> TrainingEngine:
-        # One engine per distinct configuration in this process; devices take turns on it.
-        key = json.dumps({k: v for k, v in config.to_dict().items()}, sort_keys=True)
+        # One engine at a time, reused while devices of the same configuration take turns; a
+        # device of another configuration gets a fresh one, so that the process holds what one
+        # device would (its memory cap is checked against this process's resident memory).
+        key = json.dumps(config.to_dict(), sort_keys=True)
         if key not in engines:
             from edge_runtime.engines import create_engine
 
+            engines.clear()
+            _release_memory()
             engines[key] = create_engine(config, seed=job.seed, threads=job.threads)
         return engines[key]
 

@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 
 from broker_server.aggregation import get_strategy
+from broker_server.allocation import ALLOCATIONS, AllocationConfig, build_allocator
 from broker_server.evaluation import Evaluator
-from broker_server.report import build_report, communication
+from broker_server.report import allocation_entry, build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
 from edge_runtime.config import SUPPORTED_BITS, TrainConfig
 from edge_runtime.data import TextDataset, load_folder, resolve_data_dir
 from edge_runtime.errors import ConfigError, FedPeftError
-from edge_runtime.peft_specs import LoraSpec
+from edge_runtime.models import resolve_model
+from edge_runtime.peft_specs import LoraSpec, ModelDims
 from edge_runtime.transport import MqttTransport, parse_broker_url
 from hw_profiles import DeviceProfile, ProfileError, load_profile, measure
 from sdk.attacks import parse_attack
@@ -52,6 +54,12 @@ class SimulationConfig:
     bits: int = 4
     seed: int = 0
     profiles: str | None = None
+    allocation: str = field(
+        default="auto", metadata={"help": "fixed | utility | uniform; auto = utility with --profiles"}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "utility weight of the expected gain R"})
+    beta: float = field(default=0.5, metadata={"help": "utility weight of the resource cost C"})
+    gamma: float = field(default=0.2, metadata={"help": "utility weight of the parameter economy E"})
     strategy: str = "fedit"
     clip_norm: float | None = None
     dp_noise: float | None = None
@@ -101,6 +109,20 @@ class SimulationConfig:
             parse_broker_url(self.broker)
         if self.profiles is not None:
             parse_profile_mix(self.profiles)
+        if self.allocation != "auto" and self.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"--allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}"
+            )
+        AllocationConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma)
+        if self.allocation_mode != "fixed" and (self.strategy != "fedit" or self.dp_noise is not None):
+            raise ConfigError("--allocation utility/uniform aggregates with fedit and without DP for now")
+
+    @property
+    def allocation_mode(self) -> str:
+        """The allocation in effect: ``auto`` is ``utility`` for a profile mix, else ``fixed``."""
+        if self.allocation == "auto":
+            return "utility" if self.profiles else "fixed"
+        return self.allocation
 
     def train_config(self, num_labels: int) -> TrainConfig:
         """The training configuration every device is assigned."""
@@ -257,8 +279,19 @@ class Simulation:
             parse_broker_url(url), client_id=f"fedpeft-server-{fleet}", clean_start=False
         )
         server_transport.connect()
+        allocator = build_allocator(
+            cfg.allocation_mode,
+            train_cfg,
+            ModelDims.from_model_dir(resolve_model(train_cfg.model)),
+            AllocationConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma),
+        )
         service = AggregationService(
-            server_transport, service_cfg, evaluator, on_round=self.on_round, on_accept=self.on_update
+            server_transport,
+            service_cfg,
+            evaluator,
+            on_round=self.on_round,
+            on_accept=self.on_update,
+            allocator=allocator,
         )
         service.start()
         ctx = mp.get_context("spawn")
@@ -293,13 +326,18 @@ class Simulation:
         stats: dict[str, dict[str, Any]] = {}
         exited: set[int] = set()
         errors: list[str] = []
+        wind_down: float | None = None  # when the service finished: workers then report and exit
         while len(exited) < workers:
+            if not server_thread.is_alive() and wind_down is None:
+                # devices the allocator left out never hear "done": tell every worker to stop
+                stop.set()
+                wind_down = time.monotonic() + 60.0
             try:
                 kind, index, payload = results.get(timeout=1.0)
             except queue.Empty:
                 if not server_thread.is_alive() and (failure or errors):
                     break
-                if any(not p.is_alive() for p in procs) and not server_thread.is_alive():
+                if wind_down is not None and time.monotonic() > wind_down:
                     break
                 continue
             if kind == "stats":
@@ -361,19 +399,17 @@ class Simulation:
         for dev in devices:
             s = stats.get(dev.device_id, {})
             device_record = service.devices.get(dev.device_id)
-            peft = train_cfg.peft
+            dev_cfg = train_cfg if device_record is None else device_record.config
             clients.append(
                 {
                     "id": dev.device_id,
                     "profile": dev.profile.get("name", "host"),
-                    "peft": {
-                        "type": peft.kind,
-                        "rank": getattr(peft, "rank", None),
-                        "trainable_params": int(sum(v.size for v in service.final_state().values())),
-                    },
-                    "bits": train_cfg.bits,
-                    "engine": train_cfg.engine,
-                    "mem_cap_mb": train_cfg.mem_cap_mb,
+                    "peft": peft_entry(dev_cfg, service.module_params(dev_cfg)),
+                    "bits": dev_cfg.bits,
+                    "engine": dev_cfg.engine,
+                    "mem_cap_mb": dev_cfg.mem_cap_mb,
+                    "batch_size": dev_cfg.batch_size,
+                    "allocation": allocation_entry(device_record),
                     "peak_rss_mb": float(s.get("peak_rss_mb", 0.0)),
                     "train_s": float(s.get("train_s", 0.0)),
                     "samples": len(dev.texts),

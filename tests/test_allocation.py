@@ -14,11 +14,14 @@ from broker_server.allocation import (
     RewardTable,
     allocate,
     bits_for_link,
+    build_allocator,
     memory_cap_mb,
     peft_key,
+    prior_reward,
 )
+from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError
-from edge_runtime.peft_specs import LoraSpec
+from edge_runtime.peft_specs import AdapterSpec, LoraSpec, ModelDims
 from hw_profiles import DeviceProfile, load_profile
 
 GRID = [Candidate(LoraSpec(rank=r, alpha=2.0 * r), b, 128) for r in (2, 4, 8, 16, 32) for b in (4, 16)]
@@ -48,10 +51,10 @@ def test_tiers_get_different_modules_and_none_over_its_cap() -> None:
 
 
 def test_infeasible_candidates_are_never_assigned() -> None:
-    tiny = DeviceProfile(name="tiny", ram_mb=1300, cores=1, gflops=1.0)
+    tiny = DeviceProfile(name="tiny", ram_mb=1000, cores=1, gflops=1.0)
     a = allocate(tiny, GRID, fake_predict, RewardTable(), AllocationConfig(), steps_per_round=10)
     assert a.cost.memory_mb <= a.mem_cap_mb
-    too_small = DeviceProfile(name="pico", ram_mb=600, cores=1, gflops=1.0)
+    too_small = DeviceProfile(name="pico", ram_mb=400, cores=1, gflops=1.0)
     with pytest.raises(NoFeasibleConfig, match=r"pico.*memory cap"):
         allocate(too_small, GRID, fake_predict, RewardTable(), AllocationConfig(), steps_per_round=10)
 
@@ -122,3 +125,28 @@ def test_bad_allocation_settings_are_refused() -> None:
         AllocationConfig(reserve_fraction=1.0)
     with pytest.raises(ConfigError, match="empty"):
         allocate(load_profile("low"), [], fake_predict, RewardTable(), AllocationConfig(), steps_per_round=1)
+
+
+MINILM = ModelDims(hidden=384, layers=6, intermediate=1536, vocab=30522, heads=12, total_params=22_713_216)
+
+
+def test_the_real_grid_gives_low_devices_a_cheaper_module_than_high_ones() -> None:
+    """With the specs' own cost model on MiniLM, tiers split: top-layer adapters vs the largest LoRA."""
+    base = TrainConfig(peft=LoraSpec(rank=8), num_labels=20, seq_len=128, batch_size=16)
+    allocator = build_allocator("utility", base, MINILM)
+    assert allocator is not None
+    got = {tier: allocator.assign(base, load_profile(tier), 150) for tier in ("low", "mid", "high")}
+    low, high = got["low"], got["high"]
+    assert low[0].peft != high[0].peft
+    assert low[1].cost.memory_mb < high[1].cost.memory_mb and low[1].cost.step_s < high[1].cost.step_s * 10
+    assert high[0].peft == LoraSpec(rank=16, alpha=32.0)
+    for cfg, alloc in got.values():
+        assert alloc.cost.memory_mb <= cfg.mem_cap_mb
+    # adapters on the top half only are in the grid and start with a lower prior than all layers
+    top = AdapterSpec(bottleneck=8, layers=(3, 4, 5))
+    assert any(c.peft == top for c in allocator.grid)
+    assert prior_reward(top) < prior_reward(AdapterSpec(bottleneck=8))
+    # the super-state takes each kind's largest module, in every layer
+    assert AdapterSpec(bottleneck=32) in [c.peft for c in allocator.largest(base)]
+    with pytest.raises(NoFeasibleConfig, match="pi-zero-2w"):
+        allocator.assign(base, load_profile("pi-zero-2w"), 150)

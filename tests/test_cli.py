@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk.cli import build_parser, main
+from sdk.cli import build_parser, main, probe_spec
 
 SUBCOMMANDS = ("profile", "simulate", "serve", "edge", "centralized")
 
@@ -32,6 +32,9 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
         (["simulate", "--data", "x", "--broker", "http://h:1"], "mqtt://"),
         (["simulate", "--data", "x", "--profiles", "low=0.5,high=0.2"], "sum to 1"),
         (["simulate", "--data", "x", "--strategy", "krum"], "unknown strategy"),
+        (["profile", "--probe", "bitfit:4"], "lora, adapter or prompt"),
+        (["profile", "--probe", "lora:four"], "not a whole number"),
+        (["profile", "--probe", "adapter:0"], "bottleneck must be a positive integer"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
@@ -57,6 +60,41 @@ def test_profile_prints_json() -> None:
     ).stdout
     profile = json.loads(out)
     assert profile["ram_mb"] > 100 and profile["cores"] >= 1 and profile["gflops"] > 0
+    assert profile["extra"] == {}  # no probe unless asked
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("lora:4", {"kind": "lora", "rank": 4, "alpha": 8.0}),
+        ("adapter:16", {"kind": "adapter", "bottleneck": 16}),
+        ("prompt:5", {"kind": "prompt", "length": 5}),
+        ("prompt", {"kind": "prompt", "length": 16}),
+    ],
+)
+def test_probe_specs_parse(text: str, expected: dict[str, object]) -> None:
+    assert probe_spec(text).to_dict().items() >= expected.items()
+
+
+@pytest.mark.slow
+def test_profile_probes_a_training_step_of_the_module(tmp_path: Path) -> None:
+    from tests.tiny_model import make_tiny_bert
+
+    model = make_tiny_bert(tmp_path / "model", hidden=32, layers=2)
+    argv = ["profile", "--probe", "lora:4", "--model", str(model), "--batch-size", "4", "--seq-len", "16"]
+    done = subprocess.run(
+        [sys.executable, "-m", "sdk.cli", *argv],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    extra = json.loads(done.stdout)["extra"]
+    assert extra["step_s"] > 0
+    assert extra["train_peak_rss_mb"] > 50  # a Python process that imported torch
+    assert extra["train_trainable_params"] == 2 * 2 * (2 * 32 * 4) + 2 * 32 + 2  # LoRA on q, v + head
+    assert extra["train_predicted_mb"] > 0
+    assert "probing 3 training steps of lora:4" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def test_corrupted_updates_are_rejected_and_the_round_completes(
     service = AggregationService(
         server_t,
         ServiceConfig(
-            fleet=fleet, rounds=1, train=cfg, min_clients=2, expected_clients=2, round_timeout_s=30
+            fleet=fleet, rounds=1, train=cfg, min_clients=2, expected_clients=3, round_timeout_s=60
         ),
         Evaluator(cfg, test, seed=0, threads=1),
     )
@@ -145,19 +145,23 @@ def test_corrupted_updates_are_rejected_and_the_round_completes(
                 _engine_factory(TorchEngine(cfg, seed=0, threads=1)),
             )
         )
+    # "mallory" says hello like a device, then sends only garbage: its rejected updates end its
+    # turn, and the honest devices' round completes without waiting for a deadline
     attacker = MqttTransport(url, client_id="attacker", clean_start=True)
     attacker.connect()
+    hello = wire.Hello(device_id="mallory", profile={}, num_samples=5, label_histogram=(5, 0, 0))
+    attacker.publish(wire.topic(fleet, "hello", "mallory"), wire.encode_hello(hello), qos=1)
     sent: list[str] = []
 
-    def corrupt_when_round_1(topic: str, payload: bytes) -> None:
+    def corrupt(topic: str, payload: bytes) -> None:
         module = wire.decode_global(payload)
-        if module.round == 1 and not sent:
+        if module.round <= 1 and module.meta.get("phase") != "done":
             shapes = {k: v.shape for k, v in module.tensors.items()}
-            for label, bad in _corruptions("dev0", 1, wire.content_id(payload), shapes).items():
-                attacker.publish(wire.topic(fleet, "update", "dev0"), bad, qos=1)
+            for label, bad in _corruptions("mallory", module.round, wire.content_id(payload), shapes).items():
+                attacker.publish(wire.topic(fleet, "update", "mallory"), bad, qos=1)
                 sent.append(label)
 
-    attacker.subscribe(service.global_topic, corrupt_when_round_1)
+    attacker.subscribe(service.global_topic, corrupt)
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     for a in agents:
@@ -171,12 +175,14 @@ def test_corrupted_updates_are_rejected_and_the_round_completes(
     for t in [*transports, attacker, server_t]:
         t.close()
     assert not thread.is_alive(), "the service did not finish its rounds"
-    assert len(sent) == 5
+    assert len(sent) == 10
     reasons = [r["reason"] for r in service.rejected]
-    assert len(reasons) == 5, reasons
+    assert len(reasons) == 10, reasons
+    assert {r["client"] for r in service.rejected} == {"mallory"}
     for code in ("malformed", "shape_mismatch", "non_finite", "schema_mismatch"):
         assert any(r.startswith(code) for r in reasons), (code, reasons)
-    assert service.rounds[-1]["round"] == 1 and service.rounds[-1]["participants"] == 2
+    assert [(r["round"], r["participants"]) for r in service.rounds] == [(0, 2), (1, 2)]
+    assert service.rounds[-1]["wall_s"] < 50  # nobody waited for mallory's deadline
     assert json.dumps(service.rejected)  # reasons are plain JSON for the report
 
 

@@ -6,6 +6,21 @@ that runs the ONNX Runtime engine never loads them.
 The classifier mean-pools the encoder's last hidden states over real tokens and L2-normalises
 them (as sentence-transformers does for all-MiniLM-L6-v2); the head is linear on that unit
 vector, so a head whose rows are scaled class means is a nearest-normalised-class-mean classifier.
+
+PEFT kinds:
+
+- ``lora``: the ``peft`` library's LoRA layers, injected into the target linear modules.
+- ``adapter``: a :class:`BottleneckAdapter` after the ``dense`` projection of each chosen layer's
+  attention output and feed-forward output (before dropout, residual and LayerNorm), attached by a
+  forward hook; BERT and RoBERTa share this layout. Trainable names look like
+  ``encoder.encoder.layer.3.attention.output.adapter.down.weight``.
+- ``prompt``: a :class:`SoftPrompt` (``prompt.embeddings``, length x hidden) prepended to the word
+  embeddings, with the attention mask extended by ones. Pooling skips the prompt positions.
+
+:meth:`TorchEngine.class_feature_sums` reports the *frozen* model's features: every PEFT module is
+bypassed (the soft prompt is left out). For LoRA and adapters at their initial state that is the
+same as the current model; a soft prompt changes the features from the start, and the statistics
+are meant to describe the base encoder that every device shares.
 """
 
 from __future__ import annotations
@@ -13,7 +28,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -25,20 +41,68 @@ from edge_runtime.data import TextDataset
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
 from edge_runtime.models import resolve_model
-from edge_runtime.peft_specs import LoraSpec
+from edge_runtime.peft_specs import AdapterSpec, LoraSpec, PromptSpec
+
+
+class BottleneckAdapter(nn.Module):
+    """h + f(h W_down) W_up, with W_up zero at the start so the adapter begins as the identity."""
+
+    def __init__(self, hidden: int, bottleneck: int, activation: str) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden)
+        self.act: nn.Module = nn.GELU() if activation == "gelu" else nn.ReLU()
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.active = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The adapted hidden states (unchanged while bypassed)."""
+        if not self.active:
+            return hidden
+        return hidden + self.up(self.act(self.down(hidden)))
+
+    def after(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """Forward hook for the projection the adapter follows: replaces its output."""
+        return self(output)
+
+
+class SoftPrompt(nn.Module):
+    """``length`` trainable embeddings placed before every sequence's own."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(init.detach().clone())
+        self.active = True
+
+    @property
+    def length(self) -> int:
+        """Number of prompt positions."""
+        return int(self.embeddings.shape[0])
 
 
 class TextClassifier(nn.Module):
-    """Encoder, masked mean pooling, L2 normalisation and a linear head."""
+    """Encoder (with an optional soft prompt), masked mean pooling, L2 normalisation, linear head."""
 
-    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int) -> None:
+    def __init__(
+        self, encoder: nn.Module, hidden: int, num_labels: int, prompt: SoftPrompt | None = None
+    ) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder: Any = encoder  # a transformers PreTrainedModel
+        self.prompt = prompt
         self.head = nn.Linear(hidden, num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-norm mean-pooled sentence features."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """Unit-norm mean-pooled sentence features over the text's tokens (never the prompt)."""
+        if self.prompt is None or not self.prompt.active:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            words = self.encoder.get_input_embeddings()(input_ids)
+            rows, length = input_ids.shape[0], self.prompt.length
+            prompt = self.prompt.embeddings.unsqueeze(0).expand(rows, -1, -1)
+            mask = torch.cat([attention_mask.new_ones((rows, length)), attention_mask], dim=1)
+            out = self.encoder(inputs_embeds=torch.cat([prompt, words], dim=1), attention_mask=mask)
+            hidden = out.last_hidden_state[:, length:]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return nn.functional.normalize(pooled, dim=-1)
@@ -46,6 +110,10 @@ class TextClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits."""
         return self.head(self.features(input_ids, attention_mask))
+
+
+# The output projections adapters follow: BertSelfOutput / BertOutput (RoBERTa's are the same).
+_ADAPTER_SITES = re.compile(r"(?:^|\.)layer\.(\d+)\.(?:attention\.output|output)$")
 
 
 def _canonical(torch_name: str) -> str:
@@ -79,15 +147,16 @@ class TorchEngine:
         self.num_layers = int(encoder.config.num_hidden_layers)
         for p in encoder.parameters():
             p.requires_grad_(False)
-        self._attach_peft(encoder)
-        self.model = TextClassifier(encoder, hidden, config.num_labels)
+        prompt = self._attach_peft(encoder)
+        self.model = TextClassifier(encoder, hidden, config.num_labels, prompt)
         self.model.eval()  # no dropout in the frozen base; LoRA dropout is in its own module
         self._params: dict[str, nn.Parameter] = {
             _canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad
         }
         self._token_cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
 
-    def _attach_peft(self, encoder: nn.Module) -> None:
+    def _attach_peft(self, encoder: nn.Module) -> SoftPrompt | None:
+        """Add the spec's trainable module to the frozen encoder; a soft prompt is returned."""
         spec = self.config.peft
         if isinstance(spec, LoraSpec):
             from peft import LoraConfig, inject_adapter_in_model
@@ -103,8 +172,81 @@ class TorchEngine:
                 inject_adapter_in_model(lora, encoder)
             except ValueError as exc:
                 raise ConfigError(f"LoRA target modules not found in the model: {exc}") from None
-            return
+            return None
+        if isinstance(spec, AdapterSpec):
+            self._attach_adapters(encoder, spec)
+            return None
+        if isinstance(spec, PromptSpec):
+            return self._make_prompt(encoder, spec)
         raise EngineError(f"the torch engine does not support PEFT kind {spec.kind!r}")
+
+    def _attach_adapters(self, encoder: nn.Module, spec: AdapterSpec) -> None:
+        wanted = set(range(self.num_layers) if spec.layers is None else spec.layers)
+        beyond = sorted(i for i in wanted if i >= self.num_layers)
+        if beyond:
+            raise ConfigError(f"AdapterSpec.layers {beyond} are beyond the model's {self.num_layers} layers")
+        sites = []
+        for name, module in encoder.named_modules():
+            match = _ADAPTER_SITES.search(name)
+            dense = getattr(module, "dense", None)
+            if match and isinstance(dense, nn.Linear) and int(match.group(1)) in wanted:
+                sites.append((module, dense))
+        if len(sites) != 2 * len(wanted):
+            raise ConfigError(
+                "adapters need BERT-style layers (attention.output.dense and output.dense); "
+                f"found {len(sites)} of {2 * len(wanted)} sites in {type(encoder).__name__}"
+            )
+        for module, dense in sites:
+            adapter = BottleneckAdapter(dense.out_features, spec.bottleneck, spec.activation)
+            module.add_module("adapter", adapter)  # its parameters are named <module>.adapter.*
+            dense.register_forward_hook(adapter.after)
+
+    def _make_prompt(self, encoder: Any, spec: PromptSpec) -> SoftPrompt:
+        embeddings = encoder.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding):
+            raise ConfigError(f"soft prompts need a word embedding table; {type(encoder).__name__} has none")
+        # RoBERTa-style position ids start after the padding index, which costs positions.
+        padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+        reserved = padding_idx + 1 if padding_idx is not None else 0
+        room = int(encoder.config.max_position_embeddings) - reserved
+        if self.config.seq_len + spec.length > room:
+            raise ConfigError(
+                f"seq_len {self.config.seq_len} + prompt length {spec.length} exceeds the model's "
+                f"{room} positions"
+            )
+        table = embeddings.weight.detach()
+        if spec.init == "vocab":
+            special = set(getattr(self.tokenizer, "all_special_ids", []))
+            candidates = torch.tensor([i for i in range(table.shape[0]) if i not in special])
+            picks = candidates[torch.randperm(len(candidates))[: spec.length]]
+            if len(picks) < spec.length:  # a vocabulary smaller than the prompt: draw with repeats
+                picks = candidates[torch.randint(len(candidates), (spec.length,))]
+            init = table[picks]
+        else:
+            init = torch.randn(spec.length, table.shape[1]) * 0.02
+        return SoftPrompt(init)
+
+    @contextmanager
+    def _frozen_base(self) -> Iterator[None]:
+        """Bypass every PEFT module, whatever its state: the model is the frozen base inside."""
+        toggled: list[Any] = []
+        try:
+            module: Any
+            for module in self.model.modules():
+                if isinstance(module, (BottleneckAdapter, SoftPrompt)) and module.active:
+                    module.active = False
+                    toggled.append(module)
+                elif hasattr(module, "lora_A") and callable(getattr(module, "enable_adapters", None)):
+                    if not getattr(module, "disable_adapters", False):
+                        module.enable_adapters(False)
+                        toggled.append(module)
+            yield
+        finally:
+            for module in toggled:
+                if isinstance(module, (BottleneckAdapter, SoftPrompt)):
+                    module.active = True
+                else:
+                    module.enable_adapters(True)
 
     @property
     def total_params(self) -> int:
@@ -218,6 +360,7 @@ class TorchEngine:
 
     @torch.no_grad()
     def _pooled(self, data: TextDataset, batch_size: int) -> torch.Tensor:
+        """Pooled features of ``data`` with the model as it is (callers may bypass the module)."""
         ids = self._tokens(data)
         order = np.argsort([len(s) for s in ids], kind="stable")  # similar lengths pad less
         out = torch.empty((len(data), self.hidden))
@@ -246,8 +389,9 @@ class TorchEngine:
 
     @torch.no_grad()
     def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class sums of pooled features (with the current module) and per-class counts."""
-        feats = self._pooled(data, 64).numpy().astype(np.float64)
+        """Per-class sums of the frozen model's pooled features (module bypassed) and per-class counts."""
+        with self._frozen_base():
+            feats = self._pooled(data, 64).numpy().astype(np.float64)
         c = self.config.num_labels
         labels = np.asarray(data.labels, dtype=np.int64)
         sums = np.zeros((c, self.hidden), dtype=np.float64)

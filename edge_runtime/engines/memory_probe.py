@@ -1,0 +1,167 @@
+"""Measure what training really costs: peak resident memory and seconds per step, in a fresh process.
+
+:func:`measure_training` runs ``python -m edge_runtime.engines.memory_probe`` in a child process,
+so nothing the caller already holds (a test runner, other models, a warm allocator) is counted.
+The child builds the torch engine for the configuration, trains ``steps`` steps on synthetic texts
+that fill every batch to exactly ``seq_len`` tokens, and prints one JSON object on stdout: the
+peak resident set size over its whole life (``VmHWM``, so loading the model counts too), the
+resident size after the imports and after loading, and the mean step time
+without the first (warm-up) step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.errors import ConfigError, EngineError
+
+# Words that MiniLM's (BERT's uncased WordPiece) vocabulary holds whole: one token each.
+_WORDS = (
+    "the of and to in is was for on as with by he at from his an were are which this be or "
+    "has had one not but first new after two time who they she been its all also would more "
+    "year can when there game city team world school state during other war made their film"
+).split()
+
+
+@dataclass(frozen=True)
+class TrainingMeasurement:
+    """What a fresh process used to train: peak memory (MiB) and mean seconds per step."""
+
+    peak_rss_mb: float
+    step_s: float
+    steps: int
+    startup_rss_mb: float
+    loaded_rss_mb: float
+    trainable_params: int
+    total_params: int
+
+
+def _rss_now_mb() -> float:
+    """Current resident set size (Linux ``/proc``; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return _rss_peak_mb()
+
+
+def _rss_peak_mb() -> float:
+    """Peak resident set size of this process's own address space.
+
+    ``VmHWM`` from ``/proc/self/status`` where there is one: ``getrusage``'s ``ru_maxrss`` is not
+    used on Linux because exec carries the parent's high-water mark into it, so a child of a big
+    process (a test runner) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS
+
+
+def measure_training(
+    config: TrainConfig,
+    *,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    steps: int = 3,
+    threads: int | None = None,
+    timeout_s: float = 600.0,
+) -> TrainingMeasurement:
+    """Train ``steps`` steps of ``config`` (batch and length overridable) in a fresh process."""
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
+    changes: dict[str, Any] = {}
+    if batch is not None:
+        changes["batch_size"] = batch
+    if seq_len is not None:
+        changes["seq_len"] = seq_len
+    config = replace(config, **changes)
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_runtime.engines.memory_probe",
+        "--config",
+        json.dumps(config.to_dict()),
+        "--steps",
+        str(steps),
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"the memory probe did not finish within {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise EngineError(f"the memory probe failed (exit {done.returncode}): {tail}")
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return TrainingMeasurement(**result)
+    except (IndexError, ValueError, TypeError) as exc:
+        raise EngineError(f"the memory probe printed no result: {exc}: {done.stdout[-200:]!r}") from None
+
+
+def _probe(config: TrainConfig, steps: int, threads: int | None) -> TrainingMeasurement:
+    """Runs in the child: build the engine, train, measure."""
+    import numpy as np
+
+    from edge_runtime.data import TextDataset
+    from edge_runtime.engines.torch_engine import TorchEngine
+
+    startup = _rss_now_mb()
+    engine = TorchEngine(config, seed=0, threads=threads)
+    loaded = _rss_now_mb()
+    rows = steps * config.batch_size
+    rng = np.random.default_rng(0)
+    # seq_len words always tokenize past seq_len with [CLS] and [SEP], so truncation fills each row
+    texts = tuple(" ".join(rng.choice(_WORDS, size=config.seq_len)) for _ in range(rows))
+    labels = np.arange(rows) % config.num_labels
+    data = TextDataset(texts, labels, tuple(f"class{i}" for i in range(config.num_labels)))
+    stamps: list[float] = []
+    start = time.perf_counter()
+    engine.train(data, epochs=1, seed=0, progress=lambda step, total: stamps.append(time.perf_counter()))
+    times = np.diff([start, *stamps])
+    step_s = float(times[1:].mean()) if len(times) > 1 else float(times[0])
+    trainable = sum(int(v.size) for v in engine.trainable_state().values())
+    return TrainingMeasurement(
+        peak_rss_mb=_rss_peak_mb(),
+        step_s=step_s,
+        steps=len(stamps),
+        startup_rss_mb=startup,
+        loaded_rss_mb=loaded,
+        trainable_params=trainable,
+        total_params=engine.total_params,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child process: prints one JSON object."""
+    parser = argparse.ArgumentParser(description="measure peak memory and step time of training")
+    parser.add_argument("--config", required=True, help="TrainConfig as JSON")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_dict(json.loads(args.config))
+    result = _probe(config, args.steps, args.threads)
+    print(json.dumps(result.__dict__))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
