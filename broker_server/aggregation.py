@@ -139,12 +139,23 @@ ROBUST_STRATEGIES = ("median", "trimmed_mean")
 
 
 def robust_head_from_statistics(
-    updates: Sequence[ClientUpdate], scale: float, rule: str = "median", trim: float = 0.25
+    updates: Sequence[ClientUpdate],
+    scale: float,
+    rule: str = "median",
+    trim: float = 0.25,
+    min_cosine: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """A class-mean head that a minority of lying clients cannot steer.
 
-    Each client's class means are normalised, and each class takes the coordinate-wise median (or
-    trimmed mean) over the clients that have that class, ignoring the counts they claim.
+    Each client's class means are normalised and screened, and each class takes the coordinate-wise
+    median (or trimmed mean) over the clients that have that class, ignoring the counts they claim.
+
+    Screening: every device embeds with the same frozen encoder, whose sentence features share a
+    common direction (they are anisotropic: on 20 Newsgroups and BANKING77, MiniLM's class means
+    have cosine 0.17 to 0.6 with the mean of all features). The reference is the coordinate-wise
+    median of the clients' overall mean features, which a minority cannot move far; a class mean
+    with cosine below ``min_cosine`` to it (a sign-flipped or fabricated one) is left out. Under
+    label skew a class is often held by two or three clients, too few for the median alone.
     """
     if not updates:
         raise ConfigError("no class statistics to combine")
@@ -152,10 +163,15 @@ def robust_head_from_statistics(
     counts = np.stack([np.asarray(u.delta["stats.class_counts"], dtype=np.float64) for u in updates])
     means = sums / np.maximum(counts[..., None], 1.0)
     units = means / np.maximum(np.linalg.norm(means, axis=2, keepdims=True), 1e-12)
+    overall = sums.sum(axis=1)
+    overall /= np.maximum(np.linalg.norm(overall, axis=1, keepdims=True), 1e-12)
+    reference = np.median(overall, axis=0)
+    reference /= max(float(np.linalg.norm(reference)), 1e-12)
+    plausible = (units @ reference) >= min_cosine  # (clients, classes)
     classes, hidden = sums.shape[1], sums.shape[2]
     combined = np.zeros((classes, hidden))
     for c in range(classes):
-        have = units[counts[:, c] > 0, c]
+        have = units[(counts[:, c] > 0) & plausible[:, c], c]
         if len(have) == 0:
             continue
         if rule == "median":
@@ -163,7 +179,7 @@ def robust_head_from_statistics(
         else:
             k = int(np.floor(trim * len(have)))
             combined[c] = np.sort(have, axis=0)[k : len(have) - k].mean(axis=0)
-    present = np.asarray((counts > 0).any(axis=0), dtype=np.float64)
+    present = np.asarray(np.linalg.norm(combined, axis=1) > 0, dtype=np.float64)
     return head_from_class_means(combined, present, scale)
 
 

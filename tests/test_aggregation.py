@@ -198,3 +198,33 @@ def test_robust_head_ignores_a_minority_of_flipped_statistics() -> None:
     assert np.all(
         np.sum(plain * truth, axis=1) < np.sum(head * truth, axis=1)
     )  # the plain sum is pulled away
+
+
+def test_screening_keeps_flipped_statistics_out_when_few_clients_hold_a_class() -> None:
+    """Label skew: a class held by one honest and one flipped client, where a median cannot help."""
+    from broker_server.aggregation import robust_head_from_statistics
+
+    rng = np.random.default_rng(5)
+    common = rng.standard_normal(32)
+    common /= np.linalg.norm(common)
+    truth = common + 0.8 * rng.standard_normal((4, 32)) / np.sqrt(32)  # anisotropic, like an encoder's
+    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+
+    def stats(held: list[int], sign: float) -> ClientUpdate:
+        counts = np.zeros(4)
+        counts[held] = 5.0
+        return ClientUpdate(
+            "c", 10, {"stats.class_sums": sign * counts[:, None] * truth, "stats.class_counts": counts}
+        )
+
+    # class 3 is held by one honest client and one attacker only
+    updates = [stats([0, 1], 1.0), stats([1, 2], 1.0), stats([0, 2], 1.0), stats([3], 1.0)]
+    updates += [stats([0, 3], -1.0)]
+    for rule in ("median", "trimmed_mean"):
+        head = robust_head_from_statistics(updates, scale=1.0, rule=rule)["head.weight"]
+        cos = np.sum(head * truth, axis=1) / np.linalg.norm(head, axis=1)
+        assert np.all(cos > 0.99), (rule, cos)
+        unscreened = robust_head_from_statistics(updates, scale=1.0, rule=rule, min_cosine=-2.0)[
+            "head.weight"
+        ]
+        assert np.linalg.norm(unscreened[3]) < 0.5  # without screening: the median of +v and -v is ~0
