@@ -112,12 +112,24 @@ STRATEGIES: dict[str, Strategy] = {
 """Strategies by ``--strategy`` name; ``fedavg`` is an alias of ``fedit`` for LoRA."""
 
 
+STATEFUL_STRATEGIES = ("exact",)
+"""Strategies that keep server-side state between rounds; the service runs them itself
+(``exact``: :func:`broker_server.exact.exact_fedavg`, with its residual in the state store)."""
+
+
+def check_strategy(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a known strategy, stateless or stateful."""
+    if name not in STRATEGIES and name not in STATEFUL_STRATEGIES:
+        known = ", ".join(sorted([*STRATEGIES, *STATEFUL_STRATEGIES]))
+        raise ConfigError(f"unknown strategy {name!r}; known: {known}")
+
+
 def get_strategy(name: str) -> Strategy:
-    """The strategy registered under ``name``."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+    """The stateless strategy registered under ``name``."""
+    check_strategy(name)
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy {name!r} keeps state between rounds: the service runs it")
+    return STRATEGIES[name]
 
 
 def head_from_class_means(sums: np.ndarray, counts: np.ndarray, scale: float) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ import numpy as np
 from broker_server.aggregation import (
     ROBUST_STRATEGIES,
     ClientUpdate,
+    check_strategy,
     clip_update,
     get_strategy,
     head_from_class_means,
@@ -34,6 +35,7 @@ from broker_server.aggregation import (
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
 from broker_server.evaluation import Evaluator
+from broker_server.exact import exact_fedavg
 from broker_server.heterogeneous import coverage_mean, view
 from broker_server.privacy import dp_epsilon, dp_fedavg
 from broker_server.state import StateStore
@@ -51,6 +53,7 @@ from edge_runtime.errors import (
     UnknownDevice,
     UpdateRejected,
 )
+from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import Transport
 from hw_profiles import DeviceProfile, ProfileError
 
@@ -112,7 +115,11 @@ class ServiceConfig:
                 raise ConfigError(f"ServiceConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
-        get_strategy(self.strategy)
+        check_strategy(self.strategy)
+        if self.strategy == "exact" and not isinstance(self.train.peft, LoraSpec):
+            raise ConfigError(
+                f"--strategy exact averages LoRA products; the module is {self.train.peft.kind}"
+            )
 
 
 @dataclass
@@ -188,7 +195,10 @@ class AggregationService:
         if allocator is not None and (config.strategy != "fedit" or config.dp_noise_multiplier is not None):
             raise ConfigError("a mixed fleet (allocation) aggregates with fedit, without DP, for now")
         self.groups: dict[str, Group] = {}
-        self.strategy = get_strategy(config.strategy)
+        if allocator is not None and config.strategy == "exact":
+            raise ConfigError("--strategy exact with a mixed fleet (allocation) is not supported yet")
+        self.strategy = get_strategy("fedit" if config.strategy == "exact" else config.strategy)
+        self._residual: dict[str, np.ndarray] | None = None  # --strategy exact: the fed-back part
         self.devices: dict[str, DeviceRecord] = {}
         self.rejected: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
@@ -595,6 +605,17 @@ class AggregationService:
                 rng=np.random.default_rng([self.config.seed, self._round]),
             )
             self._dp_rounds += 1
+        elif self.config.strategy == "exact":
+            if self.config.clip_norm is not None:
+                updates = [clip_update(u, self.config.clip_norm) for u in updates]
+            spec = self.config.train.peft
+            assert isinstance(spec, LoraSpec)
+            self._state, self._residual = exact_fedavg(
+                self._state, updates, spec.alpha / spec.rank, self._residual
+            )
+            if self.store is not None:
+                module = wire.GlobalModule(self._round, "residual", dict(self._residual))
+                self.store.save_residual(self._round, wire.encode_global(module, bits=32))
         else:
             if self.config.clip_norm is not None:
                 updates = [clip_update(u, self.config.clip_norm) for u in updates]
@@ -690,6 +711,11 @@ class AggregationService:
         self.bytes_up_total = sum(int(r.get("bytes_up_all", 0)) for r in self.rounds)
         if self.config.dp_noise_multiplier is not None:  # the privacy budget spent before the crash
             self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") == TRAIN_PHASE)
+        if self.config.strategy == "exact":  # the residual that aggregating this round starts from
+            saved = self.store.residual_before(round_)
+            if saved is not None:
+                module = wire.decode_global(saved, max_bytes=max(len(saved), wire.DEFAULT_MAX_PAYLOAD))
+                self._residual = {k: np.asarray(v, dtype=np.float64) for k, v in module.tensors.items()}
         self._accepted_ids = self.store.accepted_ids()
         self._pending = {}
         for device, ucid, upayload in self.store.updates(round_):

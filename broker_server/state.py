@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL, device_id TEXT NOT NULL, content_id TEXT NOT NULL,
     payload BLOB NOT NULL, PRIMARY KEY (round, device_id));
 CREATE TABLE IF NOT EXISTS round_records (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS residuals (round INTEGER PRIMARY KEY, payload BLOB NOT NULL);
 """
 
 
@@ -127,6 +128,23 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT record FROM round_records ORDER BY round").fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    def save_residual(self, round_: int, payload: bytes) -> None:
+        """The server-side residual that aggregating ``round_`` left (``--strategy exact``)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO residuals VALUES (?, ?)", (round_, payload))
+
+    def residual_before(self, round_: int) -> bytes | None:
+        """The residual of the latest round before ``round_``: what aggregating ``round_`` starts from.
+
+        Keyed by round, so a crash between storing a round's residual and publishing its global
+        module redoes that round from the residual before it: nothing is fed back twice.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM residuals WHERE round < ? ORDER BY round DESC LIMIT 1", (round_,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def close(self) -> None:
         """Close the database."""

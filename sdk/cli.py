@@ -209,7 +209,10 @@ def _add_allocation_flags(p: argparse.ArgumentParser, default: str) -> None:
 
 def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--strategy", default="fedit", help="aggregation rule: fedit (default), median, trimmed_mean"
+        "--strategy",
+        default="fedit",
+        help="aggregation rule: fedit (default), exact (LoRA products averaged exactly, SVD, error "
+        "feedback), median, trimmed_mean",
     )
     p.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
     p.add_argument(

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from broker_server.aggregation import get_strategy
+from broker_server.aggregation import check_strategy
 from broker_server.allocation import ALLOCATIONS, AllocationConfig, build_allocator
 from broker_server.evaluation import Evaluator
 from broker_server.report import allocation_entry, build_report, communication, peft_entry
@@ -104,7 +104,7 @@ class SimulationConfig:
         parse_partition(self.partition)
         if self.attack is not None and parse_attack(self.attack).count > self.clients:
             raise ConfigError("--attack names more attackers than there are clients")
-        get_strategy(self.strategy)
+        check_strategy(self.strategy)
         if self.broker is not None:
             parse_broker_url(self.broker)
         if self.profiles is not None:
