@@ -1,0 +1,282 @@
+"""ONNX Runtime on-device training artifacts, built on the server for devices without torch.
+
+A device that runs :class:`edge_runtime.engines.ort_engine.OrtEngine` needs no torch,
+transformers or peft: everything model-specific comes in one self-contained folder built here.
+
+- The torch model is built by :class:`~edge_runtime.engines.torch_engine.TorchEngine` itself, so
+  the frozen weights, the PEFT module's initial values and its parameter names are the torch
+  engine's for the same configuration and seed.
+- It is exported (TorchScript exporter, eager attention, eval mode, opset 14) with three inputs
+  ``input_ids``, ``attention_mask``, ``labels`` (int64) and three outputs: the mean cross-entropy
+  ``loss`` first (the gradient graph starts there), then ``logits`` and the unit-norm pooled
+  ``features``. Opset 17 would export LayerNormalization, which the gradient builder of ORT 1.19
+  cannot differentiate; onnx is pinned to 1.16.2 because 1.17+ writes IR versions ORT 1.19
+  cannot load. Constant folding is off so that no trainable weight is folded into an anonymous
+  initializer (a transposed LoRA factor, say).
+- :func:`onnxruntime.training.artifacts.generate_artifacts` then writes the training, eval and
+  AdamW optimizer models and the checkpoint (trainable = the PEFT module and the head, frozen =
+  every other initializer).
+
+The folder also holds the tokenizer (``tokenizer.json``, read by the ``tokenizers`` package on the
+device) and ``manifest.json``: which configuration it was built for, and the map from each
+trainable ONNX initializer to its engine-neutral name (the names of
+:meth:`TorchEngine.trainable_state`, so both engines speak the same wire format).
+
+Folders are cached under :func:`default_cache_dir`, keyed by a SHA-256 over everything that
+changes the graph or the initial weights: the model's name and its folder's contents, the PEFT
+spec, the number of labels, the sequence length, the seed and the versions of the exporting
+libraries. A folder is
+built in a temporary sibling and renamed into place, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.engines.ort_engine import (
+    ARTIFACT_FORMAT,
+    INPUT_NAMES,
+    MANIFEST_NAME,
+    OUTPUT_NAMES,
+    TOKENIZER_NAME,
+    check_ort_support,
+)
+from edge_runtime.errors import ConfigError, EngineError
+from edge_runtime.models import resolve_model
+
+OPSET = 14
+# what decides the weights and the tokenizer; sharded checkpoints included
+_MODEL_FILES = (
+    "config.json",
+    "*.safetensors",
+    "*.bin",
+    "tokenizer*.json",
+    "vocab.txt",
+    "special_tokens*.json",
+)
+_VERSIONED = ("torch", "transformers", "peft", "onnx", "onnxruntime-training")
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """The files of one artifact folder, as the ORT engine reads them."""
+
+    folder: Path
+
+    @property
+    def training_model(self) -> Path:
+        """Forward, loss and gradient graph."""
+        return self.folder / "training_model.onnx"
+
+    @property
+    def eval_model(self) -> Path:
+        """Forward and loss graph, no gradients."""
+        return self.folder / "eval_model.onnx"
+
+    @property
+    def optimizer_model(self) -> Path:
+        """ORT's AdamW graph over the trainable parameters."""
+        return self.folder / "optimizer_model.onnx"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Every parameter's initial value: frozen weights and the module's starting point."""
+        return self.folder / "checkpoint"
+
+    @property
+    def tokenizer(self) -> Path:
+        """The model's tokenizer for the ``tokenizers`` package."""
+        return self.folder / TOKENIZER_NAME
+
+    @property
+    def manifest(self) -> Path:
+        """What the folder was built for, and the trainable names."""
+        return self.folder / MANIFEST_NAME
+
+
+def default_cache_dir() -> Path:
+    """``$FEDPEFT_ARTIFACTS``, else ``~/.cache/fedpeft/ort-artifacts``."""
+    env = os.environ.get("FEDPEFT_ARTIFACTS")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fedpeft" / "ort-artifacts"
+
+
+def _model_folder(config: TrainConfig) -> Path:
+    path = Path(resolve_model(config.model))
+    if not path.is_dir():
+        raise ConfigError(f"ORT artifacts need a local model folder; {config.model!r} is not one")
+    return path
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def artifact_key(config: TrainConfig, *, seed: int = 0) -> str:
+    """Content hash of everything that changes the exported graphs or their initial weights."""
+    folder = _model_folder(config)
+    digest = hashlib.sha256()
+    paths = sorted({p for pattern in _MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    described = {
+        "format": ARTIFACT_FORMAT,
+        "opset": OPSET,
+        "model": config.model,  # the manifest records it and the engine checks it
+        "model_files": digest.hexdigest(),
+        "peft": config.peft.to_dict(),
+        "num_labels": config.num_labels,
+        "seq_len": config.seq_len,
+        "seed": seed,
+        "versions": {p: _version(p) for p in _VERSIONED},
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def build_artifacts(
+    config: TrainConfig, *, seed: int = 0, cache_dir: Path | None = None, threads: int | None = None
+) -> ArtifactPaths:
+    """The artifact folder for ``config`` and ``seed``, built (once) in the cache if missing."""
+    check_ort_support(config)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = artifact_key(config, seed=seed)
+    final = cache / key
+    if (final / MANIFEST_NAME).is_file():
+        return ArtifactPaths(final)
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        _build_into(work, config, seed=seed, key=key, threads=threads)
+        try:
+            os.replace(work, final)
+        except OSError:
+            if not (final / MANIFEST_NAME).is_file():  # not a concurrent build that won the race
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ArtifactPaths(final)
+
+
+def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threads: int | None) -> None:
+    """Export the torch model of ``config`` and write every artifact into ``folder``."""
+    import onnx
+    import onnxruntime
+    import torch
+    from onnxruntime.training import artifacts as ort_artifacts
+    from torch import nn
+
+    from edge_runtime.engines.torch_engine import TextClassifier, TorchEngine, _canonical
+
+    engine = TorchEngine(config, seed=seed, threads=threads)
+    classifier = engine.model
+    classifier.eval()
+
+    class WithLoss(nn.Module):
+        """The classifier with the mean cross-entropy on ``labels`` as its first output."""
+
+        def __init__(self, inner: TextClassifier) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            features = self.inner.features(input_ids, attention_mask)
+            logits = self.inner.head(features)
+            return nn.functional.cross_entropy(logits, labels), logits, features
+
+    wrapper = WithLoss(classifier)
+    prefix = "inner."
+    trainable = {n: p for n, p in classifier.named_parameters() if p.requires_grad}
+    sample = engine.tokenizer(["a short example", "another"], padding=True, return_tensors="pt")
+    example = (sample["input_ids"], sample["attention_mask"], torch.zeros(2, dtype=torch.long))
+    onnx_path = folder / "forward.onnx"
+    # The TorchScript exporter on purpose: the dynamo one targets opset 18 and up, whose
+    # LayerNormalization the ORT 1.19 gradient builder cannot differentiate.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            wrapper,
+            example,
+            str(onnx_path),
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "labels": {0: "batch"},
+                "logits": {0: "batch"},
+                "features": {0: "batch"},
+            },
+            opset_version=OPSET,
+            do_constant_folding=False,
+            export_params=True,
+            # as graph inputs the initializers escape the exporter's deduplication, which would
+            # merge, say, every zero-initialised lora_B into one tensor
+            keep_initializers_as_inputs=True,
+        )
+    model = onnx.load(str(onnx_path))
+    user_inputs = [i for i in model.graph.input if i.name in INPUT_NAMES]
+    del model.graph.input[:]
+    model.graph.input.extend(user_inputs)
+    initializers = {init.name for init in model.graph.initializer}
+    names: dict[str, str] = {}  # ONNX initializer -> canonical name
+    for torch_name in trainable:
+        onnx_name = prefix + torch_name
+        if onnx_name not in initializers:
+            raise EngineError(
+                f"the export lost trainable parameter {torch_name!r} (no initializer {onnx_name})"
+            )
+        names[onnx_name] = _canonical(torch_name)
+    frozen = sorted(initializers - set(names))
+    onnxruntime.set_default_logger_severity(3)  # the gradient builder logs every pass at INFO
+    ort_artifacts.generate_artifacts(
+        model,
+        requires_grad=sorted(names),
+        frozen_params=frozen,
+        loss=None,  # the exported graph's first output is already the loss
+        optimizer=ort_artifacts.OptimType.AdamW,
+        artifact_directory=str(folder),
+    )
+    onnx_path.unlink()
+    tokenizer: Any = engine.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"model {config.model!r} has no fast tokenizer to save as tokenizer.json")
+    tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_NAME))
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "key": key,
+        "seed": seed,
+        "model": config.model,
+        "peft": config.peft.to_dict(),
+        "num_labels": config.num_labels,
+        "seq_len": config.seq_len,
+        "hidden": engine.hidden,
+        "total_params": engine.total_params,
+        "pad_token_id": int(tokenizer.pad_token_id or 0),
+        "trainable": [
+            {"onnx": onnx_name, "name": canonical, "shape": list(trainable[onnx_name[len(prefix) :]].shape)}
+            for onnx_name, canonical in names.items()
+        ],
+        "opset": OPSET,
+        "versions": {p: _version(p) for p in _VERSIONED},
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

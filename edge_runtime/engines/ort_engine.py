@@ -1,0 +1,390 @@
+"""The ONNX Runtime on-device training engine: no torch, transformers or peft on the device.
+
+Everything model-specific arrives in one artifact folder built on the server by
+``broker_server.artifacts.build_artifacts`` (training and eval graphs, checkpoint, optimizer graph,
+``tokenizer.json`` and ``manifest.json``). This module imports numpy, ``tokenizers`` and the
+ONNX Runtime training API only. ``import onnxruntime.training`` would import torch (its ``optim``
+and ``amp`` subpackages do), so :func:`_training_api` loads the ``onnxruntime.training.api``
+modules without running that package's ``__init__`` (on an install without torch, the public
+``from onnxruntime.training.api import Module`` fails for that reason). Where torch *is*
+installed, the onnxruntime-training extension module itself imports it on ``import onnxruntime``
+(for its ORTModule bindings); nothing here does, and the tests run this engine with torch,
+transformers and peft made unimportable.
+
+What matches the torch engine, and what does not:
+
+- Same model, same initial weights, same trainable names: the artifacts are exported from a
+  :class:`~edge_runtime.engines.torch_engine.TorchEngine` built with the same configuration and seed.
+- Same tokenisation (the torch engine's fast tokenizer, saved as ``tokenizer.json``), padding,
+  batch order (``numpy.random.default_rng(seed).permutation`` per epoch), loss and metrics.
+- Same update rule: ORT computes the loss and the gradients (``Module.train_step``); the step is
+  taken here in numpy with torch's AdamW arithmetic, two learning rates (``lr`` for the module,
+  ``head_lr`` for the head, a frozen head if ``head_lr`` is 0), gradient clipping to norm 1 and
+  the proximal term ``prox_mu ||theta - theta0||^2`` (its gradient ``2 prox_mu (theta - theta0)``
+  is added before clipping, as autograd does in the torch engine). ORT's own optimizer graph
+  (``optimizer_model.onnx``, AdamW) is built but not used: it has one learning rate, no clipping
+  and no proximal term.
+- Not the same: the graphs are exported in eval mode, so no dropout runs while training. The torch
+  engine puts the whole model in train mode while training, so a base model with dropout (BERT
+  and MiniLM have 0.1) trains with it there and without it here. LoRA dropout above 0 is refused
+  (:class:`ConfigError`) rather than silently dropped.
+- PEFT kinds: LoRA only. Adapters and soft prompts raise :class:`ConfigError`.
+
+:meth:`OrtEngine.class_feature_sums` bypasses LoRA exactly by running the eval graph with every
+``lora_B`` set to zero (``W x + s B A x`` with ``B = 0`` is ``W x``), then restores them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import time
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.data import TextDataset
+from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
+from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
+from edge_runtime.peft_specs import LoraSpec
+
+ARTIFACT_FORMAT = 1
+"""Version of the artifact folder layout and manifest; bumped when either changes."""
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+INPUT_NAMES = ("input_ids", "attention_mask", "labels")
+OUTPUT_NAMES = ("loss", "logits", "features")
+
+# torch.optim.AdamW's defaults and the torch engine's clipping norm
+_BETAS = (0.9, 0.999)
+_EPS = 1e-8
+_CLIP_NORM = 1.0
+
+
+def check_ort_support(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` if the ORT engine cannot train ``config``'s module as torch would."""
+    spec = config.peft
+    if not isinstance(spec, LoraSpec):
+        raise ConfigError(
+            f"the ORT engine supports PEFT kind 'lora' only, not {spec.kind!r}; use engine 'torch'"
+        )
+    if spec.dropout > 0:
+        raise ConfigError(
+            f"the ORT engine's graphs are exported without dropout; LoraSpec.dropout must be 0, "
+            f"got {spec.dropout!r} (use engine 'torch' for LoRA dropout)"
+        )
+
+
+def _training_api() -> tuple[Any, Any]:
+    """``CheckpointState`` and ``Module`` of ``onnxruntime.training.api``, without importing torch."""
+    loaded = sys.modules.get("onnxruntime.training.api.module")
+    if loaded is None:
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise EngineError(f"the ORT engine needs onnxruntime-training: {exc}") from None
+        package = Path(onnxruntime.__file__).parent / "training"
+        if not (package / "api" / "module.py").is_file():
+            raise EngineError("the ORT engine needs onnxruntime-training (found onnxruntime without it)")
+        stub = None
+        if "onnxruntime.training" not in sys.modules:
+            # A bare package object stands in for onnxruntime.training while its api subpackage
+            # loads, so the real __init__ (which imports torch) never runs; it is removed again so
+            # that a later ``import onnxruntime.training`` still gets the real package.
+            stub = types.ModuleType("onnxruntime.training")
+            stub.__path__ = [str(package)]
+            sys.modules["onnxruntime.training"] = stub
+        try:
+            importlib.import_module("onnxruntime.training.api.checkpoint_state")
+            importlib.import_module("onnxruntime.training.api.module")
+        except ImportError as exc:
+            raise EngineError(f"cannot load the ONNX Runtime training API: {exc}") from None
+        finally:
+            if stub is not None and sys.modules.get("onnxruntime.training") is stub:
+                del sys.modules["onnxruntime.training"]
+    checkpoint_state = sys.modules["onnxruntime.training.api.checkpoint_state"]
+    module = sys.modules["onnxruntime.training.api.module"]
+    return checkpoint_state.CheckpointState, module.Module
+
+
+def load_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of an artifact folder, checked for its format version."""
+    path = folder / MANIFEST_NAME
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot read ORT artifact manifest {path}: {exc}") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise EngineError(
+            f"{path} has artifact format {manifest.get('format')!r}; this build reads {ARTIFACT_FORMAT}"
+        )
+    return manifest
+
+
+class OrtEngine:
+    """Trains a LoRA module with ONNX Runtime's on-device training API; no torch on the device.
+
+    ``artifacts`` is a folder built by ``broker_server.artifacts.build_artifacts`` for the same
+    configuration; the module starts from the values of that build's seed (``seed`` here only
+    matters for training's batch order, which takes its own seed).
+    """
+
+    name = "ort"
+
+    def __init__(
+        self, config: TrainConfig, *, artifacts: str | Path, seed: int = 0, threads: int | None = None
+    ) -> None:
+        check_ort_support(config)
+        self.config = config
+        self.seed = seed
+        folder = Path(artifacts)
+        manifest = load_manifest(folder)
+        for field_name, expected in (
+            ("peft", config.peft.to_dict()),
+            ("num_labels", config.num_labels),
+            ("model", config.model),
+        ):
+            if manifest.get(field_name) != expected:
+                raise ConfigError(
+                    f"ORT artifacts in {folder} were built for {field_name}={manifest.get(field_name)!r}, "
+                    f"not {expected!r}"
+                )
+        self.hidden = int(manifest["hidden"])
+        self._total_params = int(manifest["total_params"])
+        self._pad_id = int(manifest["pad_token_id"])
+        self._onnx_names: dict[str, str] = {t["name"]: t["onnx"] for t in manifest["trainable"]}
+        shapes = {t["name"]: tuple(int(d) for d in t["shape"]) for t in manifest["trainable"]}
+
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        checkpoint_state_cls, module_cls = _training_api()
+        try:
+            self._tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_NAME))
+            self._state = checkpoint_state_cls.load_checkpoint(str(folder / "checkpoint"))
+            options = onnxruntime.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            self._module = module_cls(
+                str(folder / "training_model.onnx"),
+                self._state,
+                str(folder / "eval_model.onnx"),
+                device="cpu",
+                session_options=options,
+            )
+        except Exception as exc:  # ORT raises its own runtime errors; all mean the same here
+            raise EngineError(f"cannot load ORT artifacts from {folder}: {exc}") from None
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=config.seq_len)
+        params = self._state.parameters
+        self._values: dict[str, np.ndarray] = {}
+        for name, onnx_name in self._onnx_names.items():
+            if onnx_name not in params:
+                raise EngineError(f"ORT checkpoint has no parameter {onnx_name!r} for {name!r}")
+            value = np.array(params[onnx_name].data, dtype=np.float32)
+            if value.shape != shapes[name]:
+                raise EngineError(f"ORT checkpoint's {onnx_name} has shape {value.shape}, not {shapes[name]}")
+            self._values[name] = value
+        self._token_cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of the whole model, frozen ones included (as the torch engine counts them)."""
+        return self._total_params
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """The trainable parameters by canonical name, as float32 arrays (copies)."""
+        return {n: v.copy() for n, v in self._values.items()}
+
+    def load_trainable_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the trainable parameters; names and shapes must match exactly."""
+        missing = set(self._values) - set(state)
+        extra = set(state) - set(self._values)
+        if missing or extra:
+            raise ShapeMismatch(
+                f"module names differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )
+        values = {}
+        for name, current in self._values.items():
+            value = np.array(state[name], dtype=np.float32)
+            if value.shape != current.shape:
+                raise ShapeMismatch(f"{name}: shape {value.shape} != {current.shape}")
+            values[name] = value
+        for name, value in values.items():
+            self._set(name, value)
+
+    def _set(self, name: str, value: np.ndarray) -> None:
+        """Write one trainable parameter into the ORT checkpoint state and keep our copy."""
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        self._state.parameters[self._onnx_names[name]] = value
+        self._values[name] = value
+
+    def _tokens(self, data: TextDataset) -> list[list[int]]:
+        cached = self._token_cache.get(id(data))
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        ids = [list(e.ids) for e in self._tokenizer.encode_batch(list(data.texts))]
+        if len(self._token_cache) > 64:
+            self._token_cache.clear()
+        self._token_cache[id(data)] = (data, ids)
+        return ids
+
+    def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seqs = [ids[int(i)] for i in rows]
+        width = max(len(s) for s in seqs)
+        input_ids = np.full((len(seqs), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            input_ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        return input_ids, mask
+
+    def train(
+        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+    ) -> TrainResult:
+        """Train the module in place; loss = CE + prox_mu * ||theta - theta0||^2, as the torch engine."""
+        cfg = self.config
+        if len(data) == 0:
+            raise EngineError("cannot train on an empty dataset")
+        ids = self._tokens(data)
+        labels = np.asarray(data.labels, dtype=np.int64)
+        rates = {n: (cfg.head_lr if n.startswith("head.") else cfg.lr) for n in self._values}
+        trained = [n for n, rate in rates.items() if rate > 0]
+        anchor = {n: self._values[n].copy() for n in trained} if cfg.prox_mu > 0 else {}
+        m = {n: np.zeros_like(self._values[n]) for n in trained}
+        v = {n: np.zeros_like(self._values[n]) for n in trained}
+        rng = np.random.default_rng(seed)
+        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        total = steps_per_epoch * epochs
+        step = 0
+        loss_sum = 0.0
+        correct = 0
+        seen = 0
+        start = time.perf_counter()
+        self._module.train()
+        for _ in range(epochs):
+            order = rng.permutation(len(data))
+            for b in range(steps_per_epoch):
+                rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                input_ids, mask = self._batch(ids, rows)
+                target = labels[rows]
+                self._module.lazy_reset_grad()
+                try:
+                    outputs = self._module(input_ids, mask, target)
+                except Exception as exc:  # ORT's runtime errors carry no common base class
+                    raise EngineError(f"ORT training step {step} failed: {exc}") from None
+                loss = float(outputs[0])
+                logits = np.asarray(outputs[1])
+                grads = {n: np.array(self._state.parameters[self._onnx_names[n]].grad) for n in trained}
+                if anchor:
+                    prox = sum(float(np.sum((self._values[n] - anchor[n]) ** 2)) for n in trained)
+                    loss += cfg.prox_mu * prox
+                    for n in trained:
+                        grads[n] += 2.0 * cfg.prox_mu * (self._values[n] - anchor[n])
+                if not math.isfinite(loss):
+                    raise EngineError(f"training diverged (loss {loss}) at step {step}")
+                self._adamw_step(grads, m, v, rates, step + 1)
+                step += 1
+                loss_sum += loss * len(rows)
+                correct += int(np.sum(logits.argmax(-1) == target))
+                seen += len(rows)
+                if progress is not None:
+                    progress(step, total)
+        self._module.lazy_reset_grad()
+        return TrainResult(
+            steps=step,
+            samples=seen,
+            loss=loss_sum / max(seen, 1),
+            accuracy=correct / max(seen, 1),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _adamw_step(
+        self,
+        grads: dict[str, np.ndarray],
+        m: dict[str, np.ndarray],
+        v: dict[str, np.ndarray],
+        rates: dict[str, float],
+        t: int,
+    ) -> None:
+        """torch's ``clip_grad_norm_(.., 1.0)`` then ``AdamW`` step ``t``, in float32 like torch."""
+        norm = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
+        coef = min(1.0, _CLIP_NORM / (norm + 1e-6))
+        b1, b2 = _BETAS
+        correction1 = 1.0 - b1**t
+        correction2_sqrt = math.sqrt(1.0 - b2**t)
+        decay = self.config.weight_decay
+        for name, grad in grads.items():
+            g = grad * np.float32(coef) if coef < 1.0 else grad
+            p = self._values[name].copy()
+            rate = rates[name]
+            if decay:
+                p *= np.float32(1.0 - rate * decay)
+            m[name] = m[name] * np.float32(b1) + g * np.float32(1.0 - b1)
+            v[name] = v[name] * np.float32(b2) + (g * g) * np.float32(1.0 - b2)
+            denom = np.sqrt(v[name]) / np.float32(correction2_sqrt) + np.float32(_EPS)
+            p -= np.float32(rate / correction1) * m[name] / denom
+            self._set(name, p)
+
+    def _outputs(self, data: TextDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled features of ``data`` from the eval graph, in ``data``'s order."""
+        ids = self._tokens(data)
+        labels = np.asarray(data.labels, dtype=np.int64)
+        order = np.argsort([len(s) for s in ids], kind="stable")  # similar lengths pad less
+        logits = np.empty((len(data), self.config.num_labels), dtype=np.float32)
+        features = np.empty((len(data), self.hidden), dtype=np.float32)
+        self._module.eval()
+        try:
+            for start in range(0, len(data), batch_size):
+                rows = order[start : start + batch_size]
+                input_ids, mask = self._batch(ids, rows)
+                outputs = self._module(input_ids, mask, labels[rows])
+                logits[rows] = outputs[1]
+                features[rows] = outputs[2]
+        except Exception as exc:  # ORT's runtime errors carry no common base class
+            raise EngineError(f"ORT evaluation failed: {exc}") from None
+        finally:
+            self._module.train()
+        return logits, features
+
+    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+        """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
+        if len(data) == 0:
+            raise EngineError("cannot evaluate on an empty dataset")
+        logits, _ = self._outputs(data, batch_size)
+        y = np.asarray(data.labels, dtype=np.int64)
+        z = logits.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss = float(-log_probs[np.arange(len(y)), y].mean())
+        pred = logits.argmax(-1)
+        return EvalResult(
+            accuracy=float((pred == y).mean()),
+            macro_f1=macro_f1(y, pred, self.config.num_labels),
+            loss=loss,
+            predictions=pred,
+        )
+
+    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class sums of the frozen model's pooled features (LoRA bypassed) and per-class counts."""
+        saved = {n: v for n, v in self._values.items() if n.endswith(".lora_B")}
+        try:
+            for name, value in saved.items():
+                self._set(name, np.zeros_like(value))
+            _, feats = self._outputs(data, 64)
+        finally:
+            for name, value in saved.items():
+                self._set(name, value)
+        c = self.config.num_labels
+        labels = np.asarray(data.labels, dtype=np.int64)
+        sums = np.zeros((c, self.hidden), dtype=np.float64)
+        np.add.at(sums, labels, feats.astype(np.float64))
+        counts = np.bincount(labels, minlength=c).astype(np.float64)
+        return sums.astype(np.float32), counts.astype(np.float32)
