@@ -55,7 +55,7 @@ def main() -> int:
     common = [
         "--data", a.data, "--clients", "8", "--rounds", a.rounds, "--partition", "dirichlet:0.5",
         "--samples-per-client", "150", "--profiles", "low=0.3,mid=0.4,high=0.3", "--seed", "0",
-        "--test-samples", "500", "--no-progress",
+        "--test-samples", "500", "--no-progress", "--engine", "torch",
     ]  # fmt: skip
     summary = run_all(RUNS, common, Path(a.out), only=a.only, summarise=summarise)
     print(json.dumps(summary, indent=2))

@@ -38,7 +38,7 @@ def main() -> int:
     common = [
         "--data", a.data, "--clients", "8", "--rounds", a.rounds, "--partition", "dirichlet:0.5",
         "--samples-per-client", "150", "--bits", "4", "--seed", "0", "--test-samples", "500",
-        "--no-progress",
+        "--no-progress", "--engine", "torch",
     ]  # fmt: skip
     out = Path(a.out)
     summary = run_all(RUNS, common, out, only=a.only)

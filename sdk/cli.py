@@ -135,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the broker's message size limit; larger updates are sent in chunks",
     )
     sim.add_argument("--mode", default="sync", choices=("sync", "async"))
-    sim.add_argument("--engine", default="auto", choices=("ort", "torch", "auto"))
+    sim.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "torch", "ort", "mixed"),
+        help="training engine of the devices: auto (ONNX Runtime where installed and the module allows, "
+        "else torch), torch, ort, or mixed (half the worker processes on each)",
+    )
     sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
     sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
     sim.add_argument("--report", default="run.json", help="report file (default run.json)")
@@ -329,7 +335,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         norm_bound=args.norm_bound,
         max_message_bytes=args.max_message_bytes,
         mode=args.mode,
-        engine="torch" if args.engine == "auto" else args.engine,
+        engine=args.engine,
         model=args.model,
         broker=args.broker,
         lora_rank=args.lora_rank,

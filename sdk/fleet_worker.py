@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,11 +44,21 @@ class WorkerJob:
     log_level: int = logging.WARNING
     resend_after_s: float = 20.0
     max_message_bytes: int | None = None
+    engine: str = "torch"  # "ort": this worker's devices train with ONNX Runtime, torch unimportable
+    artifacts: str | None = None  # the ORT training artifacts of the fleet's configuration
 
 
 def worker_main(job: WorkerJob, results: Any, stop: Any) -> None:
     """Entry point of a worker process: run its devices until the server says done or ``stop``."""
     logging.basicConfig(level=job.log_level, format=f"%(asctime)s worker{job.index} %(name)s: %(message)s")
+    if job.engine == "ort":  # as on a device with the edge extra only: no torch in this process
+        from edge_runtime.engines.ort_engine import block_torch
+
+        already = block_torch()
+        if already:
+            logging.getLogger("fedpeft.sim").warning(
+                "worker%d: %s imported before blocking", job.index, already
+            )
     try:
         _run(job, results, stop)
     except BaseException as exc:  # report, never hang the simulator on a dead worker
@@ -91,7 +101,9 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
 
             engines.clear()
             _release_memory()
-            engines[key] = create_engine(config, seed=job.seed, threads=job.threads)
+            if job.engine != config.engine:  # the engine is the device's own choice
+                config = replace(config, engine=job.engine)
+            engines[key] = create_engine(config, seed=job.seed, threads=job.threads, artifacts=job.artifacts)
         return engines[key]
 
     wake = threading.Event()
@@ -143,6 +155,7 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
         stats["transport_bytes_published"] = transport.bytes_published
         stats["transport_bytes_received"] = transport.bytes_received
         stats["worker"] = job.index
+        stats["engine"] = job.engine
         stats["worker_peak_rss_mb"] = peak_rss_mb()
         results.put(("stats", job.index, stats))
     time.sleep(0.2)  # let the last acks and publishes flush before closing

@@ -12,10 +12,11 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,9 @@ from sdk.fleet_worker import VirtualDevice, WorkerJob, worker_main
 from sdk.partition import parse_partition, partition
 
 log = logging.getLogger("fedpeft.simulate")
+
+
+ENGINE_CHOICES = ("auto", "torch", "ort", "mixed")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,9 @@ class SimulationConfig:
     norm_bound: float = 1e3
     max_message_bytes: int | None = field(default=None, metadata={"help": "split larger updates into chunks"})
     mode: str = "sync"
-    engine: str = "torch"
+    engine: str = field(
+        default="torch", metadata={"help": "auto, torch, ort or mixed (half the workers on each engine)"}
+    )
     model: str = "all-MiniLM-L6-v2"
     broker: str | None = None
     lora_rank: int = 8
@@ -97,8 +103,8 @@ class SimulationConfig:
             raise ConfigError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.mode != "sync":
             raise ConfigError(f"--mode {self.mode} is not available yet; use --mode sync")
-        if self.engine not in ("torch", "auto"):
-            raise ConfigError(f"--engine {self.engine} is not available yet; use torch or auto")
+        if self.engine not in ENGINE_CHOICES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         parse_partition(self.partition)
@@ -116,6 +122,39 @@ class SimulationConfig:
         AllocationConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma)
         if self.allocation_mode != "fixed" and (self.strategy != "fedit" or self.dp_noise is not None):
             raise ConfigError("--allocation utility/uniform aggregates with fedit and without DP for now")
+        if self.engine in ("ort", "mixed") and self.allocation_mode != "fixed":
+            raise ConfigError(
+                f"--engine {self.engine} needs --allocation fixed for now (ORT trains LoRA only)"
+            )
+
+    def worker_engines(self, train_cfg: TrainConfig, workers: int) -> list[str]:
+        """The engine of each worker process: every device of a worker trains with the same one.
+
+        ``auto`` is ORT where onnxruntime-training is installed and the module is one it trains
+        (LoRA without dropout, one configuration for the fleet), else torch; ``mixed`` alternates.
+        """
+        from edge_runtime.engines.ort_engine import check_ort_support, ort_available
+
+        if self.engine == "torch":
+            return ["torch"] * workers
+        supported = self.allocation_mode == "fixed" and ort_available()
+        if supported:
+            try:
+                check_ort_support(replace(train_cfg, engine="ort"))
+            except ConfigError:
+                supported = False
+        if self.engine == "auto":
+            return ["ort" if supported else "torch"] * workers
+        if not ort_available():
+            raise ConfigError(
+                f"--engine {self.engine} needs onnxruntime-training (pip install 'fedpeft[edge]')"
+            )
+        check_ort_support(replace(train_cfg, engine="ort"))
+        if self.engine == "ort":
+            return ["ort"] * workers
+        if workers < 2:
+            raise ConfigError("--engine mixed needs at least 2 worker processes (--workers 2, and 2 cores)")
+        return ["ort" if w % 2 == 0 else "torch" for w in range(workers)]
 
     @property
     def allocation_mode(self) -> str:
@@ -294,6 +333,17 @@ class Simulation:
             allocator=allocator,
         )
         service.start()
+        engines = cfg.worker_engines(train_cfg, workers)
+        artifacts = None
+        if "ort" in engines:
+            from broker_server.artifacts import build_artifacts
+
+            print(
+                "preparing ONNX Runtime training artifacts (cached after the first run)...", file=sys.stderr
+            )
+            artifacts = str(
+                build_artifacts(replace(train_cfg, engine="ort"), seed=cfg.seed, threads=cores).folder
+            )
         ctx = mp.get_context("spawn")
         results: Any = ctx.Queue()
         stop = ctx.Event()
@@ -306,6 +356,8 @@ class Simulation:
                 seed=cfg.seed,
                 threads=max(1, cores // workers),
                 max_message_bytes=cfg.max_message_bytes,
+                engine=engines[w],
+                artifacts=artifacts if engines[w] == "ort" else None,
             )
             for w in range(workers)
         ]
@@ -406,7 +458,7 @@ class Simulation:
                     "profile": dev.profile.get("name", "host"),
                     "peft": peft_entry(dev_cfg, service.module_params(dev_cfg)),
                     "bits": dev_cfg.bits,
-                    "engine": dev_cfg.engine,
+                    "engine": str(s.get("engine", dev_cfg.engine)),
                     "mem_cap_mb": dev_cfg.mem_cap_mb,
                     "batch_size": dev_cfg.batch_size,
                     "allocation": allocation_entry(device_record),

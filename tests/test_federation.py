@@ -224,3 +224,22 @@ def test_attackers_are_rejected_or_outvoted_and_rounds_complete(tiny: tuple[Path
     assert [r["participants"] for r in scaled["rounds"]] == [2, 2]
     flipped = Simulation(_sim_config(tiny, rounds=1, attack="flip:1", strategy="median")).run()
     assert flipped["rejected"] == [] and [r["participants"] for r in flipped["rounds"]] == [3, 3]
+
+
+def test_a_mixed_fleet_of_ort_and_torch_devices_trains_together(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the ORT engine needs onnxruntime-training")
+    monkeypatch.setenv("FEDPEFT_ARTIFACTS", str(tmp_path / "artifacts"))
+    report = Simulation(_sim_config(tiny, clients=4, engine="mixed")).run()
+    validate_report(report)
+    engines = {c["id"]: c["engine"] for c in report["clients"]}
+    assert sorted(engines.values()) == ["ort", "ort", "torch", "torch"], engines
+    assert all(c["updates_accepted"] == 3 for c in report["clients"])  # class means + 2 rounds each
+    assert report["rejected"] == []
+    assert all(r["participants"] == 4 for r in report["rounds"])
+    peaks = {
+        e: max(c["peak_rss_mb"] for c in report["clients"] if c["engine"] == e) for e in ("ort", "torch")
+    }
+    assert peaks["ort"] < peaks["torch"] - 100, peaks  # the ORT worker never imported torch
+    assert any((tmp_path / "artifacts").iterdir())

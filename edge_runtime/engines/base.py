@@ -40,6 +40,11 @@ class TrainingEngine(Protocol):
 
     name: str
 
+    @property
+    def total_params(self) -> int:
+        """Parameters of the whole model, frozen ones included."""
+        ...
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The trainable parameters by canonical name, as float32 arrays (copies)."""
         ...

@@ -81,8 +81,14 @@ def measure_training(
     steps: int = 3,
     threads: int | None = None,
     timeout_s: float = 600.0,
+    artifacts: str | None = None,
 ) -> TrainingMeasurement:
-    """Train ``steps`` steps of ``config`` (batch and length overridable) in a fresh process."""
+    """Train ``steps`` steps of ``config`` (batch and length overridable) in a fresh process.
+
+    With ``config.engine == "ort"``, ``artifacts`` is the folder from
+    :func:`broker_server.artifacts.build_artifacts`, and the child makes torch, transformers and
+    peft unimportable first, as on a device that has only the ``edge`` extra.
+    """
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
     changes: dict[str, Any] = {}
@@ -102,6 +108,10 @@ def measure_training(
     ]
     if threads:
         cmd += ["--threads", str(threads)]
+    if config.engine == "ort":
+        if artifacts is None:
+            raise ConfigError("measuring the ORT engine needs its artifact folder")
+        cmd += ["--artifacts", str(artifacts)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
@@ -117,15 +127,25 @@ def measure_training(
         raise EngineError(f"the memory probe printed no result: {exc}: {done.stdout[-200:]!r}") from None
 
 
-def _probe(config: TrainConfig, steps: int, threads: int | None) -> TrainingMeasurement:
+def _probe(
+    config: TrainConfig, steps: int, threads: int | None, artifacts: str | None
+) -> TrainingMeasurement:
     """Runs in the child: build the engine, train, measure."""
     import numpy as np
 
     from edge_runtime.data import TextDataset
-    from edge_runtime.engines.torch_engine import TorchEngine
+    from edge_runtime.engines.base import TrainingEngine
 
     startup = _rss_now_mb()
-    engine = TorchEngine(config, seed=0, threads=threads)
+    engine: TrainingEngine
+    if config.engine == "ort":
+        from edge_runtime.engines.ort_engine import OrtEngine
+
+        engine = OrtEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
+    else:
+        from edge_runtime.engines.torch_engine import TorchEngine
+
+        engine = TorchEngine(config, seed=0, threads=threads)
     loaded = _rss_now_mb()
     rows = steps * config.batch_size
     rng = np.random.default_rng(0)
@@ -156,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TrainConfig as JSON")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--artifacts", default=None, help="ORT artifact folder (engine ort)")
     args = parser.parse_args(argv)
     config = TrainConfig.from_dict(json.loads(args.config))
-    result = _probe(config, args.steps, args.threads)
+    if config.engine == "ort":  # as on a device with the edge extra only
+        for name in ("torch", "transformers", "peft"):
+            sys.modules[name] = None  # type: ignore[assignment]
+    result = _probe(config, args.steps, args.threads, args.artifacts)
     print(json.dumps(result.__dict__))
     return 0
 

@@ -37,6 +37,7 @@ What matches the torch engine, and what does not:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -79,6 +80,52 @@ def check_ort_support(config: TrainConfig) -> None:
             f"the ORT engine's graphs are exported without dropout; LoraSpec.dropout must be 0, "
             f"got {spec.dropout!r} (use engine 'torch' for LoRA dropout)"
         )
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LEAN_MMAP_THRESHOLD = 1 << 20
+
+
+def use_lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes and more with mmap, returned when freed.
+
+    By default glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), so the
+    activation buffers of one training step stay in the heap and the next step's land beside
+    them: resident memory grows by what fragmentation costs. A fixed 1 MiB threshold measured
+    about 120 MiB less peak memory training MiniLM (batch 32, 64 tokens) for a few percent more
+    time per step. The setting is process-wide; returns False where it does not apply (no glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def ort_available() -> bool:
+    """True if onnxruntime-training is installed (checked without importing it)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(
+        (Path(p) / "training" / "api" / "module.py").is_file() for p in spec.submodule_search_locations
+    )
+
+
+def block_torch() -> list[str]:
+    """Make torch, transformers and peft unimportable, as on a device with the edge extra only.
+
+    Returns those that were already imported (and so cannot be blocked any more).
+    """
+    loaded = [n for n in ("torch", "transformers", "peft") if sys.modules.get(n) is not None]
+    for name in ("torch", "transformers", "peft"):
+        if name not in loaded:
+            sys.modules[name] = None  # type: ignore[assignment]
+    return loaded
 
 
 def _training_api() -> tuple[Any, Any]:
@@ -138,9 +185,17 @@ class OrtEngine:
     name = "ort"
 
     def __init__(
-        self, config: TrainConfig, *, artifacts: str | Path, seed: int = 0, threads: int | None = None
+        self,
+        config: TrainConfig,
+        *,
+        artifacts: str | Path,
+        seed: int = 0,
+        threads: int | None = None,
+        lean_memory: bool = True,
     ) -> None:
         check_ort_support(config)
+        if lean_memory:
+            use_lean_allocator()
         self.config = config
         self.seed = seed
         folder = Path(artifacts)
@@ -169,6 +224,7 @@ class OrtEngine:
             self._tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_NAME))
             self._state = checkpoint_state_cls.load_checkpoint(str(folder / "checkpoint"))
             options = onnxruntime.SessionOptions()
+            options.enable_cpu_mem_arena = False  # the arena would keep its high-water mark for good
             if threads:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1

@@ -1,0 +1,75 @@
+"""Which engine devices train with: --engine auto, torch, ort and mixed, and what each refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.config import TrainConfig
+from edge_runtime.engines import create_engine
+from edge_runtime.engines.ort_engine import ort_available
+from edge_runtime.errors import ConfigError
+from edge_runtime.peft_specs import AdapterSpec, LoraSpec
+from sdk.simulate import SimulationConfig
+
+LORA = TrainConfig(peft=LoraSpec(rank=4), num_labels=3)
+
+
+def _sim(**kw: object) -> SimulationConfig:
+    return SimulationConfig(data="x", **kw)  # type: ignore[arg-type]
+
+
+def test_torch_is_torch_everywhere_and_mixed_alternates() -> None:
+    assert _sim(engine="torch").worker_engines(LORA, 3) == ["torch"] * 3
+    if not ort_available():
+        pytest.skip("onnxruntime-training is not installed")
+    assert _sim(engine="ort").worker_engines(LORA, 2) == ["ort", "ort"]
+    assert _sim(engine="mixed").worker_engines(LORA, 4) == ["ort", "torch", "ort", "torch"]
+    assert _sim(engine="auto").worker_engines(LORA, 2) == ["ort", "ort"]
+
+
+def test_auto_falls_back_to_torch_for_what_ort_cannot_train() -> None:
+    adapter = TrainConfig(peft=AdapterSpec(), num_labels=3)
+    assert _sim(engine="auto").worker_engines(adapter, 2) == ["torch", "torch"]
+    dropout = TrainConfig(peft=LoraSpec(rank=4, dropout=0.1), num_labels=3)
+    assert _sim(engine="auto").worker_engines(dropout, 2) == ["torch", "torch"]
+    with pytest.raises(ConfigError):
+        _sim(engine="ort").worker_engines(adapter, 2)
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"engine": "tpu"}, "--engine must be one of"),
+        ({"engine": "ort", "profiles": "low=0.5,high=0.5"}, "--allocation fixed"),
+        ({"engine": "mixed", "allocation": "uniform"}, "--allocation fixed"),
+    ],
+)
+def test_bad_engine_choices_are_refused(kw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        _sim(**kw)
+
+
+def test_mixed_needs_two_workers() -> None:
+    if not ort_available():
+        pytest.skip("onnxruntime-training is not installed")
+    with pytest.raises(ConfigError, match="at least 2 worker"):
+        _sim(engine="mixed").worker_engines(LORA, 1)
+
+
+def test_the_ort_engine_needs_its_artifacts() -> None:
+    with pytest.raises(ConfigError, match="artifacts"):
+        create_engine(TrainConfig(peft=LoraSpec(), num_labels=3, engine="ort"))
+
+
+def test_blocking_torch_reports_what_was_already_imported() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from edge_runtime.engines.ort_engine import block_torch\n"
+        "print(block_torch())\n"
+        "try:\n    import torch\nexcept ImportError:\n    print('blocked')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "blocked"]
