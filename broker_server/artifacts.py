@@ -35,8 +35,11 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -102,6 +105,20 @@ class ArtifactPaths:
     def manifest(self) -> Path:
         """What the folder was built for, and the trainable names."""
         return self.folder / MANIFEST_NAME
+
+
+@contextmanager
+def _native_stderr_captured() -> Iterator[Path]:
+    """Send what native code writes to file descriptor 2 into a temporary file for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile("w+b", suffix=".log") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield Path(log.name)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def default_cache_dir() -> Path:
@@ -247,15 +264,20 @@ def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threa
             )
         names[onnx_name] = _canonical(torch_name)
     frozen = sorted(initializers - set(names))
-    onnxruntime.set_default_logger_severity(3)  # the gradient builder logs every pass at INFO
-    ort_artifacts.generate_artifacts(
-        model,
-        requires_grad=sorted(names),
-        frozen_params=frozen,
-        loss=None,  # the exported graph's first output is already the loss
-        optimizer=ort_artifacts.OptimType.AdamW,
-        artifact_directory=str(folder),
-    )
+    onnxruntime.set_default_logger_severity(3)
+    with _native_stderr_captured() as log_path:  # the gradient builder logs every pass at INFO
+        try:
+            ort_artifacts.generate_artifacts(
+                model,
+                requires_grad=sorted(names),
+                frozen_params=frozen,
+                loss=None,  # the exported graph's first output is already the loss
+                optimizer=ort_artifacts.OptimType.AdamW,
+                artifact_directory=str(folder),
+            )
+        except Exception as exc:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+            raise EngineError(f"building the ORT training artifacts failed: {exc}\n{tail}") from None
     onnx_path.unlink()
     tokenizer: Any = engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):

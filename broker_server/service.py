@@ -330,16 +330,17 @@ class AggregationService:
         try:
             profile = DeviceProfile.from_dict(dict(record.hello.profile))
             record.config, record.allocation = self.allocator.assign(
-                self.config.train, profile, record.hello.num_samples
+                self.config.train, profile, record.hello.num_samples, engines=record.hello.engines
             )
         except (NoFeasibleConfig, ProfileError) as exc:
             record.excluded = str(exc)
             log.warning("device %s left out: %s", record.device_id, exc)
         else:
             log.info(
-                "device %s assigned %s, batch %d, %d bits (U=%.3f)",
+                "device %s assigned %s on %s, batch %d, %d bits (U=%.3f)",
                 record.device_id,
                 peft_key(record.config.peft),
+                record.config.engine,
                 record.config.batch_size,
                 record.config.bits,
                 record.allocation.utility if record.allocation else float("nan"),

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.config import TrainConfig
+
 
 @dataclass(frozen=True)
 class VirtualDevice:
@@ -45,7 +47,12 @@ class WorkerJob:
     resend_after_s: float = 20.0
     max_message_bytes: int | None = None
     engine: str = "torch"  # "ort": this worker's devices train with ONNX Runtime, torch unimportable
-    artifacts: str | None = None  # the ORT training artifacts of the fleet's configuration
+    artifacts: tuple[tuple[str, str], ...] = ()  # (artifact_slot(config), folder) of each ORT module
+
+
+def artifact_slot(config: TrainConfig) -> str:
+    """What ORT artifacts depend on among what an assignment varies: model, module, labels."""
+    return json.dumps([config.model, config.peft.to_dict(), config.num_labels], sort_keys=True)
 
 
 def worker_main(job: WorkerJob, results: Any, stop: Any) -> None:
@@ -83,7 +90,6 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from edge_runtime import wire
     from edge_runtime.agent import DeviceAgent, peak_rss_mb
-    from edge_runtime.config import TrainConfig
     from edge_runtime.data import TextDataset
     from edge_runtime.engines.base import TrainingEngine
     from edge_runtime.transport import MqttTransport, parse_broker_url
@@ -103,7 +109,8 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
             _release_memory()
             if job.engine != config.engine:  # the engine is the device's own choice
                 config = replace(config, engine=job.engine)
-            engines[key] = create_engine(config, seed=job.seed, threads=job.threads, artifacts=job.artifacts)
+            folder = dict(job.artifacts).get(artifact_slot(config)) if job.engine == "ort" else None
+            engines[key] = create_engine(config, seed=job.seed, threads=job.threads, artifacts=folder)
         return engines[key]
 
     wake = threading.Event()
@@ -135,6 +142,7 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
             on_ready=lambda _agent: wake.set(),
             max_message_bytes=job.max_message_bytes,
             update_hook=attack_hook(parse_attack(dev.attack)) if dev.attack else None,
+            engines=(job.engine,),
         )
         agents.append(agent)
     for agent in agents:

@@ -8,6 +8,7 @@ time (bytes over its profile's bandwidth); a round ends when its slowest partici
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from broker_server.aggregation import check_strategy
-from broker_server.allocation import ALLOCATIONS, AllocationConfig, build_allocator
+from broker_server.allocation import ALLOCATIONS, AllocationConfig, Allocator, build_allocator, peft_key
 from broker_server.evaluation import Evaluator
 from broker_server.report import allocation_entry, build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
@@ -122,34 +123,34 @@ class SimulationConfig:
         AllocationConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma)
         if self.allocation_mode != "fixed" and (self.strategy != "fedit" or self.dp_noise is not None):
             raise ConfigError("--allocation utility/uniform aggregates with fedit and without DP for now")
-        if self.engine in ("ort", "mixed") and self.allocation_mode != "fixed":
-            raise ConfigError(
-                f"--engine {self.engine} needs --allocation fixed for now (ORT trains LoRA only)"
-            )
 
     def worker_engines(self, train_cfg: TrainConfig, workers: int) -> list[str]:
         """The engine of each worker process: every device of a worker trains with the same one.
 
-        ``auto`` is ORT where onnxruntime-training is installed and the module is one it trains
-        (LoRA without dropout, one configuration for the fleet), else torch; ``mixed`` alternates.
+        ``auto`` is ORT where onnxruntime-training is installed and the fleet's one module is one
+        it trains (LoRA without dropout), else torch; under allocation it keeps torch, so that
+        adapters and prompts stay on offer. ``mixed`` alternates; the allocator gives devices on
+        ORT only what ORT trains.
         """
         from edge_runtime.engines.ort_engine import check_ort_support, ort_available
 
         if self.engine == "torch":
             return ["torch"] * workers
-        supported = self.allocation_mode == "fixed" and ort_available()
-        if supported:
+        # under allocation, the allocator gives ORT devices only what ORT trains
+        supported = ort_available()
+        if supported and self.allocation_mode == "fixed":
             try:
                 check_ort_support(replace(train_cfg, engine="ort"))
             except ConfigError:
                 supported = False
-        if self.engine == "auto":
-            return ["ort" if supported else "torch"] * workers
+        if self.engine == "auto":  # a mixed fleet keeps torch: adapters and prompts are on offer
+            return ["ort" if supported and self.allocation_mode == "fixed" else "torch"] * workers
         if not ort_available():
             raise ConfigError(
                 f"--engine {self.engine} needs onnxruntime-training (pip install 'fedpeft[edge]')"
             )
-        check_ort_support(replace(train_cfg, engine="ort"))
+        if self.allocation_mode == "fixed":
+            check_ort_support(replace(train_cfg, engine="ort"))
         if self.engine == "ort":
             return ["ort"] * workers
         if workers < 2:
@@ -334,16 +335,10 @@ class Simulation:
         )
         service.start()
         engines = cfg.worker_engines(train_cfg, workers)
-        artifacts = None
+        artifacts: tuple[tuple[str, str], ...] = ()
         if "ort" in engines:
-            from broker_server.artifacts import build_artifacts
-
-            print(
-                "preparing ONNX Runtime training artifacts (cached after the first run)...", file=sys.stderr
-            )
-            artifacts = str(
-                build_artifacts(replace(train_cfg, engine="ort"), seed=cfg.seed, threads=cores).folder
-            )
+            artifacts = self._ort_artifacts(train_cfg, allocator, cores)
+        placed = self._place(devices, engines)
         ctx = mp.get_context("spawn")
         results: Any = ctx.Queue()
         stop = ctx.Event()
@@ -352,12 +347,12 @@ class Simulation:
                 index=w,
                 broker_url=url,
                 fleet=fleet,
-                devices=tuple(devices[w::workers]),
+                devices=placed[w],
                 seed=cfg.seed,
                 threads=max(1, cores // workers),
                 max_message_bytes=cfg.max_message_bytes,
                 engine=engines[w],
-                artifacts=artifacts if engines[w] == "ort" else None,
+                artifacts=artifacts if engines[w] == "ort" else (),
             )
             for w in range(workers)
         ]
@@ -413,6 +408,49 @@ class Simulation:
             raise FedPeftError("a device worker failed: " + errors[0].splitlines()[0])
         wall_s = time.monotonic() - wall_start
         return self._report(service, devices, stats, train_cfg, evaluator.total_params, wall_s, url)
+
+    def _ort_artifacts(
+        self, train_cfg: TrainConfig, allocator: Allocator | None, cores: int
+    ) -> tuple[tuple[str, str], ...]:
+        """Build (or find cached) ORT artifacts for every module an ORT device may be assigned."""
+        from broker_server.allocation import ort_trains
+        from broker_server.artifacts import build_artifacts
+        from sdk.fleet_worker import artifact_slot
+
+        if allocator is None:
+            configs = [replace(train_cfg, engine="ort")]
+        else:
+            specs = {json.dumps(c.peft.to_dict(), sort_keys=True): c.peft for c in allocator.grid}
+            configs = [replace(train_cfg, peft=p, engine="ort") for p in specs.values() if ort_trains(p)]
+        out = []
+        for i, config in enumerate(configs, 1):
+            print(
+                f"ONNX Runtime training artifacts {i}/{len(configs)}: {peft_key(config.peft)} "
+                "(built once, then cached)",
+                file=sys.stderr,
+                flush=True,
+            )
+            folder = build_artifacts(config, seed=self.config.seed, threads=cores).folder
+            out.append((artifact_slot(config), str(folder)))
+        return tuple(out)
+
+    @staticmethod
+    def _place(devices: list[VirtualDevice], engines: list[str]) -> list[tuple[VirtualDevice, ...]]:
+        """Devices per worker: round robin, except that in a mixed fleet the devices with the least
+        RAM go to the ORT workers (the engine that fits them)."""
+        workers = len(engines)
+        if len(set(engines)) == 1:
+            return [tuple(devices[w::workers]) for w in range(workers)]
+        ort = [w for w, e in enumerate(engines) if e == "ort"]
+        rest = [w for w, e in enumerate(engines) if e != "ort"]
+        by_ram = sorted(devices, key=lambda d: float(d.profile.get("ram_mb", 0.0)))
+        share = round(len(devices) * len(ort) / workers)
+        placed: list[list[VirtualDevice]] = [[] for _ in range(workers)]
+        for i, dev in enumerate(by_ram[:share]):
+            placed[ort[i % len(ort)]].append(dev)
+        for i, dev in enumerate(by_ram[share:]):
+            placed[rest[i % len(rest)]].append(dev)
+        return [tuple(sorted(p, key=lambda d: d.device_id)) for p in placed]
 
     def _virtual_round_s(self, record: dict[str, Any], profiles: dict[str, DeviceProfile]) -> float:
         longest = 0.0

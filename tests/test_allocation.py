@@ -150,3 +150,24 @@ def test_the_real_grid_gives_low_devices_a_cheaper_module_than_high_ones() -> No
     assert AdapterSpec(bottleneck=32) in [c.peft for c in allocator.largest(base)]
     with pytest.raises(NoFeasibleConfig, match="pi-zero-2w"):
         allocator.assign(base, load_profile("pi-zero-2w"), 150)
+
+
+def test_a_512_mb_device_with_onnx_runtime_gets_a_lora_module_that_fits() -> None:
+    """Engines in the device's order of preference: torch fits nothing on a Pi Zero 2 W, ORT does."""
+    base = TrainConfig(peft=LoraSpec(rank=8), num_labels=20, seq_len=128, batch_size=16)
+    allocator = build_allocator("utility", base, MINILM)
+    assert allocator is not None
+    pi_zero = load_profile("pi-zero-2w")
+    with pytest.raises(NoFeasibleConfig, match="below the smallest candidate"):
+        allocator.assign(base, pi_zero, 150, engines=("torch",))
+    for engines in (("ort",), ("torch", "ort"), ("ort", "torch")):
+        cfg, alloc = allocator.assign(base, pi_zero, 150, engines=engines)
+        assert cfg.engine == "ort" and isinstance(cfg.peft, LoraSpec)
+        assert alloc.cost.memory_mb <= cfg.mem_cap_mb == memory_cap_mb(pi_zero, AllocationConfig())
+        assert cfg.batch_size == 4  # batch 8 would not fit its 384 MiB
+    # ORT trains LoRA only, so a low-tier device that prefers ORT gets LoRA rather than adapters
+    low = load_profile("low")
+    assert allocator.assign(base, low, 150, engines=("torch",))[0].peft.kind == "adapter"
+    assert allocator.assign(base, low, 150, engines=("ort", "torch"))[0].peft.kind == "lora"
+    with pytest.raises(NoFeasibleConfig, match="none of its engines"):
+        allocator.assign(base, low, 150, engines=("tpu",))

@@ -34,14 +34,17 @@ def test_auto_falls_back_to_torch_for_what_ort_cannot_train() -> None:
     assert _sim(engine="auto").worker_engines(dropout, 2) == ["torch", "torch"]
     with pytest.raises(ConfigError):
         _sim(engine="ort").worker_engines(adapter, 2)
+    # under allocation, auto keeps torch (adapters and prompts are on offer); ort is asked for
+    mix = "low=0.5,high=0.5"
+    assert _sim(engine="auto", profiles=mix).worker_engines(adapter, 2) == ["torch", "torch"]
+    if ort_available():
+        assert _sim(engine="ort", profiles=mix).worker_engines(adapter, 2) == ["ort", "ort"]
 
 
 @pytest.mark.parametrize(
     "kw, fragment",
     [
         ({"engine": "tpu"}, "--engine must be one of"),
-        ({"engine": "ort", "profiles": "low=0.5,high=0.5"}, "--allocation fixed"),
-        ({"engine": "mixed", "allocation": "uniform"}, "--allocation fixed"),
     ],
 )
 def test_bad_engine_choices_are_refused(kw: dict[str, object], fragment: str) -> None:

@@ -243,3 +243,24 @@ def test_a_mixed_fleet_of_ort_and_torch_devices_trains_together(
     }
     assert peaks["ort"] < peaks["torch"] - 100, peaks  # the ORT worker never imported torch
     assert any((tmp_path / "artifacts").iterdir())
+
+
+def test_pi_zero_devices_train_on_ort_within_their_cap_beside_torch_devices(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the ORT engine needs onnxruntime-training")
+    monkeypatch.setenv("FEDPEFT_ARTIFACTS", str(tmp_path / "artifacts"))
+    config = _sim_config(tiny, clients=4, engine="mixed", profiles="pi-zero-2w=0.5,high=0.5", rounds=1)
+    report = Simulation(config).run()
+    validate_report(report)
+    by_profile: dict[str, list[dict[str, Any]]] = {}
+    for c in report["clients"]:
+        by_profile.setdefault(c["profile"], []).append(c)
+    assert len(by_profile["pi-zero-2w"]) == 2
+    for c in by_profile["pi-zero-2w"]:  # 512 MB: only ONNX Runtime fits, and the allocator knew
+        assert c["engine"] == "ort" and c["peft"]["type"] == "lora", c
+        assert 0 < c["peak_rss_mb"] <= c["mem_cap_mb"] == 384.0
+        assert c["updates_accepted"] == 2
+    for c in by_profile["high"]:
+        assert c["engine"] == "torch" and c["updates_accepted"] == 2
+    assert report["rejected"] == []
