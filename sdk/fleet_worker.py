@@ -148,7 +148,11 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
     for agent in agents:
         agent.start()
     results.put(("ready", job.index, [a.device_id for a in agents]))
+    parent = os.getppid()
     while not stop.is_set() and not all(a.done.is_set() for a in agents):
+        if os.getppid() != parent:  # the simulator was killed: nobody is left to report to
+            logging.getLogger("fedpeft.sim").warning("worker%d: the simulator is gone, stopping", job.index)
+            break
         worked = False
         for agent in agents:
             if agent.run_pending():
