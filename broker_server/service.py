@@ -16,9 +16,11 @@ import hashlib
 import json
 import logging
 import queue
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,7 @@ from broker_server.heterogeneous import coverage_mean, view
 from broker_server.privacy import dp_epsilon, dp_fedavg
 from broker_server.state import StateStore
 from edge_runtime import wire
+from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult
@@ -183,6 +186,9 @@ class AggregationService:
         on_accept: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         allocator: Allocator | None = None,
+        serve_artifacts: bool = True,
+        artifacts_cache: Path | None = None,
+        artifact_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.transport = transport
         self.config = config
@@ -224,6 +230,13 @@ class AggregationService:
         # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
         self._accepted_ids: dict[tuple[str, int], str] = {}
         self._chunks = ChunkAssembler(max_bytes=config.max_payload_bytes)
+        # ORT training artifacts: whether devices fetch them from here (the simulator hands its
+        # workers a local folder instead), where they are built, and what this process published
+        self.serve_artifacts = serve_artifacts
+        self.artifacts_cache = artifacts_cache  # None: broker_server.artifacts.default_cache_dir()
+        self.artifact_chunk_bytes = artifact_chunk_bytes
+        self.artifacts_published: dict[str, ArtifactInfo] = {}  # by artifact key
+        self._artifact_of: dict[str, str] = {}  # config id -> artifact key
 
     # --- inbound -----------------------------------------------------------------------------
 
@@ -378,12 +391,62 @@ class AggregationService:
             return {k: tuple(v.shape) for k, v in self._state.items()}
         return self.evaluator.shapes(config)
 
+    def artifact_for(self, config: TrainConfig) -> ArtifactInfo:
+        """Build ``config``'s ORT training artifacts if missing and publish them (once per key).
+
+        The chunks go out retained, so a device that joins later (or after a restart of this
+        service, which publishes them again on its first assignment) still finds them.
+        """
+        cid = config_id(config)
+        key = self._artifact_of.get(cid)
+        if key is not None and key in self.artifacts_published:
+            return self.artifacts_published[key]
+        # imported here: building needs torch, transformers and onnx, which only ORT fleets use
+        from broker_server.artifacts import build_artifacts
+
+        start = time.perf_counter()
+        folder = build_artifacts(config, seed=self.config.seed, cache_dir=self.artifacts_cache).folder
+        key = folder.name  # build_artifacts names the folder by its artifact_key
+        self._artifact_of[cid] = key
+        info = self.artifacts_published.get(key)
+        if info is None:
+            info = self._publish_artifact(key, folder)
+            log.info(
+                "published ORT artifacts %s: %.1f MB in %d chunks (%.1f s)",
+                key,
+                info.size / 1e6,
+                info.chunks,
+                time.perf_counter() - start,
+            )
+        return info
+
+    def _publish_artifact(self, key: str, folder: Path) -> ArtifactInfo:
+        with tempfile.TemporaryFile() as spool:
+            pack_folder(folder, spool)
+            info, chunks = iter_chunks(key, spool, chunk_bytes=self.artifact_chunk_bytes)
+            for index, chunk in enumerate(chunks):
+                self.transport.publish(
+                    wire.artifact_topic(self.config.fleet, key, index), chunk, qos=1, retain=True
+                )
+        self.artifacts_published[key] = info
+        return info
+
     def _assign(self, record: DeviceRecord) -> None:
+        artifact = None
+        if self.serve_artifacts and record.config.engine == "ort":
+            try:
+                artifact = self.artifact_for(record.config)
+            except (FedPeftError, ImportError, OSError) as exc:
+                # no artifacts, no training: leave the device out with the reason, keep serving
+                record.excluded = f"cannot serve ORT artifacts: {exc}"
+                log.error("device %s left out: %s", record.device_id, record.excluded)
+                return
         msg = wire.Assignment(
             device_id=record.device_id,
             round=self._round,
             config=record.config.to_dict(),
             global_topic=self._group(record.config).topic,
+            artifact=None if artifact is None else artifact.to_dict(),
         )
         self.transport.publish(
             wire.topic(self.config.fleet, "assign", record.device_id), wire.encode_assignment(msg), qos=1

@@ -3,25 +3,33 @@
 Network callbacks only record what arrived; training runs in the caller's thread through
 :meth:`DeviceAgent.run_pending` (or :meth:`DeviceAgent.run`), so a worker process can host many
 agents that train one at a time on one shared engine.
+
+An assignment to the ONNX Runtime engine names an artifact pack (graphs, checkpoint, tokenizer):
+the agent takes it from its cache, or fetches its chunks once (retained on the broker), checks
+them and unpacks them there before it trains (:mod:`edge_runtime.artifact_transfer`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import resource
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_runtime import wire
+from edge_runtime.artifact_transfer import ArtifactAssembler, ArtifactInfo, cached_folder, unpack
 from edge_runtime.chunking import split_payload
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
+from edge_runtime.engines import create_engine
 from edge_runtime.engines.base import ProgressFn, TrainingEngine
 from edge_runtime.errors import FedPeftError, MemoryCapExceeded, UpdateRejected
 from edge_runtime.memory import MemoryGuard
@@ -33,6 +41,11 @@ log = logging.getLogger("fedpeft.edge")
 EngineFactory = Callable[[TrainConfig], TrainingEngine]
 STATS_PHASE = "stats"
 DONE_PHASE = "done"
+
+
+def default_artifacts_cache() -> Path:
+    """Where a device keeps the ORT artifact folders it fetched, unless told otherwise."""
+    return Path.home() / ".cache" / "fedpeft" / "device-artifacts"
 
 
 def peak_rss_mb() -> float:
@@ -66,7 +79,7 @@ class DeviceAgent:
         fleet: str,
         transport: Transport,
         data: TextDataset,
-        engine_factory: EngineFactory,
+        engine_factory: EngineFactory | None = None,
         *,
         profile: dict[str, Any] | None = None,
         engines: tuple[str, ...] = ("torch",),
@@ -76,12 +89,18 @@ class DeviceAgent:
         progress: ProgressFn | None = None,
         update_hook: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
         max_message_bytes: int | None = None,
+        artifacts_cache: str | Path | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
         self.transport = transport
         self.data = data
-        self.engine_factory = engine_factory
+        # None: create_engine with the fetched ORT artifacts (if any), one engine kept at a time
+        self.engine_factory: EngineFactory = engine_factory or self._default_engine
+        self._engine_cache: dict[str, TrainingEngine] = {}
+        self.artifacts_cache = Path(artifacts_cache) if artifacts_cache else default_artifacts_cache()
+        self.artifact_folder: Path | None = None  # the ORT artifacts of the current assignment
+        self._fetch: ArtifactAssembler | None = None
         self.profile = profile or {}
         self.engines = engines
         self.seed = seed
@@ -140,8 +159,87 @@ class DeviceAgent:
         first = self.assignment is None or self.assignment.global_topic != assignment.global_topic
         self.assignment, self.config = assignment, config
         self.stats.config = assignment.config
+        if config.engine == "ort" and assignment.artifact is not None:
+            self._prepare_artifacts(assignment.artifact)  # before the global: training needs them
         if first:
             self.transport.subscribe(assignment.global_topic, self._on_global)
+
+    def _prepare_artifacts(self, announced: dict[str, Any]) -> None:
+        """Use the cached artifact folder, or start fetching its chunks (once per key)."""
+        try:
+            info = ArtifactInfo.from_dict(announced)
+        except FedPeftError as exc:
+            log.error("device %s: bad artifact in the assignment: %s", self.device_id, exc)
+            return
+        folder = cached_folder(self.artifacts_cache, info.key)
+        if folder is not None:
+            self.artifact_folder = folder
+            return
+        if self._fetch is not None and self._fetch.key == info.key:
+            return  # already fetching (a repeated assignment)
+        if self._fetch is not None:  # reassigned to another module mid-fetch
+            self._fetch.close()
+        self.artifact_folder = None
+        self.artifacts_cache.mkdir(parents=True, exist_ok=True)
+        self._fetch = ArtifactAssembler(
+            info.key, expected=info, spool_dir=self.artifacts_cache, progress=self._fetch_progress
+        )
+        log.info(
+            "device %s: fetching ORT artifacts %s (%.1f MB in %d chunks)",
+            self.device_id,
+            info.key,
+            info.size / 1e6,
+            info.chunks,
+        )
+        # retained: every chunk arrives now, or as soon as the service has published it
+        self.transport.subscribe(wire.artifact_filter(self.fleet, info.key), self._on_artifact_chunk)
+
+    def _fetch_progress(self, received: int, count: int) -> None:
+        if received == count or received * 10 // count > (received - 1) * 10 // count:
+            log.info(
+                "device %s: artifacts %d%% (%d of %d chunks)",
+                self.device_id,
+                100 * received // count,
+                received,
+                count,
+            )
+
+    def _on_artifact_chunk(self, topic: str, payload: bytes) -> None:
+        fetch = self._fetch
+        if fetch is None or not payload:
+            return  # fetched already (a redelivery), or a cleared retained chunk
+        self._count_down(payload)
+        try:
+            key = wire.parse_artifact_topic(topic)[1]
+            if key != fetch.key or not fetch.add(payload):
+                return
+        except UpdateRejected as exc:
+            # a stale or forged chunk; a bad hash means a chunk was wrong: give up on this copy
+            log.warning("device %s: artifact chunk on %s rejected: %s", self.device_id, topic, exc)
+            if not fetch.all_in:
+                return
+            fetch.close()
+            self._fetch = None
+        else:
+            try:
+                self.artifact_folder = unpack(fetch.payload(), self.artifacts_cache, fetch.key)
+                log.info("device %s: ORT artifacts ready in %s", self.device_id, self.artifact_folder)
+            except (FedPeftError, OSError) as exc:
+                log.error("device %s: cannot unpack artifacts %s: %s", self.device_id, fetch.key, exc)
+            finally:
+                fetch.close()
+                self._fetch = None
+        # the global module that waited for the artifacts can be trained now (or fail clearly)
+        self._wake.set()
+        if self.on_ready is not None and self._pending_global is not None:
+            self.on_ready(self)
+
+    def _default_engine(self, config: TrainConfig) -> TrainingEngine:
+        key = json.dumps([config.to_dict(), str(self.artifact_folder)], sort_keys=True)
+        if key not in self._engine_cache:
+            self._engine_cache.clear()  # one engine at a time: a device has little memory
+            self._engine_cache[key] = create_engine(config, seed=self.seed, artifacts=self.artifact_folder)
+        return self._engine_cache[key]
 
     def _on_global(self, topic: str, payload: bytes) -> None:
         self._count_down(payload)
@@ -169,6 +267,8 @@ class DeviceAgent:
     def run_pending(self) -> bool:
         """Train on the newest global module if one arrived; True if work was done."""
         with self._lock:
+            if self._fetch is not None:
+                return False  # the ORT artifacts are still on their way; the module waits for them
             payload, self._pending_global = self._pending_global, None
         if payload is None or self.config is None:
             return False

@@ -27,7 +27,10 @@ and finally the decoded values (finite). Every failure raises an
 escapes a decoder. The version comes before the hash so that a device speaking a newer schema is
 told "unknown schema version" rather than "bad hash". JSON only: never pickle, never eval.
 
-Topics are ``fl/{fleet}/{kind}/{device}``; see :func:`topic` and :func:`parse_topic`.
+Topics are ``fl/{fleet}/{kind}/{device}``; see :func:`topic` and :func:`parse_topic`. Artifact
+chunks (:mod:`edge_runtime.artifact_transfer`) take one level more, ``fl/{fleet}/artifact/{key}/{index}``,
+so that a device subscribes to its own key's chunks only (MQTT wildcards match whole levels); see
+:func:`artifact_topic` and :func:`parse_artifact_topic`.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 MAX_NDIM = 8
 MAX_ELEMENTS = 50_000_000  # per tensor and per message: a PEFT module is far smaller
 MAX_TOPIC_SEGMENT = 128
-TOPIC_KINDS = ("hello", "assign", "global", "update", "ack", "status")
+TOPIC_KINDS = ("hello", "assign", "global", "update", "ack", "status", "artifact")
 
 _PREAMBLE = struct.Struct("<4sHBI")  # magic, version, kind, header length
 _HASH_LEN = 32
@@ -106,6 +109,8 @@ class Assignment:
     round: int
     config: dict[str, Any]
     global_topic: str
+    # for engine "ort": {"key", "size", "sha256", "chunks"} of the artifact pack to fetch once
+    artifact: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,29 @@ def parse_topic(text: str) -> tuple[str, str, str]:
     if kind not in TOPIC_KINDS:
         raise MalformedPayload(f"unknown topic kind {kind[:20]!r}")
     return fleet, kind, device
+
+
+def artifact_topic(fleet: str, key: str, index: int) -> str:
+    """The topic of chunk ``index`` of artifact ``key``: ``fl/{fleet}/artifact/{key}/{index}``."""
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ConfigError(f"artifact chunk index must be a non-negative integer, got {index!r}")
+    return f"{topic(fleet, 'artifact', key)}/{index}"
+
+
+def artifact_filter(fleet: str, key: str) -> str:
+    """The subscription that matches every chunk of artifact ``key``."""
+    return f"{topic(fleet, 'artifact', key)}/+"
+
+
+def parse_artifact_topic(text: str) -> tuple[str, str, int]:
+    """Split ``fl/{fleet}/artifact/{key}/{index}`` into (fleet, key, index); else MalformedPayload."""
+    parts = text.split("/") if isinstance(text, str) else []
+    if len(parts) != 5 or not parts[4].isdigit() or len(parts[4]) > 9:
+        raise MalformedPayload(f"topic {str(text)[:80]!r} is not fl/FLEET/artifact/KEY/INDEX")
+    fleet, kind, key = parse_topic("/".join(parts[:4]))
+    if kind != "artifact":
+        raise MalformedPayload(f"topic {str(text)[:80]!r} is not an artifact topic")
+    return fleet, key, int(parts[4])
 
 
 # --- header fields -----------------------------------------------------------------------------
@@ -302,12 +330,42 @@ _FIELDS: dict[MessageKind, tuple[tuple[str, _Check], ...]] = {
 _CARRIES_TENSORS = (MessageKind.GLOBAL, MessageKind.UPDATE)
 
 
+def _artifact_ref(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        return "must be a JSON object or null"
+    key, sha = v.get("key"), v.get("sha256")
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= 64
+        or not all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    ):
+        return "must have a key of 1-64 characters of [0-9A-Za-z_-]"
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        return "must have a sha256 of 64 lowercase hex digits"
+    for name in ("size", "chunks"):
+        if not (_is_int(v.get(name)) and 1 <= v[name] <= _MAX_INT):
+            return f"must have a positive integer {name}"
+    return None
+
+
+# Fields a newer sender may add: checked when present, absent in what older senders write.
+_OPTIONAL: dict[MessageKind, tuple[tuple[str, _Check], ...]] = {
+    MessageKind.ASSIGN: (("artifact", _artifact_ref),),
+}
+
+
 def _check_header(kind: MessageKind, header: dict[str, Any], error: type[FedPeftError]) -> None:
     """Raise ``error`` naming the first required field that is missing or of the wrong type."""
     for name, check in _FIELDS[kind]:
         if name not in header:
             raise error(f"{kind.name.lower()} header field {name!r} is missing")
         problem = check(header[name])
+        if problem:
+            raise error(f"{kind.name.lower()} header field {name!r} {problem}")
+    for name, check in _OPTIONAL.get(kind, ()):
+        problem = check(header[name]) if name in header else None
         if problem:
             raise error(f"{kind.name.lower()} header field {name!r} {problem}")
 
@@ -592,13 +650,19 @@ def encode_assignment(msg: Assignment) -> bytes:
         "config": msg.config,
         "global_topic": msg.global_topic,
     }
+    if msg.artifact is not None:  # absent otherwise, so older devices read the same header
+        header["artifact"] = msg.artifact
     return _encode(MessageKind.ASSIGN, header)
 
 
 def _assignment(p: _Parsed) -> Assignment:
     h = p.header
     return Assignment(
-        device_id=h["device_id"], round=h["round"], config=h["config"], global_topic=h["global_topic"]
+        device_id=h["device_id"],
+        round=h["round"],
+        config=h["config"],
+        global_topic=h["global_topic"],
+        artifact=h.get("artifact"),
     )
 
 
@@ -734,6 +798,8 @@ __all__ = [
     "MessageKind",
     "Status",
     "UpdateMessage",
+    "artifact_filter",
+    "artifact_topic",
     "content_id",
     "decode_ack",
     "decode_any",
@@ -748,6 +814,7 @@ __all__ = [
     "encode_hello",
     "encode_status",
     "encode_update",
+    "parse_artifact_topic",
     "parse_topic",
     "topic",
 ]

@@ -185,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds before an unacknowledged update is sent again (default 30)",
     )
+    edge.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "torch", "ort"),
+        help="training engine: auto (ONNX Runtime where onnxruntime-training is installed, else torch; "
+        "the server picks among those this device has)",
+    )
+    edge.add_argument(
+        "--artifacts-cache",
+        default=None,
+        help="folder for the ORT training artifacts fetched from the server (default STATE/artifacts)",
+    )
     _add_tls_flags(edge)
 
     cen = sub.add_parser("centralized", help="the centralized reference on the same data budget")

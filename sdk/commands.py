@@ -186,10 +186,13 @@ def cmd_edge(args: argparse.Namespace) -> int:
         key_file=args.key_file,
         resend_after_s=args.resend_after,
         max_message_bytes=args.max_message_bytes,
+        engine=args.engine,
+        artifacts_cache=args.artifacts_cache,
     )
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
     print(
-        f"device {args.device_id}: {len(client.data)} samples, waiting for the server on {args.broker}",
+        f"device {args.device_id}: {len(client.data)} samples, engines {', '.join(client.agent.engines)}, "
+        f"waiting for the server on {args.broker}",
         flush=True,
     )
     s = client.run()

@@ -8,7 +8,6 @@ module = client.final_module  # the trained PEFT module, by tensor name
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent, DeviceStats
-from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset, load_split, resolve_data_dir
-from edge_runtime.engines import TrainingEngine, create_engine
+from edge_runtime.engines import device_engines
 from edge_runtime.outbox import Outbox
 from edge_runtime.transport import MqttTransport, parse_broker_url
 from hw_profiles import measure
@@ -43,7 +41,10 @@ class EdgeClient:
         key_file: str | None = None,
         resend_after_s: float = 30.0,
         max_message_bytes: int | None = None,
+        engine: str = "auto",
+        artifacts_cache: str | Path | None = None,
     ) -> None:
+        engines = device_engines(engine)  # before connecting: a missing engine is a bad flag
         if isinstance(data, TextDataset):
             self.data = data
         else:
@@ -52,7 +53,6 @@ class EdgeClient:
         self.device_id = device_id
         self.seed = seed
         self.resend_after_s = resend_after_s
-        self._engines: dict[str, TrainingEngine] = {}
         status_topic = wire.topic(fleet, "status", device_id)
         offline = wire.encode_status(wire.Status(device_id=device_id, state="offline", detail={}))
         self.transport = MqttTransport(
@@ -66,24 +66,20 @@ class EdgeClient:
         )
         self._status_topic = status_topic
         state = Path(state_dir) if state_dir is not None else Path(".fedpeft-edge") / device_id
+        # the agent's own engine factory: create_engine, with the ORT artifacts it fetched
         self.agent = DeviceAgent(
             device_id,
             fleet,
             self.transport,
             self.data,
-            self._engine,
             profile=measure().to_dict(),
+            engines=engines,
             seed=seed,
             outbox=Outbox(state / "outbox"),
             max_message_bytes=max_message_bytes,
+            artifacts_cache=Path(artifacts_cache) if artifacts_cache is not None else state / "artifacts",
         )
         self._stop = threading.Event()
-
-    def _engine(self, config: TrainConfig) -> TrainingEngine:
-        key = json.dumps(config.to_dict(), sort_keys=True)
-        if key not in self._engines:
-            self._engines[key] = create_engine(config, seed=self.seed)
-        return self._engines[key]
 
     def run(self) -> DeviceStats:
         """Train until the service publishes its last global module or :meth:`stop` is called."""

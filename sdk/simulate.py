@@ -332,6 +332,7 @@ class Simulation:
             on_round=self.on_round,
             on_accept=self.on_update,
             allocator=allocator,
+            serve_artifacts=False,  # workers get the artifact folders from _ort_artifacts below
         )
         service.start()
         engines = cfg.worker_engines(train_cfg, workers)

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult, TrainingEngine, TrainResult
 from edge_runtime.errors import ConfigError
 
-__all__ = ["EvalResult", "TrainResult", "TrainingEngine", "create_engine"]
+__all__ = ["EvalResult", "TrainResult", "TrainingEngine", "create_engine", "device_engines"]
+
+DEVICE_ENGINE_CHOICES = ("auto", "torch", "ort")
+
+
+def device_engines(choice: str = "auto") -> tuple[str, ...]:
+    """The engines this host trains with, in order of preference, as its hello lists them.
+
+    ``auto``: ONNX Runtime first where onnxruntime-training is installed, then torch where it is.
+    Checked with ``find_spec`` only, so an ORT device never imports torch.
+    """
+    from edge_runtime.engines.ort_engine import ort_available
+
+    if choice not in DEVICE_ENGINE_CHOICES:
+        raise ConfigError(f"--engine must be one of {', '.join(DEVICE_ENGINE_CHOICES)}, got {choice!r}")
+    has_ort = ort_available()
+    has_torch = importlib.util.find_spec("torch") is not None
+    if choice == "ort" and not has_ort:
+        raise ConfigError("--engine ort needs onnxruntime-training (pip install 'fedpeft[edge]')")
+    if choice == "torch" and not has_torch:
+        raise ConfigError("--engine torch needs torch, transformers and peft (pip install fedpeft)")
+    if choice != "auto":
+        return (choice,)
+    found = (("ort",) if has_ort else ()) + (("torch",) if has_torch else ())
+    if not found:
+        raise ConfigError("no training engine is installed: install onnxruntime-training or torch")
+    return found
 
 
 def create_engine(
