@@ -112,9 +112,10 @@ STRATEGIES: dict[str, Strategy] = {
 """Strategies by ``--strategy`` name; ``fedavg`` is an alias of ``fedit`` for LoRA."""
 
 
-STATEFUL_STRATEGIES = ("exact",)
-"""Strategies that keep server-side state between rounds; the service runs them itself
-(``exact``: :func:`broker_server.exact.exact_fedavg`, with its residual in the state store)."""
+STATEFUL_STRATEGIES = ("exact", "ffa")
+"""Strategies the service runs itself, since they need to know the module's LoRA pairs
+(``exact``: :func:`broker_server.exact.exact_fedavg`, with its residual in the state store;
+``ffa``: :func:`broker_server.exact.ffa_fedavg`, stateless but for a fleet whose A is frozen)."""
 
 
 def check_strategy(name: str) -> None:
@@ -128,7 +129,9 @@ def get_strategy(name: str) -> Strategy:
     """The stateless strategy registered under ``name``."""
     check_strategy(name)
     if name not in STRATEGIES:
-        raise ConfigError(f"strategy {name!r} keeps state between rounds: the service runs it")
+        raise ConfigError(
+            f"strategy {name!r} keeps state between rounds or needs the LoRA pairs: the service runs it"
+        )
     return STRATEGIES[name]
 
 

@@ -416,3 +416,38 @@ def exact_fedavg(
         ]
         rest = fedit(rest_state, others)
     return {**rest, **result.factors[rank]}, result.residual
+
+
+def ffa_fedavg(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+    """One round of ``--strategy ffa`` (FFA-LoRA) on a fleet that trains one LoRA configuration.
+
+    Devices send deltas against ``global_state``. LoRA pairs go through :func:`ffa_aggregate` on
+    the clients' full factors (global plus delta): A stays the global one, B is the sample-weighted
+    mean. Every other tensor (the head) is averaged as FedIT does. Returns the new global state.
+    """
+    if not updates:
+        raise ConfigError("cannot aggregate zero updates")
+    pairs = lora_pairs(global_state)
+    if not pairs:
+        raise ConfigError("--strategy ffa needs LoRA factors in the global module")
+    b_names = [b for _, b in pairs.values()]
+    counted = [u for u in updates if u.num_samples > 0] or list(updates)
+    clients = [
+        {
+            n: np.asarray(global_state[n], dtype=np.float64) + np.asarray(u.delta[n], dtype=np.float64)
+            for n in b_names
+        }
+        for u in counted
+    ]
+    weights = [float(max(u.num_samples, 1)) for u in counted]
+    lora_state = ffa_aggregate(global_state, clients, weights)
+    lora = {name for pair in pairs.values() for name in pair}
+    rest_state = {k: v for k, v in global_state.items() if k not in lora}
+    rest: State = {}
+    if rest_state:
+        others = [
+            ClientUpdate(u.device_id, u.num_samples, {k: u.delta[k] for k in rest_state}, u.metrics)
+            for u in updates
+        ]
+        rest = fedit(rest_state, others)
+    return {**rest, **lora_state}

@@ -27,6 +27,7 @@ import numpy as np
 
 from broker_server.aggregation import (
     ROBUST_STRATEGIES,
+    STATEFUL_STRATEGIES,
     ClientUpdate,
     check_strategy,
     clip_update,
@@ -37,7 +38,7 @@ from broker_server.aggregation import (
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
 from broker_server.evaluation import Evaluator
-from broker_server.exact import exact_fedavg
+from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
 from broker_server.privacy import dp_epsilon, dp_fedavg
 from broker_server.state import StateStore
@@ -123,6 +124,13 @@ class ServiceConfig:
             raise ConfigError(
                 f"--strategy exact averages LoRA products; the module is {self.train.peft.kind}"
             )
+        if self.strategy == "ffa" and not (
+            isinstance(self.train.peft, LoraSpec) and not self.train.peft.train_a
+        ):
+            raise ConfigError(
+                "--strategy ffa (FFA-LoRA) needs a LoRA module with frozen A factors (train_a=False); "
+                f"the module is {self.train.peft.to_dict()}"
+            )
 
 
 @dataclass
@@ -201,9 +209,11 @@ class AggregationService:
         if allocator is not None and (config.strategy != "fedit" or config.dp_noise_multiplier is not None):
             raise ConfigError("a mixed fleet (allocation) aggregates with fedit, without DP, for now")
         self.groups: dict[str, Group] = {}
-        if allocator is not None and config.strategy == "exact":
-            raise ConfigError("--strategy exact with a mixed fleet (allocation) is not supported yet")
-        self.strategy = get_strategy("fedit" if config.strategy == "exact" else config.strategy)
+        if allocator is not None and config.strategy in STATEFUL_STRATEGIES:
+            raise ConfigError(
+                f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
+            )
+        self.strategy = get_strategy("fedit" if config.strategy in STATEFUL_STRATEGIES else config.strategy)
         self._residual: dict[str, np.ndarray] | None = None  # --strategy exact: the fed-back part
         self.devices: dict[str, DeviceRecord] = {}
         self.rejected: list[dict[str, Any]] = []
@@ -680,6 +690,10 @@ class AggregationService:
             if self.store is not None:
                 module = wire.GlobalModule(self._round, "residual", dict(self._residual))
                 self.store.save_residual(self._round, wire.encode_global(module, bits=32))
+        elif self.config.strategy == "ffa":
+            if self.config.clip_norm is not None:
+                updates = [clip_update(u, self.config.clip_norm) for u in updates]
+            self._state = ffa_fedavg(self._state, updates)
         else:
             if self.config.clip_norm is not None:
                 updates = [clip_update(u, self.config.clip_norm) for u in updates]

@@ -283,6 +283,13 @@ class LoraSpec:
         default=("query", "value"), metadata={"help": "names of the linear modules that get LoRA"}
     )
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    train_a: bool = field(
+        default=True,
+        metadata={
+            "help": "train the A factors; False (FFA-LoRA) keeps them at their shared initial values "
+            "and trains, sends and averages only B"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -295,15 +302,25 @@ class LoraSpec:
             raise ConfigError("LoraSpec.target_modules must name at least one module")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.train_a, bool):
+            raise ConfigError(f"LoraSpec.train_a must be a bool, got {self.train_a!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form that travels in an assignment."""
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        if self.train_a:
+            # left out at its default, so configuration ids and ORT artifact keys of plain LoRA
+            # stay what they were before the field existed
+            del data["train_a"]
         return {"kind": self.kind, **data}
 
     def trainable_params(self, hidden: int, layers: int, num_labels: int) -> int:
-        """LoRA factors on square attention projections plus the classification head."""
+        """LoRA factors on square attention projections plus the classification head.
+
+        The A factors are counted even with ``train_a`` False: they keep their initial values
+        then, but they are part of the module's state and travel with it.
+        """
         per_module = 2 * hidden * self.rank
         return layers * len(self.target_modules) * per_module + _head_params(hidden, num_labels)
 

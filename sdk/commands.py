@@ -24,6 +24,8 @@ def _train_config(args: argparse.Namespace, num_labels: int, bits: int = 32) -> 
             rank=args.lora_rank,
             alpha=args.lora_alpha,
             target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            # FFA-LoRA: A stays at its shared initialisation; commands without --strategy train it
+            train_a=getattr(args, "strategy", "fedit") != "ffa",
         ),
         model=args.model,
         num_labels=num_labels,

@@ -167,7 +167,12 @@ class SimulationConfig:
     def train_config(self, num_labels: int) -> TrainConfig:
         """The training configuration every device is assigned."""
         return TrainConfig(
-            peft=LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, target_modules=self.lora_targets),
+            peft=LoraSpec(
+                rank=self.lora_rank,
+                alpha=self.lora_alpha,
+                target_modules=self.lora_targets,
+                train_a=self.strategy != "ffa",  # FFA-LoRA: A stays at its shared initialisation
+            ),
             model=self.model,
             num_labels=num_labels,
             bits=self.bits,

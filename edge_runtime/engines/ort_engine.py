@@ -21,7 +21,8 @@ What matches the torch engine, and what does not:
   taken here in numpy with torch's AdamW arithmetic, two learning rates (``lr`` for the module,
   ``head_lr`` for the head, a frozen head if ``head_lr`` is 0), gradient clipping to norm 1 and
   the proximal term ``prox_mu ||theta - theta0||^2`` (its gradient ``2 prox_mu (theta - theta0)``
-  is added before clipping, as autograd does in the torch engine). ORT's own optimizer graph
+  is added before clipping, as autograd does in the torch engine). With ``LoraSpec.train_a``
+  False (FFA-LoRA) the ``lora_A`` factors get rate 0 and are never stepped. ORT's own optimizer graph
   (``optimizer_model.onnx``, AdamW) is built but not used: it has one learning rate, no clipping
   and no proximal term.
 - Not the same: the graphs are exported in eval mode, so no dropout runs while training. The torch
@@ -312,6 +313,10 @@ class OrtEngine:
         ids = self._tokens(data)
         labels = np.asarray(data.labels, dtype=np.int64)
         rates = {n: (cfg.head_lr if n.startswith("head.") else cfg.lr) for n in self._values}
+        if isinstance(cfg.peft, LoraSpec) and not cfg.peft.train_a:
+            # FFA-LoRA: a rate of 0 leaves A out of ``trained``, so no step, clipping or weight
+            # decay touches it (as in the torch engine, where A is out of the optimizer)
+            rates.update({n: 0.0 for n in rates if "lora_A" in n})
         trained = [n for n, rate in rates.items() if rate > 0]
         anchor = {n: self._values[n].copy() for n in trained} if cfg.prox_mu > 0 else {}
         m = {n: np.zeros_like(self._values[n]) for n in trained}

@@ -303,8 +303,18 @@ class TorchEngine:
             raise EngineError("cannot train on an empty dataset")
         ids = self._tokens(data)
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
+        # FFA-LoRA: the A factors stay at their shared initial values, out of the optimizer and
+        # of autograd, so neither gradients nor weight decay can move them
+        freeze_a = isinstance(cfg.peft, LoraSpec) and not cfg.peft.train_a
+        frozen = [p for n, p in self._params.items() if freeze_a and n.endswith(".lora_A")]
         head = [p for n, p in self._params.items() if n.startswith("head.")]
-        body = [p for n, p in self._params.items() if not n.startswith("head.")]
+        body = [
+            p
+            for n, p in self._params.items()
+            if not n.startswith("head.") and not (freeze_a and n.endswith(".lora_A"))
+        ]
+        for p in frozen:
+            p.requires_grad_(False)
         groups: list[dict[str, Any]] = [{"params": body, "lr": cfg.lr}]
         if cfg.head_lr > 0:
             groups.append({"params": head, "lr": cfg.head_lr})
@@ -348,7 +358,7 @@ class TorchEngine:
                         progress(step, total)
         finally:
             self.model.eval()
-            for p in head:
+            for p in head + frozen:
                 p.requires_grad_(True)
         return TrainResult(
             steps=step,
