@@ -679,27 +679,24 @@ class AggregationService:
                 rng=np.random.default_rng([self.config.seed, self._round]),
             )
             self._dp_rounds += 1
-        elif self.config.strategy == "exact":
-            if self.config.clip_norm is not None:
-                updates = [clip_update(u, self.config.clip_norm) for u in updates]
-            spec = self.config.train.peft
-            assert isinstance(spec, LoraSpec)
-            self._state, self._residual = exact_fedavg(
-                self._state, updates, spec.alpha / spec.rank, self._residual
-            )
-            if self.store is not None:
-                module = wire.GlobalModule(self._round, "residual", dict(self._residual))
-                self.store.save_residual(self._round, wire.encode_global(module, bits=32))
-        elif self.config.strategy == "ffa":
-            if self.config.clip_norm is not None:
-                updates = [clip_update(u, self.config.clip_norm) for u in updates]
-            self._state = ffa_fedavg(self._state, updates)
         else:
             if self.config.clip_norm is not None:
                 updates = [clip_update(u, self.config.clip_norm) for u in updates]
-            # a mixed fleet: zero-pad and average each element over the clients that trained it
-            rule = coverage_mean if self.allocator is not None else self.strategy
-            self._state = rule(self._state, updates)
+            if self.config.strategy == "exact":
+                spec = self.config.train.peft
+                assert isinstance(spec, LoraSpec)
+                self._state, self._residual = exact_fedavg(
+                    self._state, updates, spec.alpha / spec.rank, self._residual
+                )
+                if self.store is not None:
+                    module = wire.GlobalModule(self._round, "residual", dict(self._residual))
+                    self.store.save_residual(self._round, wire.encode_global(module, bits=32))
+            elif self.config.strategy == "ffa":
+                self._state = ffa_fedavg(self._state, updates)
+            else:
+                # a mixed fleet: zero-pad and average each element over the clients that trained it
+                rule = coverage_mean if self.allocator is not None else self.strategy
+                self._state = rule(self._state, updates)
 
     def _initial_state(self) -> dict[str, np.ndarray]:
         if self.allocator is None:
