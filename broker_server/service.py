@@ -65,6 +65,7 @@ log = logging.getLogger("fedpeft.server")
 
 STATS_PHASE = "stats"
 TRAIN_PHASE = "train"
+PERSONALIZE_PHASE = "personalize"
 DONE_PHASE = "done"
 
 
@@ -95,6 +96,10 @@ class ServiceConfig:
     )
     dp_delta: float = 1e-5
     down_bits: int = 32
+    personalize_epochs: int = field(
+        default=0,
+        metadata={"help": "after the last round, devices fine-tune the global module this many epochs"},
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,6 +122,8 @@ class ServiceConfig:
                 raise ConfigError(f"DP is defined for fedit/fedavg, not {self.strategy!r}")
             if not 0 < self.dp_delta < 1:
                 raise ConfigError(f"ServiceConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.personalize_epochs < 0:
+            raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
         check_strategy(self.strategy)
@@ -219,6 +226,8 @@ class AggregationService:
         self.rejected: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
         self.final_eval: dict[str, float] = {}
+        # device -> what its personalization phase measured on its own held-out samples
+        self.personalization: dict[str, dict[str, float]] = {}
         self.bytes_up_total = 0
         self.bytes_down_reported = 0
         self.config_id = config_id(config.train)
@@ -547,6 +556,17 @@ class AggregationService:
                 raise ShapeMismatch(f"{name}: shape {got[name]} != {shape}", round=update.round)
         if self._phase == STATS_PHASE:
             self._check_statistics(update)
+        if self._phase == PERSONALIZE_PHASE:
+            m = update.metrics
+            keys = ("global_own_accuracy", "personalized_accuracy")
+            if not m.get("holdout", -1) >= 0 or (
+                m["holdout"] > 0 and not all(0 <= m.get(k, -1) <= 1 for k in keys)
+            ):
+                raise UpdateRejected(
+                    "personalization metrics need holdout >= 0 and, with held-out samples, "
+                    "both accuracies in [0, 1]",
+                    round=update.round,
+                )
         if self._phase == TRAIN_PHASE:
             norm = float(
                 np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.tensors.values()))
@@ -578,6 +598,8 @@ class AggregationService:
         if self._phase == STATS_PHASE:
             c, h = self._state["head.weight"].shape
             return {"stats.class_sums": (c, h), "stats.class_counts": (c,)}
+        if self._phase == PERSONALIZE_PHASE:
+            return {}  # only measurements come back: the personal modules stay on the devices
         return dict(self._group(config).shapes)
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
@@ -591,7 +613,8 @@ class AggregationService:
             round=self._round,
             config_id=cid,
             tensors=tensors,
-            meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds},
+            meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds}
+            | ({"epochs": self.config.personalize_epochs} if phase == PERSONALIZE_PHASE else {}),
         )
         return wire.encode_global(msg, bits=self.config.down_bits)
 
@@ -881,8 +904,44 @@ class AggregationService:
                 self.on_round(record)
         if self._stopped:
             return
-        self._round = self.config.rounds + 1
+        if self.config.personalize_epochs > 0:
+            self._personalize(resume_round)
+            if self._stopped:
+                return
+        self._round = self.config.rounds + (2 if self.config.personalize_epochs > 0 else 1)
         self._publish_global(DONE_PHASE)
+
+    def _personalize(self, resume_round: int | None) -> None:
+        """The personalization phase after the last round: devices fine-tune the final global module
+        on their own data and report its accuracy, and the global module's, on their held-out
+        samples. Nothing is aggregated; the personal modules stay on the devices."""
+        r = self.config.rounds + 1
+        if resume_round is not None and resume_round > r:
+            return  # done before a restart
+        self._round, self._phase = r, PERSONALIZE_PHASE
+        self._answered = set()
+        if resume_round == r:
+            self._publish_global(self._phase, checkpoint=self._resumed_payload)
+            for device, pending in sorted(self._pending.items()):
+                self._ack(device, r, pending.content_id, True, "accepted before a restart")
+        else:
+            self._pending = {}
+            self._publish_global(self._phase)
+        participants = {d for d, rec in self.devices.items() if rec.online and not rec.excluded}
+        if not self._collect(participants):
+            log.warning("personalization: %d devices reported by the deadline", len(self._pending))
+        for device, pending in sorted(self._pending.items()):
+            self.personalization[device] = dict(pending.update.metrics)
+
+    def personalization_summary(self) -> dict[str, float | None]:
+        """Means over the devices that measured on held-out samples (None without any)."""
+        measured = [m for m in self.personalization.values() if m.get("holdout", 0) > 0]
+        if not measured:
+            return {"personalized_accuracy": None, "global_own_accuracy": None}
+        return {
+            "personalized_accuracy": float(np.mean([m["personalized_accuracy"] for m in measured])),
+            "global_own_accuracy": float(np.mean([m["global_own_accuracy"] for m in measured])),
+        }
 
 
 def _mean(values: list[Any]) -> float | None:

@@ -40,6 +40,7 @@ log = logging.getLogger("fedpeft.edge")
 
 EngineFactory = Callable[[TrainConfig], TrainingEngine]
 STATS_PHASE = "stats"
+PERSONALIZE_PHASE = "personalize"
 DONE_PHASE = "done"
 
 
@@ -90,11 +91,16 @@ class DeviceAgent:
         update_hook: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
         max_message_bytes: int | None = None,
         artifacts_cache: str | Path | None = None,
+        holdout: TextDataset | None = None,
     ) -> None:
         self.device_id = device_id
         self.fleet = fleet
         self.transport = transport
         self.data = data
+        # this device's own held-out samples: personalization is measured on them, never trained on
+        self.holdout = holdout
+        self.personal_state: dict[str, np.ndarray] | None = None  # the locally fine-tuned module
+        self.personalization: dict[str, float] = {}
         # None: create_engine with the fetched ORT artifacts (if any), one engine kept at a time
         self.engine_factory: EngineFactory = engine_factory or self._default_engine
         self._engine_cache: dict[str, TrainingEngine] = {}
@@ -355,6 +361,10 @@ class DeviceAgent:
                 sums, counts = engine.class_feature_sums(self.data)
                 guard.check()
                 return {"stats.class_sums": sums, "stats.class_counts": counts}, {}
+            if phase == PERSONALIZE_PHASE:
+                epochs = int(module.meta.get("epochs", config.local_epochs))
+                metrics = self._personalize(engine, epochs, seed, guard)
+                return {}, metrics
             result = engine.train(
                 self.data, epochs=config.local_epochs, seed=seed, progress=guard.wrap(self.progress)
             )
@@ -363,6 +373,32 @@ class DeviceAgent:
         tensors = {k: trained[k] - np.asarray(module.tensors[k], dtype=np.float32) for k in trained}
         metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "steps": float(result.steps)}
         return tensors, metrics
+
+    def _personalize(
+        self, engine: TrainingEngine, epochs: int, seed: int, guard: MemoryGuard
+    ) -> dict[str, float]:
+        """Fine-tune the final global module on this device's data and keep it here.
+
+        Both the global module and the fine-tuned one are measured on the device's held-out
+        samples; only the two accuracies leave the device, never the personal module.
+        """
+        if self.holdout is None or len(self.holdout) == 0:
+            log.warning("device %s: no held-out samples, personalization is not measured", self.device_id)
+            return {"holdout": 0.0}
+        before = engine.evaluate(self.holdout)
+        guard.check()
+        result = engine.train(self.data, epochs=epochs, seed=seed, progress=guard.wrap(self.progress))
+        guard.check()
+        after = engine.evaluate(self.holdout)
+        self.personal_state = engine.trainable_state()
+        self.personalization = {
+            "holdout": float(len(self.holdout)),
+            "global_own_accuracy": before.accuracy,
+            "personalized_accuracy": after.accuracy,
+            "personal_epochs": float(epochs),
+            "loss": result.loss,
+        }
+        return dict(self.personalization)
 
     def _train_and_send(self, module: wire.GlobalModule, base_id: str, phase: str) -> None:
         assert self.config is not None

@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
     sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
+    sim.add_argument(
+        "--holdout",
+        type=_nonneg_float,
+        default=0.2,
+        help="with --personalize-epochs: share of each device's samples held out (default 0.2)",
+    )
     sim.add_argument("--report", default="run.json", help="report file (default run.json)")
     sim.add_argument("--plot", default=None, help="PNG plot file (default: the report's name with .png)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -248,6 +254,13 @@ def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dp-delta", type=_nonneg_float, default=1e-5, help="delta of the reported (epsilon, delta)"
+    )
+    p.add_argument(
+        "--personalize-epochs",
+        type=int,
+        default=0,
+        help="after the last round, each device fine-tunes the global module this many epochs on its "
+        "own data and reports both models' accuracy on its held-out samples (default 0: off)",
     )
 
 
@@ -359,6 +372,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         prox_mu=args.prox_mu,
         head_init=args.head_init,
+        personalize_epochs=args.personalize_epochs,
+        holdout=args.holdout,
         workers=args.workers,
     )
     progress = RoundProgress(

@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dp_noise_multiplier=args.dp_noise,
         dp_delta=args.dp_delta,
         head_init=args.head_init,
+        personalize_epochs=args.personalize_epochs,
         round_timeout_s=args.round_timeout,
         hello_timeout_s=args.hello_timeout,
         seed=args.seed,
@@ -136,6 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "cluster": None,
             "updates_sent": int(d.last_metrics.get("updates_sent", d.updates_received)),
             "updates_accepted": d.updates_accepted,
+            "global_own_accuracy": service.personalization.get(d.device_id, {}).get("global_own_accuracy"),
+            "personalized_accuracy": service.personalization.get(d.device_id, {}).get(
+                "personalized_accuracy"
+            ),
         }
         for d in service.devices.values()
     ]
@@ -145,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
     final["dp_epsilon"] = service.privacy_spent()
     final["dp_delta"] = args.dp_delta if args.dp_noise is not None else None
+    final |= service.personalization_summary()
     report = build_report(
         kind="serve",
         config={
@@ -202,6 +208,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
         f"device {args.device_id}: {s.updates_sent} updates sent, {s.updates_accepted} accepted, "
         f"peak RSS {s.peak_rss_mb:.0f} MiB"
     )
+    personal = client.agent.personalization
+    if personal.get("holdout"):
+        print(
+            f"device {args.device_id}: on its {int(personal['holdout'])} held-out samples, global module "
+            f"{personal['global_own_accuracy']:.3f}, personalized {personal['personalized_accuracy']:.3f}"
+        )
     return 0
 
 

@@ -4,6 +4,7 @@ from sdk import EdgeClient
 client = EdgeClient("mqtt://broker:1883", fleet="shop", device_id="till-3", data="/data/till3")
 stats = client.run()          # blocks until the service publishes its last global module
 module = client.final_module  # the trained PEFT module, by tensor name
+personal = client.personal_module  # this device's fine-tune of it, if the service asked for one
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent, DeviceStats
-from edge_runtime.data import TextDataset, load_split, resolve_data_dir
+from edge_runtime.data import TextDataset, load_folder, load_split, resolve_data_dir
 from edge_runtime.engines import device_engines
 from edge_runtime.outbox import Outbox
 from edge_runtime.transport import MqttTransport, parse_broker_url
@@ -43,12 +44,20 @@ class EdgeClient:
         max_message_bytes: int | None = None,
         engine: str = "auto",
         artifacts_cache: str | Path | None = None,
+        holdout: TextDataset | None = None,
     ) -> None:
         engines = device_engines(engine)  # before connecting: a missing engine is a bad flag
+        self.holdout = holdout
         if isinstance(data, TextDataset):
             self.data = data
         else:
-            self.data = load_split(resolve_data_dir(data), "train", limit=max_samples, seed=seed)
+            folder = resolve_data_dir(data)
+            if holdout is None and any((folder / f"test{s}").is_file() for s in (".jsonl", ".csv")):
+                # the folder's test split is this device's held-out data (personalization is
+                # measured on it, never trained on)
+                self.data, self.holdout = load_folder(folder, train_limit=max_samples, seed=seed)
+            else:
+                self.data = load_split(folder, "train", limit=max_samples, seed=seed)
         self.fleet = fleet
         self.device_id = device_id
         self.seed = seed
@@ -78,6 +87,7 @@ class EdgeClient:
             outbox=Outbox(state / "outbox"),
             max_message_bytes=max_message_bytes,
             artifacts_cache=Path(artifacts_cache) if artifacts_cache is not None else state / "artifacts",
+            holdout=self.holdout,
         )
         self._stop = threading.Event()
 
@@ -104,6 +114,11 @@ class EdgeClient:
         """The last global module, once the service said done."""
         return self.agent.final_state
 
+    @property
+    def personal_module(self) -> dict[str, np.ndarray] | None:
+        """This device's fine-tune of the final global module (when the service ran personalization)."""
+        return self.agent.personal_state
+
     def summary(self) -> dict[str, Any]:
         """What this device did, as a dict."""
         s = self.agent.stats
@@ -113,4 +128,4 @@ class EdgeClient:
             "updates_accepted": s.updates_accepted,
             "peak_rss_mb": s.peak_rss_mb,
             "train_s": s.train_s,
-        }
+        } | self.agent.personalization

@@ -31,6 +31,8 @@ class VirtualDevice:
     label_names: tuple[str, ...]
     profile: dict[str, Any]
     attack: str | None = None
+    holdout_texts: tuple[str, ...] = ()  # held out of training, to measure personalization
+    holdout_labels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
         data = TextDataset(
             texts=dev.texts, labels=np.asarray(dev.labels, dtype=np.int64), label_names=dev.label_names
         )
+        holdout = TextDataset(
+            texts=dev.holdout_texts,
+            labels=np.asarray(dev.holdout_labels, dtype=np.int64),
+            label_names=dev.label_names,
+        )
         status_topic = wire.topic(job.fleet, "status", dev.device_id)
         offline = wire.encode_status(wire.Status(device_id=dev.device_id, state="offline", detail={}))
         transport = MqttTransport(
@@ -143,6 +150,7 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
             max_message_bytes=job.max_message_bytes,
             update_hook=attack_hook(parse_attack(dev.attack)) if dev.attack else None,
             engines=(job.engine,),
+            holdout=holdout if len(holdout) else None,
         )
         agents.append(agent)
     for agent in agents:

@@ -86,6 +86,12 @@ class SimulationConfig:
     batch_size: int = 16
     prox_mu: float = 0.0
     head_init: str = "ncm"
+    personalize_epochs: int = field(
+        default=0, metadata={"help": "after the last round, each device fine-tunes the global module"}
+    )
+    holdout: float = field(
+        default=0.2, metadata={"help": "share of each device's samples held out to measure personalization"}
+    )
     workers: int | None = None
     round_timeout_s: float = 900.0
     clean: str = "auto"
@@ -106,6 +112,10 @@ class SimulationConfig:
             raise ConfigError(f"--mode {self.mode} is not available yet; use --mode sync")
         if self.engine not in ENGINE_CHOICES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
+        if self.personalize_epochs < 0:
+            raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"--holdout must be a fraction in (0, 1), got {self.holdout}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         parse_partition(self.partition)
@@ -257,7 +267,9 @@ class Simulation:
             names = ["host"] * cfg.clients
         devices = []
         for i, idx in enumerate(parts):
+            idx, held = self._hold_out(np.asarray(idx), i)
             sub = train.subset(idx)
+            hold = train.subset(held)
             profile = self.host if names[i] == "host" else load_profile(names[i])
             devices.append(
                 VirtualDevice(
@@ -267,9 +279,20 @@ class Simulation:
                     label_names=tuple(train.label_names),
                     profile=profile.to_dict(),
                     attack=cfg.attack if cfg.attack and i < parse_attack(cfg.attack).count else None,
+                    holdout_texts=tuple(hold.texts),
+                    holdout_labels=tuple(int(x) for x in hold.labels),
                 )
             )
         return devices
+
+    def _hold_out(self, idx: np.ndarray, client: int) -> tuple[np.ndarray, np.ndarray]:
+        """Split a client's samples into training and held-out ones (only when personalizing)."""
+        cfg = self.config
+        if cfg.personalize_epochs == 0 or len(idx) < 2:
+            return idx, idx[:0]
+        n_hold = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx))))
+        order = np.random.default_rng([cfg.seed, client, 7]).permutation(len(idx))
+        return np.sort(idx[order[n_hold:]]), np.sort(idx[order[:n_hold]])
 
     def run(self) -> dict[str, Any]:
         """Run the federation end to end and return its report."""
@@ -317,6 +340,7 @@ class Simulation:
             dp_delta=cfg.dp_delta,
             norm_bound=cfg.norm_bound,
             head_init=cfg.head_init,
+            personalize_epochs=cfg.personalize_epochs,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )
@@ -494,6 +518,7 @@ class Simulation:
         clients = []
         for dev in devices:
             s = stats.get(dev.device_id, {})
+            personal = service.personalization.get(dev.device_id, {})
             device_record = service.devices.get(dev.device_id)
             dev_cfg = train_cfg if device_record is None else device_record.config
             clients.append(
@@ -517,6 +542,9 @@ class Simulation:
                     "updates_accepted": 0 if device_record is None else device_record.updates_accepted,
                     "worker": s.get("worker"),
                     "attacker": dev.attack is not None,
+                    "holdout": len(dev.holdout_texts),
+                    "global_own_accuracy": personal.get("global_own_accuracy"),
+                    "personalized_accuracy": personal.get("personalized_accuracy"),
                 }
             )
         run_config = asdict(cfg) | {
@@ -526,7 +554,7 @@ class Simulation:
             "host": self.host.to_dict(),
         }
         final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
-        final.setdefault("personalized_accuracy", None)
+        final |= service.personalization_summary()
         final["dp_epsilon"] = service.privacy_spent()
         final["dp_delta"] = cfg.dp_delta if cfg.dp_noise is not None else None
         return build_report(
