@@ -37,6 +37,16 @@ from broker_server.aggregation import (
     sum_class_statistics,
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
+from broker_server.clustering import (
+    Clustering,
+    cluster_clients,
+    cluster_heads,
+    clustered_step,
+    join_states,
+    nearest_cluster,
+    parse_clusters,
+    split_state,
+)
 from broker_server.evaluation import Evaluator
 from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
@@ -100,6 +110,14 @@ class ServiceConfig:
         default=0,
         metadata={"help": "after the last round, devices fine-tune the global module this many epochs"},
     )
+    clusters: str = field(
+        default="off",
+        metadata={"help": "off, auto or K: one global module per group of devices with similar labels"},
+    )
+    cluster_share: float = field(
+        default=0.5,
+        metadata={"help": "a tensor is shared across clusters when their updates have at least this cosine"},
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,6 +142,14 @@ class ServiceConfig:
                 raise ConfigError(f"ServiceConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
+        if parse_clusters(self.clusters) != 0:
+            if self.strategy in STATEFUL_STRATEGIES or self.dp_noise_multiplier is not None:
+                raise ConfigError(
+                    f"--clusters works with fedit, median or trimmed_mean without DP, not {self.strategy!r}"
+                    + (" with DP" if self.dp_noise_multiplier is not None else "")
+                )
+            if not -1.0 <= self.cluster_share <= 1.0:
+                raise ConfigError(f"--cluster-share is a cosine in [-1, 1], got {self.cluster_share}")
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
         check_strategy(self.strategy)
@@ -221,6 +247,13 @@ class AggregationService:
                 f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
             )
         self.strategy = get_strategy("fedit" if config.strategy in STATEFUL_STRATEGIES else config.strategy)
+        self.clustered = config.clusters != "off"
+        if allocator is not None and self.clustered:
+            raise ConfigError("--clusters with a mixed fleet (allocation) is not supported yet")
+        self.clustering: Clustering | None = None  # formed once the expected devices said hello
+        self._base_shapes: dict[str, tuple[int, ...]] = {}  # one cluster's module
+        self._shared: list[str] = []  # tensors the clusters shared in the last round
+        self._by_cluster: dict[str, float] = {}
         self._residual: dict[str, np.ndarray] | None = None  # --strategy exact: the fed-back part
         self.devices: dict[str, DeviceRecord] = {}
         self.rejected: list[dict[str, Any]] = []
@@ -271,8 +304,15 @@ class AggregationService:
         )
 
     def final_state(self) -> dict[str, np.ndarray]:
-        """The current global module (the final one once :meth:`run` has returned)."""
+        """The current global module (the final one once :meth:`run` has returned); with clusters,
+        every cluster's module under ``cluster{k}/`` names (see :meth:`cluster_states`)."""
         return dict(self._state)
+
+    def cluster_states(self) -> dict[int, dict[str, np.ndarray]]:
+        """Every cluster's current module (one entry, cluster 0, without clusters)."""
+        if self.clustering is None:
+            return {0: dict(self._state)}
+        return split_state(self._state, self.clustering.k)
 
     def start(self) -> None:
         """Subscribe to the fleet's hello, update and status topics (once)."""
@@ -403,12 +443,94 @@ class AggregationService:
         return int(sum(int(np.prod(shape)) for shape in self._shapes_for(config).values()))
 
     def _shapes_for(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
+        if self.clustered and self._base_shapes:
+            return dict(self._base_shapes)
         group = self.groups.get(config_id(config))
         if group is not None:
             return group.shapes
         if self.allocator is None:
             return {k: tuple(v.shape) for k, v in self._state.items()}
         return self.evaluator.shapes(config)
+
+    # --- clusters ----------------------------------------------------------------------------
+
+    def cluster_of(self, device: str) -> int | None:
+        """The device's cluster; a device that joins after clustering goes to the nearest one."""
+        if self.clustering is None:
+            return None
+        cluster = self.clustering.members.get(device)
+        record = self.devices.get(device)
+        if cluster is None and record is not None:
+            cluster = nearest_cluster(self._histogram(record), self.clustering.centroids)
+            self.clustering.members[device] = cluster
+            self._save_clustering()
+            log.info("device %s joins cluster %d", device, cluster)
+        return cluster
+
+    def _histogram(self, record: DeviceRecord) -> np.ndarray:
+        classes = int(self._base_shapes["head.weight"][0])
+        hist = np.zeros(classes)
+        given = np.asarray(record.hello.label_histogram[:classes], dtype=np.float64)
+        hist[: len(given)] = given
+        return hist
+
+    def _form_clusters(self) -> None:
+        """Group the devices that said hello by their label histograms; one module per cluster."""
+        self._base_shapes = {n: tuple(v.shape) for n, v in self._state.items()}
+        able = {d: self._histogram(r) for d, r in self.devices.items() if not r.excluded}
+        self.clustering = cluster_clients(able, parse_clusters(self.config.clusters), seed=self.config.seed)
+        self._state = join_states({c: dict(self._state) for c in range(self.clustering.k)})
+        self._save_clustering()
+        log.info(
+            "%d clusters of %s devices (silhouette %.2f)",
+            self.clustering.k,
+            self.clustering.sizes(),
+            self.clustering.silhouette,
+        )
+        for record in self.devices.values():
+            if not record.excluded:
+                self._assign(record)
+
+    def _save_clustering(self) -> None:
+        if self.store is None or self.clustering is None:
+            return
+        self.store.set_meta(
+            "clusters",
+            {
+                "members": self.clustering.members,
+                "centroids": self.clustering.centroids.tolist(),
+                "silhouette": self.clustering.silhouette,
+            },
+        )
+
+    def _group_of(self, record: DeviceRecord) -> Group:
+        """The group whose global module this device trains: its configuration's, or its cluster's."""
+        if not self.clustered:
+            return self._group(record.config)
+        cluster = self.cluster_of(record.device_id)
+        if cluster is None:
+            raise UnknownDevice(f"{record.device_id!r} has no cluster yet")
+        return self._cluster_group(cluster)
+
+    def _cluster_group(self, cluster: int) -> Group:
+        key = f"{self.config_id}-k{cluster}"
+        group = self.groups.get(key)
+        if group is None:
+            topic = wire.topic(self.config.fleet, "global", key)
+            group = Group(self.config.train, key, topic, dict(self._base_shapes))
+            self.groups[key] = group
+        return group
+
+    def cluster_summary(self) -> dict[str, Any] | None:
+        """Clusters for the report: how many, their sizes and the silhouette (None when off)."""
+        if self.clustering is None:
+            return None
+        return {
+            "k": self.clustering.k,
+            "sizes": self.clustering.sizes(),
+            "silhouette": self.clustering.silhouette,
+            "share_cosine": self.config.cluster_share,
+        }
 
     def artifact_for(self, config: TrainConfig) -> ArtifactInfo:
         """Build ``config``'s ORT training artifacts if missing and publish them (once per key).
@@ -451,6 +573,8 @@ class AggregationService:
         return info
 
     def _assign(self, record: DeviceRecord) -> None:
+        if self.clustered and self.cluster_of(record.device_id) is None:
+            return  # assigned once the clusters are formed: the assignment names its cluster's topic
         artifact = None
         if self.serve_artifacts and record.config.engine == "ort":
             try:
@@ -464,7 +588,7 @@ class AggregationService:
             device_id=record.device_id,
             round=self._round,
             config=record.config.to_dict(),
-            global_topic=self._group(record.config).topic,
+            global_topic=self._group_of(record).topic,
             artifact=None if artifact is None else artifact.to_dict(),
         )
         self.transport.publish(
@@ -514,7 +638,7 @@ class AggregationService:
             # accepted before (perhaps before a crash that ate the ack): acknowledge it again
             self._ack(device, update.round, cid, True, "duplicate of an accepted update")
             raise DuplicateUpdate("redelivery of an accepted update, counted once", round=update.round)
-        base_id = self._group(record.config).global_id
+        base_id = self._group_of(record).global_id
         if update.round < self._round or (update.round == self._round and update.base_id != base_id):
             self._stale += 1
             raise StaleRound(f"trained on round {update.round}, current is {self._round}", round=update.round)
@@ -545,7 +669,7 @@ class AggregationService:
             self.on_accept(device)
 
     def _check_tensors(self, update: wire.UpdateMessage) -> None:
-        expected = self._expected_shapes(self.devices[update.device_id].config)
+        expected = self._expected_shapes(self.devices[update.device_id])
         got = {k: tuple(v.shape) for k, v in update.tensors.items()}
         if set(got) != set(expected):
             missing = sorted(set(expected) - set(got))[:3]
@@ -594,13 +718,13 @@ class AggregationService:
                 "a class sum is longer than its count of unit features allows", round=update.round
             )
 
-    def _expected_shapes(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
+    def _expected_shapes(self, record: DeviceRecord) -> dict[str, tuple[int, ...]]:
         if self._phase == STATS_PHASE:
-            c, h = self._state["head.weight"].shape
+            c, h = self._group_of(record).shapes["head.weight"]
             return {"stats.class_sums": (c, h), "stats.class_counts": (c,)}
         if self._phase == PERSONALIZE_PHASE:
             return {}  # only measurements come back: the personal modules stay on the devices
-        return dict(self._group(config).shapes)
+        return dict(self._group_of(record).shapes)
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
         ack = wire.Ack(device_id=device, round=round_, content_id=cid, accepted=accepted, reason=reason)
@@ -630,6 +754,15 @@ class AggregationService:
             self._global_id = wire.content_id(checkpoint)
             if self.store is not None:
                 self.store.save_global(self._round, self._global_id, checkpoint)
+        if self.clustered:
+            assert self.clustering is not None
+            states = split_state(self._state, self.clustering.k)
+            for cluster, state in states.items():
+                group = self._cluster_group(cluster)
+                payload = self._encode_global(phase, group.config_id, state)
+                group.global_id = wire.content_id(payload)
+                self.transport.publish(group.topic, payload, qos=1, retain=True)
+            return
         if self.allocator is None:
             self._group(self.config.train).global_id = self._global_id
             self.transport.publish(self.global_topic, checkpoint, qos=1, retain=True)
@@ -680,18 +813,43 @@ class AggregationService:
                 return False
         return False
 
+    def _head(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+        """The class-mean head from a statistics round's updates (screened under robust rules)."""
+        if self.config.strategy in ROBUST_STRATEGIES:
+            return robust_head_from_statistics(updates, self.config.head_scale, self.config.strategy)
+        sums, counts = sum_class_statistics(updates)
+        return head_from_class_means(sums, counts, self.config.head_scale)
+
+    def _aggregate_clusters(self, updates: list[ClientUpdate]) -> None:
+        """Each cluster aggregates its own devices; tensors the clusters agree on are shared."""
+        assert self.clustering is not None
+        by_cluster: dict[int, list[ClientUpdate]] = {}
+        for u in updates:
+            by_cluster.setdefault(self.clustering.members[u.device_id], []).append(u)
+        states = split_state(self._state, self.clustering.k)
+        if self._phase == STATS_PHASE:
+            heads = cluster_heads(
+                self._head(updates), {c: self._head(us) for c, us in by_cluster.items()}, self.clustering.k
+            )
+            self._state = join_states({c: {**states[c], **heads[c]} for c in states})
+            self._shared = []
+            return
+        if self.config.clip_norm is not None:
+            by_cluster = {
+                c: [clip_update(u, self.config.clip_norm) for u in us] for c, us in by_cluster.items()
+            }
+        new, self._shared = clustered_step(states, by_cluster, self.strategy, self.config.cluster_share)
+        self._state = join_states(new)
+
     def _aggregate(self) -> None:
         updates = [
             ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
             for _, p in sorted(self._pending.items())  # arrival order must not change the floats
         ]
-        if self._phase == STATS_PHASE:
-            if self.config.strategy in ROBUST_STRATEGIES:
-                head = robust_head_from_statistics(updates, self.config.head_scale, self.config.strategy)
-            else:
-                sums, counts = sum_class_statistics(updates)
-                head = head_from_class_means(sums, counts, self.config.head_scale)
-            self._state = {**self._state, **head}
+        if self.clustered:
+            self._aggregate_clusters(updates)
+        elif self._phase == STATS_PHASE:
+            self._state = {**self._state, **self._head(updates)}
         elif self.config.dp_noise_multiplier is not None:
             assert self.config.clip_norm is not None
             self._state = dp_fedavg(
@@ -731,8 +889,27 @@ class AggregationService:
                 state.setdefault(name, value)
         return state
 
+    def _evaluate_clusters(self) -> tuple[EvalResult | None, dict[str, float]]:
+        """Each cluster's module on the test set; the mean weighted by the clusters' devices."""
+        assert self.clustering is not None
+        states = split_state(self._state, self.clustering.k)
+        results: list[tuple[int, EvalResult]] = []
+        by_cluster: dict[str, float] = {}
+        for cluster, size in enumerate(self.clustering.sizes()):
+            if size == 0:
+                continue
+            res = self.evaluator.evaluate(states[cluster])
+            if res is None:
+                return None, {}
+            results.append((size, res))
+            by_cluster[str(cluster)] = res.accuracy
+        return _weighted(results), by_cluster
+
     def _evaluate(self) -> tuple[EvalResult | None, dict[str, float]]:
         """The global model's test figures; in a mixed fleet, per kind, weighted by its devices."""
+        if self.clustered:
+            result, self._by_cluster = self._evaluate_clusters()
+            return result, {}
         if self.allocator is None:
             return self.evaluator.evaluate(self._state), {}
         members: dict[str, int] = {}
@@ -749,16 +926,7 @@ class AggregationService:
                 return None, {}
             results.append((members[cfg.peft.kind], res))
             by_kind[cfg.peft.kind] = res.accuracy
-        if not results:
-            return None, {}
-        total = sum(n for n, _ in results)
-        merged = EvalResult(
-            accuracy=sum(n * r.accuracy for n, r in results) / total,
-            macro_f1=sum(n * r.macro_f1 for n, r in results) / total,
-            loss=sum(n * r.loss for n, r in results) / total,
-            predictions=results[0][1].predictions,
-        )
-        return merged, by_kind
+        return _weighted(results), by_kind
 
     def _learn_rewards(self, record: dict[str, Any]) -> None:
         """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
@@ -787,12 +955,22 @@ class AggregationService:
         module = wire.decode_global(payload)
         self._state = dict(module.tensors)
         self._round = round_
+        saved_clusters = self.store.get_meta("clusters") if self.clustered else None
+        if saved_clusters is not None:
+            centroids = np.asarray(saved_clusters["centroids"], dtype=np.float64)
+            self.clustering = Clustering(
+                {str(d): int(c) for d, c in saved_clusters["members"].items()},
+                centroids,
+                float(saved_clusters["silhouette"]),
+            )
+            first = split_state(self._state, len(centroids))[0]
+            self._base_shapes = {n: tuple(v.shape) for n, v in first.items()}
         for device, hello_payload in self.store.devices().items():
             hello = wire.decode_hello(hello_payload)
             device_record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
             self._configure(device_record)
             self.devices[device] = device_record
-            if not device_record.excluded:
+            if not device_record.excluded and not self.clustered:
                 self._group(device_record.config)
         if self.allocator is not None:
             self.allocator.rewards = RewardTable.from_dict(self.store.get_meta("rewards", {}))
@@ -836,6 +1014,8 @@ class AggregationService:
         self.start()
         if resume_round is None:
             self._wait_for_devices()
+            if self.clustered:
+                self._form_clusters()
         start = self.clock() - (float(self.rounds[-1]["wall_s"]) if self.rounds else 0.0)
         first = 0 if self.config.head_init == "ncm" else 1
         if resume_round is not None:
@@ -892,6 +1072,9 @@ class AggregationService:
             }
             if by_kind:
                 record["accuracy_by_kind"] = by_kind
+            if self.clustered:
+                record["accuracy_by_cluster"] = dict(self._by_cluster)
+                record["shared_tensors"] = list(self._shared)
             if self.config.dp_noise_multiplier is not None:
                 record["dp_epsilon"] = self.privacy_spent()
             self._learn_rewards(record)
@@ -942,6 +1125,19 @@ class AggregationService:
             "personalized_accuracy": float(np.mean([m["personalized_accuracy"] for m in measured])),
             "global_own_accuracy": float(np.mean([m["global_own_accuracy"] for m in measured])),
         }
+
+
+def _weighted(results: list[tuple[int, EvalResult]]) -> EvalResult | None:
+    """Test figures of several modules, weighted by their devices (None without any)."""
+    if not results:
+        return None
+    total = sum(n for n, _ in results)
+    return EvalResult(
+        accuracy=sum(n * r.accuracy for n, r in results) / total,
+        macro_f1=sum(n * r.macro_f1 for n, r in results) / total,
+        loss=sum(n * r.loss for n, r in results) / total,
+        predictions=results[0][1].predictions,
+    )
 
 
 def _mean(values: list[Any]) -> float | None:

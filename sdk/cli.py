@@ -256,6 +256,19 @@ def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
         "--dp-delta", type=_nonneg_float, default=1e-5, help="delta of the reported (epsilon, delta)"
     )
     p.add_argument(
+        "--clusters",
+        default="off",
+        help="off (default), auto or K: group devices by the cosine similarity of their label "
+        "histograms, one global module per group",
+    )
+    p.add_argument(
+        "--cluster-share",
+        type=float,
+        default=0.5,
+        help="with --clusters: a tensor whose per-cluster updates all have at least this cosine is "
+        "shared by every cluster (default 0.5)",
+    )
+    p.add_argument(
         "--personalize-epochs",
         type=int,
         default=0,
@@ -373,6 +386,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         prox_mu=args.prox_mu,
         head_init=args.head_init,
         personalize_epochs=args.personalize_epochs,
+        clusters=args.clusters,
+        cluster_share=args.cluster_share,
         holdout=args.holdout,
         workers=args.workers,
     )

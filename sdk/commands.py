@@ -87,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dp_delta=args.dp_delta,
         head_init=args.head_init,
         personalize_epochs=args.personalize_epochs,
+        clusters=args.clusters,
+        cluster_share=args.cluster_share,
         round_timeout_s=args.round_timeout,
         hello_timeout_s=args.hello_timeout,
         seed=args.seed,
@@ -134,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "peak_rss_mb": float(d.last_metrics.get("peak_rss_mb", 0.0)),
             "train_s": d.train_s,
             "samples": d.samples,
-            "cluster": None,
+            "cluster": service.cluster_of(d.device_id) if service.clustering else None,
             "updates_sent": int(d.last_metrics.get("updates_sent", d.updates_received)),
             "updates_accepted": d.updates_accepted,
             "global_own_accuracy": service.personalization.get(d.device_id, {}).get("global_own_accuracy"),
@@ -151,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     final["dp_epsilon"] = service.privacy_spent()
     final["dp_delta"] = args.dp_delta if args.dp_noise is not None else None
     final |= service.personalization_summary()
+    final["clusters"] = service.cluster_summary()
     report = build_report(
         kind="serve",
         config={
@@ -160,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "fleet": args.fleet,
             "rounds": args.rounds,
             "strategy": args.strategy,
+            "clusters": args.clusters,
             "min_clients": args.min_clients,
             "train": train_cfg.to_dict(),
         },

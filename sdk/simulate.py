@@ -24,6 +24,7 @@ import numpy as np
 
 from broker_server.aggregation import check_strategy
 from broker_server.allocation import ALLOCATIONS, AllocationConfig, Allocator, build_allocator, peft_key
+from broker_server.clustering import parse_clusters
 from broker_server.evaluation import Evaluator
 from broker_server.report import allocation_entry, build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
@@ -89,6 +90,8 @@ class SimulationConfig:
     personalize_epochs: int = field(
         default=0, metadata={"help": "after the last round, each device fine-tunes the global module"}
     )
+    clusters: str = field(default="off", metadata={"help": "off, auto or K clusters of devices"})
+    cluster_share: float = 0.5
     holdout: float = field(
         default=0.2, metadata={"help": "share of each device's samples held out to measure personalization"}
     )
@@ -114,6 +117,10 @@ class SimulationConfig:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
+        if self.clusters != "off":
+            parse_clusters(self.clusters)
+            if self.allocation_mode != "fixed":
+                raise ConfigError("--clusters with --profiles/--allocation is not supported yet")
         if not 0 < self.holdout < 1:
             raise ConfigError(f"--holdout must be a fraction in (0, 1), got {self.holdout}")
         if self.workers is not None and self.workers < 1:
@@ -341,6 +348,8 @@ class Simulation:
             norm_bound=cfg.norm_bound,
             head_init=cfg.head_init,
             personalize_epochs=cfg.personalize_epochs,
+            clusters=cfg.clusters,
+            cluster_share=cfg.cluster_share,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )
@@ -537,7 +546,7 @@ class Simulation:
                     "label_histogram": np.bincount(
                         np.asarray(dev.labels, dtype=np.int64), minlength=len(dev.label_names)
                     ).tolist(),
-                    "cluster": None,
+                    "cluster": service.cluster_of(dev.device_id) if service.clustering else None,
                     "updates_sent": int(s.get("updates_sent", 0)),
                     "updates_accepted": 0 if device_record is None else device_record.updates_accepted,
                     "worker": s.get("worker"),
@@ -555,6 +564,7 @@ class Simulation:
         }
         final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
         final |= service.personalization_summary()
+        final["clusters"] = service.cluster_summary()
         final["dp_epsilon"] = service.privacy_spent()
         final["dp_delta"] = cfg.dp_delta if cfg.dp_noise is not None else None
         return build_report(

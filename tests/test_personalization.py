@@ -136,11 +136,13 @@ def test_bad_personalization_settings_are_refused(tiny: tuple[Path, Path], capsy
     assert "personalize-epochs" in capsys.readouterr().err
 
 
-def test_simulate_reports_personalized_and_global_accuracy_per_client(tiny: tuple[Path, Path]) -> None:
+def test_simulate_reports_clusters_and_personalized_and_global_accuracy_per_client(
+    tiny: tuple[Path, Path],
+) -> None:
     config = SimulationConfig(
         data=str(tiny[1]), model=str(tiny[0]), clients=3, rounds=1, partition="shards:1",
         samples_per_client=20, test_samples=30, seq_len=16, bits=8, workers=2, round_timeout_s=60.0,
-        engine="torch", personalize_epochs=2, head_lr=5e-2,
+        engine="torch", personalize_epochs=2, head_lr=5e-2, clusters="3",
     )  # fmt: skip
     report = Simulation(config).run()
     validate_report(report)
@@ -157,6 +159,10 @@ def test_simulate_reports_personalized_and_global_accuracy_per_client(tiny: tupl
     )
     assert final["global_own_accuracy"] == pytest.approx(np.mean([c["global_own_accuracy"] for c in clients]))
     assert [r["round"] for r in report["rounds"]] == [0, 1]
+    # one class a device: three clusters of one device each
+    assert sorted(c["cluster"] for c in clients) == [0, 1, 2]
+    assert final["clusters"]["k"] == 3 and final["clusters"]["sizes"] == [1, 1, 1]
+    assert set(report["rounds"][-1]["accuracy_by_cluster"]) == {"0", "1", "2"}
 
 
 def test_the_edge_client_holds_out_its_folders_test_split(tiny: tuple[Path, Path]) -> None:
