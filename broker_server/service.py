@@ -683,8 +683,10 @@ class AggregationService:
         if self._phase == PERSONALIZE_PHASE:
             m = update.metrics
             keys = ("global_own_accuracy", "personalized_accuracy")
-            if not m.get("holdout", -1) >= 0 or (
-                m["holdout"] > 0 and not all(0 <= m.get(k, -1) <= 1 for k in keys)
+            if (
+                not m.get("holdout", -1) >= 0
+                or (m["holdout"] > 0 and not all(0 <= m.get(k, -1) <= 1 for k in keys))
+                or not 0 <= m.get("prior_accuracy", 0) <= 1
             ):
                 raise UpdateRejected(
                     "personalization metrics need holdout >= 0 and, with held-out samples, "
@@ -1119,11 +1121,12 @@ class AggregationService:
     def personalization_summary(self) -> dict[str, float | None]:
         """Means over the devices that measured on held-out samples (None without any)."""
         measured = [m for m in self.personalization.values() if m.get("holdout", 0) > 0]
-        if not measured:
-            return {"personalized_accuracy": None, "global_own_accuracy": None}
+        keys = ("personalized_accuracy", "global_own_accuracy", "prior_accuracy")
         return {
-            "personalized_accuracy": float(np.mean([m["personalized_accuracy"] for m in measured])),
-            "global_own_accuracy": float(np.mean([m["global_own_accuracy"] for m in measured])),
+            k: float(np.mean([m[k] for m in measured]))
+            if measured and all(k in m for m in measured)
+            else None
+            for k in keys
         }
 
 

@@ -377,16 +377,24 @@ class DeviceAgent:
     def _personalize(
         self, engine: TrainingEngine, epochs: int, seed: int, guard: MemoryGuard
     ) -> dict[str, float]:
-        """Fine-tune the final global module on this device's data and keep it here.
+        """Personalize the final global module on this device's data and keep it here.
 
-        Both the global module and the fine-tuned one are measured on the device's held-out
-        samples; only the two accuracies leave the device, never the personal module.
+        Two steps: the head's bias takes the log of this device's own label prior (Laplace
+        smoothed: classes the device never sees become unlikely, as they are here), then the module
+        is fine-tuned for ``epochs``. The global module, the prior-corrected one and the fine-tuned
+        one are measured on the device's held-out samples; only the accuracies leave the device,
+        never the personal module.
         """
         if self.holdout is None or len(self.holdout) == 0:
             log.warning("device %s: no held-out samples, personalization is not measured", self.device_id)
             return {"holdout": 0.0}
         before = engine.evaluate(self.holdout)
         guard.check()
+        state = engine.trainable_state()
+        if "head.bias" in state:
+            state["head.bias"] = state["head.bias"] + label_prior_bias(self.data.label_histogram())
+            engine.load_trainable_state(state)
+        prior = engine.evaluate(self.holdout)
         result = engine.train(self.data, epochs=epochs, seed=seed, progress=guard.wrap(self.progress))
         guard.check()
         after = engine.evaluate(self.holdout)
@@ -394,6 +402,7 @@ class DeviceAgent:
         self.personalization = {
             "holdout": float(len(self.holdout)),
             "global_own_accuracy": before.accuracy,
+            "prior_accuracy": prior.accuracy,
             "personalized_accuracy": after.accuracy,
             "personal_epochs": float(epochs),
             "loss": result.loss,
@@ -458,6 +467,14 @@ class DeviceAgent:
         self.stats.updates_sent += 1
         self.stats.bytes_up += sent
         self.stats.rounds_trained.append(module.round)
+
+
+def label_prior_bias(counts: np.ndarray) -> np.ndarray:
+    """log p(y) of a device's labels, Laplace smoothed and centred: added to a head's bias, it turns
+    the global classifier into one for this device's label distribution (Bayes' rule)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    log_prior = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+    return (log_prior - log_prior.mean()).astype(np.float32)
 
 
 def _job_seed(seed: int, device_id: str, round_: int) -> int:

@@ -553,6 +553,7 @@ class Simulation:
                     "attacker": dev.attack is not None,
                     "holdout": len(dev.holdout_texts),
                     "global_own_accuracy": personal.get("global_own_accuracy"),
+                    "prior_accuracy": personal.get("prior_accuracy"),
                     "personalized_accuracy": personal.get("personalized_accuracy"),
                 }
             )

@@ -91,6 +91,7 @@ def test_devices_fine_tune_the_final_module_and_report_both_accuracies(tiny: tup
         assert "head.weight" in moved
         reported = service.personalization[agent.device_id]
         assert reported["holdout"] == 8.0 and reported["personal_epochs"] == 3.0
+        assert 0 <= reported["prior_accuracy"] <= 1
         assert {k: reported[k] for k in agent.personalization} == pytest.approx(agent.personalization)
     # one class a device: its own fine-tune predicts it, the shared model of three skewed
     # devices does not (a random head after one round)
@@ -107,7 +108,7 @@ def test_devices_without_held_out_samples_report_none(tiny: tuple[Path, Path]) -
     service, agents = _federation(tiny, holdout=False)
     service.run()
     assert all(m["holdout"] == 0.0 for m in service.personalization.values())
-    assert service.personalization_summary() == {"personalized_accuracy": None, "global_own_accuracy": None}
+    assert set(service.personalization_summary().values()) == {None}
     assert all(a.personal_state is None and a.done.is_set() for a in agents)
 
 
@@ -172,3 +173,16 @@ def test_the_edge_client_holds_out_its_folders_test_split(tiny: tuple[Path, Path
     assert isinstance(client.holdout, TextDataset)
     assert len(client.data) == 72 and len(client.holdout) == 30
     assert client.agent.holdout is client.holdout
+
+
+def test_the_label_prior_bias_is_bayes_rule_for_the_devices_labels() -> None:
+    from edge_runtime.agent import label_prior_bias
+
+    bias = label_prior_bias(np.array([30, 10, 0, 0]))
+    assert bias.sum() == pytest.approx(0.0, abs=1e-6)
+    # log ratios of the Laplace-smoothed prior: (30+1)/(10+1) and (10+1)/(0+1)
+    assert bias[0] - bias[1] == pytest.approx(np.log(31 / 11), rel=1e-5)
+    assert bias[1] - bias[2] == pytest.approx(np.log(11), rel=1e-5)
+    assert bias[2] == bias[3]
+    # an undecided global classifier becomes the device's majority-class one
+    assert int(np.argmax(np.zeros(4) + bias)) == 0
