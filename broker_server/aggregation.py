@@ -118,16 +118,25 @@ STATEFUL_STRATEGIES = ("exact", "ffa")
 ``ffa``: :func:`broker_server.exact.ffa_fedavg`, stateless but for a fleet whose A is frozen)."""
 
 
+HETEROGENEOUS_STRATEGIES = ("hetlora",)
+"""Stateless strategies for modules of different ranks (:mod:`broker_server.heterogeneous`, which
+builds on this module, so they are looked up lazily)."""
+
+
 def check_strategy(name: str) -> None:
     """Raise :class:`ConfigError` unless ``name`` is a known strategy, stateless or stateful."""
-    if name not in STRATEGIES and name not in STATEFUL_STRATEGIES:
-        known = ", ".join(sorted([*STRATEGIES, *STATEFUL_STRATEGIES]))
+    if name not in STRATEGIES and name not in STATEFUL_STRATEGIES and name not in HETEROGENEOUS_STRATEGIES:
+        known = ", ".join(sorted([*STRATEGIES, *STATEFUL_STRATEGIES, *HETEROGENEOUS_STRATEGIES]))
         raise ConfigError(f"unknown strategy {name!r}; known: {known}")
 
 
 def get_strategy(name: str) -> Strategy:
     """The stateless strategy registered under ``name``."""
     check_strategy(name)
+    if name == "hetlora":
+        from broker_server.heterogeneous import hetlora_mean
+
+        return hetlora_mean
     if name not in STRATEGIES:
         raise ConfigError(
             f"strategy {name!r} keeps state between rounds or needs the LoRA pairs: the service runs it"

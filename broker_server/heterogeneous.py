@@ -78,3 +78,59 @@ def coverage_mean(global_state: Mapping[str, np.ndarray], updates: Sequence[Clie
         mean = np.divide(total, weight, out=np.zeros_like(total), where=covered)
         new[name] = (np.asarray(value, dtype=np.float64) + mean).astype(np.float32)
     return new
+
+
+def _lora_norm(factors: Mapping[str, np.ndarray], pairs: Mapping[str, tuple[str, str]]) -> float:
+    """|| sum over pairs of (1/r) B A ||: the Frobenius norm of a client's LoRA update to the weights,
+    up to the shared alpha (the scale alpha/r differs by rank), over all its pairs."""
+    total = 0.0
+    for a_name, b_name in pairs.values():
+        if a_name not in factors or b_name not in factors:
+            continue
+        a = np.asarray(factors[a_name], dtype=np.float64)
+        b = np.asarray(factors[b_name], dtype=np.float64)
+        total += float(np.sum(np.square(b @ a))) / max(a.shape[0], 1) ** 2
+    return float(np.sqrt(total))
+
+
+def hetlora_mean(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+    """HetLoRA (Cho et al. 2024): zero-padded factor averaging with sparsity-weighted clients.
+
+    Each client's LoRA factors (the global view plus its delta) are zero-padded to the global
+    shapes and averaged with weights n_c ||B_c A_c / r_c||_F (normalised): clients whose update to
+    the weights is larger count more, and rank components that only some clients train shrink by
+    the weight of those that do not (the paper's implicit rank regularisation), where
+    :func:`coverage_mean` keeps them at their trainers' mean. Tensors that are not LoRA factors
+    (the head, adapters, prompts) take :func:`coverage_mean`. With one rank and equal norms it is
+    FedIT; one client returns its own factors, zero beyond its rank.
+    """
+    if not updates:
+        raise ConfigError("cannot aggregate zero updates")
+    from broker_server.exact import lora_pairs  # exact imports this module's view
+
+    pairs = lora_pairs(global_state)
+    factor_names = {n for pair in pairs.values() for n in pair}
+    clients = []
+    for u in updates:
+        reason = fits(global_state, u.delta)
+        if reason is not None:
+            raise ShapeMismatch(f"{u.device_id}: {reason}")
+        factors = {
+            n: np.asarray(global_state[n][corner(d.shape)], dtype=np.float64)
+            + np.asarray(d, dtype=np.float64)
+            for n, d in u.delta.items()
+            if n in factor_names
+        }
+        clients.append((max(u.num_samples, 0) or 1, factors))
+    raw = np.array([n * _lora_norm(f, pairs) for n, f in clients], dtype=np.float64)
+    weights = raw / raw.sum() if raw.sum() > 0 else np.full(len(raw), 1.0 / len(raw))
+    new = coverage_mean(global_state, updates)
+    for name in sorted(factor_names):
+        if not any(name in f for _, f in clients):
+            continue  # no client trains this pair: it keeps its value
+        acc = np.zeros(global_state[name].shape, dtype=np.float64)
+        for w, (_, factors) in zip(weights, clients, strict=True):
+            if name in factors:
+                acc[corner(factors[name].shape)] += w * factors[name]
+        new[name] = acc.astype(np.float32)
+    return new

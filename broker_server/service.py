@@ -239,8 +239,12 @@ class AggregationService:
         self.on_accept = on_accept
         self.clock = clock
         self.allocator = allocator
-        if allocator is not None and (config.strategy != "fedit" or config.dp_noise_multiplier is not None):
-            raise ConfigError("a mixed fleet (allocation) aggregates with fedit, without DP, for now")
+        if allocator is not None and (
+            config.strategy not in ("fedit", "hetlora") or config.dp_noise_multiplier is not None
+        ):
+            raise ConfigError(
+                "a mixed fleet (allocation) aggregates with fedit or hetlora, without DP, for now"
+            )
         self.groups: dict[str, Group] = {}
         if allocator is not None and config.strategy in STATEFUL_STRATEGIES:
             raise ConfigError(
@@ -878,7 +882,9 @@ class AggregationService:
                 self._state = ffa_fedavg(self._state, updates)
             else:
                 # a mixed fleet: zero-pad and average each element over the clients that trained it
-                rule = coverage_mean if self.allocator is not None else self.strategy
+                # (hetlora pads and weighs ranks itself)
+                mixed = self.allocator is not None and self.config.strategy != "hetlora"
+                rule = coverage_mean if mixed else self.strategy
                 self._state = rule(self._state, updates)
 
     def _initial_state(self) -> dict[str, np.ndarray]:

@@ -237,7 +237,8 @@ def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
         default="fedit",
         help="aggregation rule: fedit (default), exact (LoRA products averaged exactly, SVD, error "
         "feedback), ffa (FFA-LoRA: A frozen at its shared initialisation, only B trained and "
-        "averaged), median, trimmed_mean",
+        "averaged), hetlora (HetLoRA: zero-padded factors, clients weighted by the norm of their "
+        "LoRA update), median, trimmed_mean",
     )
     p.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
     p.add_argument(

@@ -99,8 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ModelDims.from_model_dir(resolve_model(train_cfg.model)),
         AllocationConfig(alpha=args.alpha, beta=args.beta, gamma=args.gamma),
     )
-    if allocator is not None and (args.strategy != "fedit" or args.dp_noise is not None):
-        raise ConfigError("--allocation utility/uniform aggregates with fedit and without DP for now")
+    if allocator is not None and (args.strategy not in ("fedit", "hetlora") or args.dp_noise is not None):
+        raise ConfigError(
+            "--allocation utility/uniform aggregates with fedit or hetlora, without DP, for now"
+        )
     store = StateStore(Path(args.state) / "state.sqlite")
     evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     transport = _transport(args, f"fedpeft-server-{args.fleet}")

@@ -138,8 +138,12 @@ class SimulationConfig:
                 f"--allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}"
             )
         AllocationConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma)
-        if self.allocation_mode != "fixed" and (self.strategy != "fedit" or self.dp_noise is not None):
-            raise ConfigError("--allocation utility/uniform aggregates with fedit and without DP for now")
+        if self.allocation_mode != "fixed" and (
+            self.strategy not in ("fedit", "hetlora") or self.dp_noise is not None
+        ):
+            raise ConfigError(
+                "--allocation utility/uniform aggregates with fedit or hetlora, without DP, for now"
+            )
 
     def worker_engines(self, train_cfg: TrainConfig, workers: int) -> list[str]:
         """The engine of each worker process: every device of a worker trains with the same one.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from broker_server.allocation import AllocationConfig, Allocator, Candidate, CostEstimate
 from broker_server.evaluation import Evaluator
@@ -29,13 +30,15 @@ def predict(c: Candidate, p: DeviceProfile) -> CostEstimate:
     return CostEstimate(memory_mb=1000 + 60 * rank, step_s=0.1, trainable_params=1000 * rank)
 
 
-def test_tiers_train_different_ranks_of_one_global_module(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fedit", "hetlora"])
+def test_tiers_train_different_ranks_of_one_global_module(tmp_path: Path, strategy: str) -> None:
     model = make_tiny_bert(tmp_path / "model")
     train, test = load_folder(write_text_folder(tmp_path / "data", per_class_train=8))
     base = TrainConfig(model=str(model), num_labels=3, seq_len=16, bits=32)
     config = ServiceConfig(
-        fleet="mix", rounds=2, train=base, min_clients=3, expected_clients=4, round_timeout_s=30
-    )
+        fleet="mix", rounds=2, train=base, min_clients=3, expected_clients=4, round_timeout_s=30,
+        strategy=strategy,
+    )  # fmt: skip
     broker = InMemoryBroker()
     allocator = Allocator(GRID, predict, AllocationConfig(beta=2.0))
     service = AggregationService(
