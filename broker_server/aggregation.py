@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.peft_specs import layer_group
 
 State = dict[str, np.ndarray]
 
@@ -101,6 +102,45 @@ def clip_update(update: ClientUpdate, max_norm: float) -> ClientUpdate:
     return ClientUpdate(update.device_id, update.num_samples, delta, update.metrics)
 
 
+def layer_weights(updates: Sequence[ClientUpdate], group: str) -> np.ndarray:
+    """Per-client weights of one layer group: w_c = n_c * I_c / sum_k n_k * I_k.
+
+    I_c is the importance the client measured for the group on its own held-out samples, the rise
+    of its validation loss when that layer's update is reverted (``importance.{group}`` in its
+    metrics). A client that sent no importance figures counts with the mean importance of those
+    that did, and a group every client found useless (all zero) falls back to n_c / sum n.
+    """
+    n = np.array([max(u.num_samples, 0) for u in updates], dtype=np.float64)
+    key = f"importance.{group}"
+    given = [float(u.metrics[key]) for u in updates if key in u.metrics]
+    fill = float(np.mean(given)) if given else 1.0
+    imp = np.array([max(float(u.metrics.get(key, fill)), 0.0) for u in updates], dtype=np.float64)
+    raw = n * imp
+    if raw.sum() <= 0 or not np.all(np.isfinite(raw)):
+        return sample_weights(updates)
+    return raw / raw.sum()
+
+
+def layerwise(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+    """Layer-wise importance weighting: each layer's tensors averaged with :func:`layer_weights`.
+
+    A client whose update to a layer helped its own validation loss more counts more in that
+    layer (the head and prompts are groups of their own). With equal importances it is FedIT.
+    Importances are claims: combine with ``--norm-bound``, and prefer median or trimmed mean
+    where devices may lie.
+    """
+    if not updates:
+        raise ConfigError("cannot aggregate zero updates")
+    weights = {g: layer_weights(updates, g) for g in sorted({layer_group(n) for n in global_state})}
+    new: State = {}
+    for name, value in global_state.items():
+        acc = np.zeros(value.shape, dtype=np.float64)
+        for w, u in zip(weights[layer_group(name)], updates, strict=True):
+            acc += w * np.asarray(u.delta[name], dtype=np.float64)
+        new[name] = (np.asarray(value, dtype=np.float64) + acc).astype(np.float32)
+    return new
+
+
 Strategy = Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate]], State]
 
 STRATEGIES: dict[str, Strategy] = {
@@ -108,6 +148,7 @@ STRATEGIES: dict[str, Strategy] = {
     "fedavg": fedit,
     "median": coordinate_median,
     "trimmed_mean": trimmed_mean,
+    "layerwise": layerwise,
 }
 """Strategies by ``--strategy`` name; ``fedavg`` is an alias of ``fedit`` for LoRA."""
 

@@ -744,7 +744,9 @@ class AggregationService:
             config_id=cid,
             tensors=tensors,
             meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds}
-            | ({"epochs": self.config.personalize_epochs} if phase == PERSONALIZE_PHASE else {}),
+            | ({"epochs": self.config.personalize_epochs} if phase == PERSONALIZE_PHASE else {})
+            # layer-wise weighting: devices measure each layer's effect on their held-out samples
+            | ({"importance": 1} if phase == TRAIN_PHASE and self.config.strategy == "layerwise" else {}),
         )
         return wire.encode_global(msg, bits=self.config.down_bits)
 

@@ -34,11 +34,13 @@ from edge_runtime.engines.base import ProgressFn, TrainingEngine
 from edge_runtime.errors import FedPeftError, MemoryCapExceeded, UpdateRejected
 from edge_runtime.memory import MemoryGuard
 from edge_runtime.outbox import Outbox
+from edge_runtime.peft_specs import layer_group
 from edge_runtime.transport import Transport
 
 log = logging.getLogger("fedpeft.edge")
 
 EngineFactory = Callable[[TrainConfig], TrainingEngine]
+IMPORTANCE_SAMPLES = 64  # held-out samples a device evaluates per layer for layer-wise weighting
 STATS_PHASE = "stats"
 PERSONALIZE_PHASE = "personalize"
 DONE_PHASE = "done"
@@ -370,9 +372,38 @@ class DeviceAgent:
             )
             guard.check()
             trained = engine.trainable_state()
+            metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "steps": float(result.steps)}
+            if module.meta.get("importance"):
+                metrics |= self._layer_importance(engine, module.tensors, trained)
+                guard.check()
         tensors = {k: trained[k] - np.asarray(module.tensors[k], dtype=np.float32) for k in trained}
-        metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "steps": float(result.steps)}
         return tensors, metrics
+
+    def _layer_importance(
+        self, engine: TrainingEngine, start: dict[str, np.ndarray], trained: dict[str, np.ndarray]
+    ) -> dict[str, float]:
+        """How much each layer's update lowers the loss on held-out samples (layer-wise weighting).
+
+        For each layer group g (see :func:`layer_group`): importance.g = max(0, L(trained with g
+        reverted to the global module) - L(trained)). Without held-out samples nothing is sent and
+        the service weighs this device by its samples alone.
+        """
+        if self.holdout is None or len(self.holdout) == 0:
+            return {}
+        val = self.holdout.subset(np.arange(min(len(self.holdout), IMPORTANCE_SAMPLES)))
+        full = engine.evaluate(val).loss
+        groups: dict[str, list[str]] = {}
+        for name in trained:
+            groups.setdefault(layer_group(name), []).append(name)
+        out = {"importance.loss": float(full)}
+        for group, names in sorted(groups.items()):
+            reverted = dict(trained)
+            for name in names:
+                reverted[name] = np.asarray(start[name], dtype=np.float32)
+            engine.load_trainable_state(reverted)
+            out[f"importance.{group}"] = max(0.0, float(engine.evaluate(val).loss - full))
+        engine.load_trainable_state(trained)
+        return out
 
     def _personalize(
         self, engine: TrainingEngine, epochs: int, seed: int, guard: MemoryGuard

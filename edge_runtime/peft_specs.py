@@ -35,6 +35,7 @@ each way. :meth:`TrainingCost.step_s` turns it into seconds for a device's GFLOP
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -485,3 +486,15 @@ class PromptSpec:
             module_saved_bytes=embeddings,
             module_flops=0.0,
         )
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def layer_group(name: str) -> str:
+    """The layer a trainable tensor belongs to, for layer-wise weighting: ``layer{i}`` for tensors
+    inside transformer block i, ``head`` for the classifier, ``other`` for the rest (prompts)."""
+    if name.startswith("head."):
+        return "head"
+    match = _LAYER_RE.search(name)
+    return f"layer{int(match.group(1))}" if match else "other"

@@ -238,7 +238,8 @@ def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
         help="aggregation rule: fedit (default), exact (LoRA products averaged exactly, SVD, error "
         "feedback), ffa (FFA-LoRA: A frozen at its shared initialisation, only B trained and "
         "averaged), hetlora (HetLoRA: zero-padded factors, clients weighted by the norm of their "
-        "LoRA update), median, trimmed_mean",
+        "LoRA update), layerwise (each layer weighted by how much the device's update to it lowered its "
+        "held-out loss), median, trimmed_mean",
     )
     p.add_argument("--clip-norm", type=_nonneg_float, default=None, help="clip each update to this L2 norm")
     p.add_argument(

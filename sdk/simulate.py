@@ -93,7 +93,8 @@ class SimulationConfig:
     clusters: str = field(default="off", metadata={"help": "off, auto or K clusters of devices"})
     cluster_share: float = 0.5
     holdout: float = field(
-        default=0.2, metadata={"help": "share of each device's samples held out to measure personalization"}
+        default=0.2,
+        metadata={"help": "share of each device's samples held out (personalization, layer-wise weights)"},
     )
     workers: int | None = None
     round_timeout_s: float = 900.0
@@ -297,9 +298,10 @@ class Simulation:
         return devices
 
     def _hold_out(self, idx: np.ndarray, client: int) -> tuple[np.ndarray, np.ndarray]:
-        """Split a client's samples into training and held-out ones (only when personalizing)."""
+        """Split a client's samples into training and held-out ones (for personalization and
+        layer-wise weighting, which measure on them)."""
         cfg = self.config
-        if cfg.personalize_epochs == 0 or len(idx) < 2:
+        if (cfg.personalize_epochs == 0 and cfg.strategy != "layerwise") or len(idx) < 2:
             return idx, idx[:0]
         n_hold = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx))))
         order = np.random.default_rng([cfg.seed, client, 7]).permutation(len(idx))
