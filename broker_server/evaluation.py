@@ -51,6 +51,10 @@ class Evaluator:
             self._engines[key] = TorchEngine(config, seed=self.seed, threads=self.threads)
         return self._engines[key]
 
+    def engine_for(self, config: TrainConfig) -> TorchEngine:
+        """The server's torch engine for ``config``'s module (created once, then kept)."""
+        return self._engine(config)
+
     def initial_state(self, config: TrainConfig | None = None) -> dict[str, np.ndarray]:
         """The seeded initial module (LoRA A random, B zero, head random) of ``config``."""
         return self._engine(config).trainable_state()

@@ -47,6 +47,7 @@ from broker_server.clustering import (
     parse_clusters,
     split_state,
 )
+from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
 from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
@@ -56,6 +57,7 @@ from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
+from edge_runtime.data import TextDataset
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
     ConfigError,
@@ -118,6 +120,13 @@ class ServiceConfig:
         default=0.5,
         metadata={"help": "a tensor is shared across clusters when their updates have at least this cosine"},
     )
+    distill_epochs: int = field(
+        default=0,
+        metadata={"help": "mixed kinds: distill each kind toward the others on unlabeled text (0 = off)"},
+    )
+    distill_alpha: float = field(
+        default=0.5, metadata={"help": "weight a of the pseudo-label term (1 - a for the KL term)"}
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -150,6 +159,8 @@ class ServiceConfig:
                 )
             if not -1.0 <= self.cluster_share <= 1.0:
                 raise ConfigError(f"--cluster-share is a cosine in [-1, 1], got {self.cluster_share}")
+        if self.distill_epochs < 0 or not 0 <= self.distill_alpha <= 1:
+            raise ConfigError("--distill-epochs must be 0 or more and --distill-alpha in [0, 1]")
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
         check_strategy(self.strategy)
@@ -230,7 +241,15 @@ class AggregationService:
         serve_artifacts: bool = True,
         artifacts_cache: Path | None = None,
         artifact_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        unlabeled: TextDataset | None = None,
     ) -> None:
+        if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
+            raise ConfigError(
+                "distillation fuses the modules of different PEFT kinds: it needs a mixed fleet "
+                "(allocation) and unlabeled server-side text"
+            )
+        self.unlabeled = unlabeled
+        self.distilled: dict[str, dict[str, float]] = {}  # the last round's agreement, by kind
         self.transport = transport
         self.config = config
         self.evaluator = evaluator
@@ -888,6 +907,25 @@ class AggregationService:
                 mixed = self.allocator is not None and self.config.strategy != "hetlora"
                 rule = coverage_mean if mixed else self.strategy
                 self._state = rule(self._state, updates)
+                if self.config.distill_epochs > 0:
+                    self._distill()
+
+    def _distill(self) -> None:
+        """Let knowledge flow across the PEFT kinds of the fleet (:mod:`broker_server.distillation`)."""
+        assert self.allocator is not None and self.unlabeled is not None
+        kinds = {rec.config.peft.kind for rec in self.devices.values() if not rec.excluded}
+        configs = [c for c in self.allocator.largest(self.config.train) if c.peft.kind in kinds]
+        result = fuse_kinds(
+            self.evaluator,
+            self._state,
+            configs,
+            self.unlabeled,
+            alpha=self.config.distill_alpha,
+            epochs=self.config.distill_epochs,
+            seed=self.config.seed + self._round,
+        )
+        self._state = result.state
+        self.distilled = {"before": result.agreement_before, "after": result.agreement_after}
 
     def _initial_state(self) -> dict[str, np.ndarray]:
         if self.allocator is None:
@@ -1082,6 +1120,8 @@ class AggregationService:
             }
             if by_kind:
                 record["accuracy_by_kind"] = by_kind
+            if self.distilled and self._phase == TRAIN_PHASE:
+                record["distill_agreement"] = dict(self.distilled)
             if self.clustered:
                 record["accuracy_by_cluster"] = dict(self._by_cluster)
                 record["shared_tensors"] = list(self._shared)

@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
     sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
     sim.add_argument(
+        "--distill-samples",
+        type=_positive_int,
+        default=256,
+        help="with --distill-epochs: unlabeled server-side texts (training texts no device holds)",
+    )
+    sim.add_argument(
         "--holdout",
         type=_nonneg_float,
         default=0.2,
@@ -159,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port or mqtts://...")
     srv.add_argument("--fleet", required=True, help="fleet name (topic prefix fl/FLEET/...)")
     srv.add_argument("--state", required=True, help="folder for the service's SQLite state")
+    srv.add_argument(
+        "--distill-data",
+        default=None,
+        help="with --distill-epochs: a data folder whose train split's texts (labels unread, at most "
+        "256) are the server-side unlabeled text",
+    )
     srv.add_argument("--rounds", type=_positive_int, default=5)
     srv.add_argument("--min-clients", type=_positive_int, default=2)
     srv.add_argument("--bits", type=int, default=4, choices=(32, 16, 8, 4, 2))
@@ -269,6 +281,19 @@ def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="with --clusters: a tensor whose per-cluster updates all have at least this cosine is "
         "shared by every cluster (default 0.5)",
+    )
+    p.add_argument(
+        "--distill-epochs",
+        type=int,
+        default=0,
+        help="mixed PEFT kinds: after each round, distill each kind's module toward the other kinds' "
+        "ensemble on unlabeled server-side text for this many epochs (default 0: off)",
+    )
+    p.add_argument(
+        "--distill-alpha",
+        type=float,
+        default=0.5,
+        help="weight a of L = a CE(pseudo-labels) + (1 - a) KL(student || teacher) (default 0.5)",
     )
     p.add_argument(
         "--personalize-epochs",
@@ -390,6 +415,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         personalize_epochs=args.personalize_epochs,
         clusters=args.clusters,
         cluster_share=args.cluster_share,
+        distill_epochs=args.distill_epochs,
+        distill_alpha=args.distill_alpha,
+        distill_samples=args.distill_samples,
         holdout=args.holdout,
         workers=args.workers,
     )

@@ -89,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         personalize_epochs=args.personalize_epochs,
         clusters=args.clusters,
         cluster_share=args.cluster_share,
+        distill_epochs=args.distill_epochs,
+        distill_alpha=args.distill_alpha,
         round_timeout_s=args.round_timeout,
         hello_timeout_s=args.hello_timeout,
         seed=args.seed,
@@ -103,6 +105,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--allocation utility/uniform aggregates with fedit or hetlora, without DP, for now"
         )
+    texts = None
+    if args.distill_epochs > 0:
+        from broker_server.distillation import unlabeled
+
+        if not args.distill_data:
+            raise ConfigError("--distill-epochs needs --distill-data (a folder of server-side text)")
+        spare = load_split(resolve_data_dir(args.distill_data), "train", limit=256, seed=args.seed)
+        texts = unlabeled(spare.texts, labels)
     store = StateStore(Path(args.state) / "state.sqlite")
     evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     transport = _transport(args, f"fedpeft-server-{args.fleet}")
@@ -116,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     service = AggregationService(
-        transport, config, evaluator, store=store, on_round=on_round, allocator=allocator
+        transport, config, evaluator, store=store, on_round=on_round, allocator=allocator, unlabeled=texts
     )
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     start = time.monotonic()

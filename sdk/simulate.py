@@ -25,6 +25,7 @@ import numpy as np
 from broker_server.aggregation import check_strategy
 from broker_server.allocation import ALLOCATIONS, AllocationConfig, Allocator, build_allocator, peft_key
 from broker_server.clustering import parse_clusters
+from broker_server.distillation import unlabeled
 from broker_server.evaluation import Evaluator
 from broker_server.report import allocation_entry, build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
@@ -91,6 +92,13 @@ class SimulationConfig:
         default=0, metadata={"help": "after the last round, each device fine-tunes the global module"}
     )
     clusters: str = field(default="off", metadata={"help": "off, auto or K clusters of devices"})
+    distill_epochs: int = field(
+        default=0, metadata={"help": "mixed kinds: distill each kind toward the others each round"}
+    )
+    distill_alpha: float = 0.5
+    distill_samples: int = field(
+        default=256, metadata={"help": "unlabeled server-side texts: training texts no device holds"}
+    )
     cluster_share: float = 0.5
     holdout: float = field(
         default=0.2,
@@ -118,6 +126,13 @@ class SimulationConfig:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
+        if self.distill_epochs > 0 and self.allocation_mode == "fixed":
+            raise ConfigError(
+                "--distill-epochs fuses the modules of different PEFT kinds: it needs --profiles "
+                "(or --allocation utility|uniform)"
+            )
+        if self.distill_samples < 1:
+            raise ConfigError(f"--distill-samples must be at least 1, got {self.distill_samples}")
         if self.clusters != "off":
             parse_clusters(self.clusters)
             if self.allocation_mode != "fixed":
@@ -258,6 +273,7 @@ class Simulation:
         self.on_round = on_round
         self.on_update = on_update
         self.host = measure()
+        self.server_texts: tuple[str, ...] = ()
 
     def _load(self) -> tuple[TextDataset, TextDataset]:
         cfg = self.config
@@ -277,6 +293,12 @@ class Simulation:
             names = assign_profiles(parse_profile_mix(cfg.profiles), cfg.clients, cfg.seed)
         else:
             names = ["host"] * cfg.clients
+        used = np.zeros(len(train), dtype=bool)
+        for idx in parts:
+            used[np.asarray(idx, dtype=np.int64)] = True
+        spare = np.flatnonzero(~used)
+        pick = np.random.default_rng([cfg.seed, 11]).permutation(len(spare))[: cfg.distill_samples]
+        self.server_texts = tuple(train.texts[i] for i in np.sort(spare[pick]))  # labels stay unread
         devices = []
         for i, idx in enumerate(parts):
             idx, held = self._hold_out(np.asarray(idx), i)
@@ -356,6 +378,8 @@ class Simulation:
             personalize_epochs=cfg.personalize_epochs,
             clusters=cfg.clusters,
             cluster_share=cfg.cluster_share,
+            distill_epochs=cfg.distill_epochs,
+            distill_alpha=cfg.distill_alpha,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )
@@ -377,6 +401,7 @@ class Simulation:
             on_accept=self.on_update,
             allocator=allocator,
             serve_artifacts=False,  # workers get the artifact folders from _ort_artifacts below
+            unlabeled=unlabeled(self.server_texts, test.label_names) if cfg.distill_epochs > 0 else None,
         )
         service.start()
         engines = cfg.worker_engines(train_cfg, workers)

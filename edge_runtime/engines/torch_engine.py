@@ -368,6 +368,86 @@ class TorchEngine:
             seconds=time.perf_counter() - start,
         )
 
+    def distill(
+        self,
+        texts: TextDataset,
+        teacher_probs: np.ndarray,
+        *,
+        alpha: float,
+        epochs: int,
+        seed: int,
+        train_head: bool = False,
+    ) -> TrainResult:
+        """Train the module toward a teacher's class probabilities on unlabeled ``texts``.
+
+        loss = alpha * CE(student, argmax teacher) + (1 - alpha) * KL(student || teacher), the
+        labels of ``texts`` are never read. The head stays frozen unless ``train_head`` (it is
+        shared by kinds whose bodies are distilled one after another).
+        """
+        cfg = self.config
+        if len(texts) == 0:
+            raise EngineError("cannot distill on an empty dataset")
+        probs = torch.from_numpy(np.asarray(teacher_probs, dtype=np.float32))
+        if probs.shape != (len(texts), cfg.num_labels):
+            raise EngineError(f"teacher probabilities of shape {tuple(probs.shape)} for {len(texts)} texts")
+        log_teacher = torch.log(probs.clamp_min(1e-8))
+        pseudo = probs.argmax(-1)
+        ids = self._tokens(texts)
+        names = [n for n in self._params if train_head or not n.startswith("head.")]
+        if isinstance(cfg.peft, LoraSpec) and not cfg.peft.train_a:
+            names = [n for n in names if not n.endswith(".lora_A")]
+        params = [self._params[n] for n in names]
+        frozen = [p for n, p in self._params.items() if n not in names]
+        for p in frozen:
+            p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rng = np.random.default_rng(seed)
+        steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+        step, loss_sum, agree, seen = 0, 0.0, 0, 0
+        start = time.perf_counter()
+        self.model.train()
+        # dropout draws from torch's generator: seed it here, so the result depends on ``seed``
+        # alone, not on what this engine did before (the service distills kinds in any order)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            try:
+                for _ in range(epochs):
+                    order = rng.permutation(len(texts))
+                    for b in range(steps_per_epoch):
+                        rows = torch.from_numpy(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                        input_ids, mask = self._batch(ids, rows.numpy())
+                        logits = self.model(input_ids, mask)
+                        log_student = nn.functional.log_softmax(logits, dim=-1)
+                        kl = (log_student.exp() * (log_student - log_teacher[rows])).sum(-1).mean()
+                        loss = alpha * nn.functional.cross_entropy(logits, pseudo[rows]) + (1 - alpha) * kl
+                        if not torch.isfinite(loss):
+                            raise EngineError(f"distillation diverged (loss {loss.item()}) at step {step}")
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                        optimizer.step()
+                        step += 1
+                        loss_sum += float(loss.item()) * len(rows)
+                        agree += int((logits.argmax(-1) == pseudo[rows]).sum())
+                        seen += len(rows)
+            finally:
+                self.model.eval()
+                for p in frozen:
+                    p.requires_grad_(True)
+        return TrainResult(
+            steps=step,
+            samples=seen,
+            loss=loss_sum / max(seen, 1),
+            accuracy=agree / max(seen, 1),  # agreement with the teacher
+            seconds=time.perf_counter() - start,
+        )
+
+    @torch.no_grad()
+    def predict_proba(self, data: TextDataset, *, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities of the current module for every text of ``data``."""
+        logits = self.model.head(self._pooled(data, batch_size))
+        return np.asarray(torch.softmax(logits, dim=-1).numpy(), dtype=np.float64)
+
     @torch.no_grad()
     def _pooled(self, data: TextDataset, batch_size: int) -> torch.Tensor:
         """Pooled features of ``data`` with the model as it is (callers may bypass the module)."""
