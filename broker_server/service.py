@@ -154,7 +154,8 @@ class ServiceConfig:
         if parse_clusters(self.clusters) != 0:
             if self.strategy in STATEFUL_STRATEGIES or self.dp_noise_multiplier is not None:
                 raise ConfigError(
-                    f"--clusters works with fedit, median or trimmed_mean without DP, not {self.strategy!r}"
+                    "--clusters works with the stateless rules (fedit, hetlora, layerwise, median, "
+                    f"trimmed_mean) without DP, not {self.strategy!r}"
                     + (" with DP" if self.dp_noise_multiplier is not None else "")
                 )
             if not -1.0 <= self.cluster_share <= 1.0:
