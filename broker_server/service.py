@@ -13,6 +13,7 @@ sums of the frozen model instead of trained deltas.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import queue
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from broker_server.aggregation import (
     sum_class_statistics,
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
+from broker_server.asynchronous import StaleUpdate, fedbuff_step, parse_staleness
 from broker_server.clustering import (
     Clustering,
     cluster_clients,
@@ -127,6 +129,11 @@ class ServiceConfig:
     distill_alpha: float = field(
         default=0.5, metadata={"help": "weight a of the pseudo-label term (1 - a for the KL term)"}
     )
+    mode: str = field(default="sync", metadata={"help": "sync rounds, or async (FedBuff) aggregation"})
+    buffer_size: int = field(default=4, metadata={"help": "async: updates per aggregation (K)"})
+    staleness: str = field(default="poly:0.5", metadata={"help": "async: constant, poly:A or hinge:A:B"})
+    max_staleness: int = field(default=8, metadata={"help": "async: drop updates staler than this"})
+    server_lr: float = field(default=1.0, metadata={"help": "async: the server's step size eta"})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -162,6 +169,18 @@ class ServiceConfig:
                 raise ConfigError(f"--cluster-share is a cosine in [-1, 1], got {self.cluster_share}")
         if self.distill_epochs < 0 or not 0 <= self.distill_alpha <= 1:
             raise ConfigError("--distill-epochs must be 0 or more and --distill-alpha in [0, 1]")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"--mode must be sync or async, got {self.mode!r}")
+        if self.mode == "async":
+            parse_staleness(self.staleness)
+            if self.buffer_size < 1 or self.max_staleness < 0 or not self.server_lr > 0:
+                raise ConfigError("async needs --buffer-size >= 1, --max-staleness >= 0 and --server-lr > 0")
+            if self.strategy not in ("fedit", "fedavg") or self.dp_noise_multiplier is not None:
+                raise ConfigError("--mode async aggregates with its own rule (FedBuff): no --strategy, no DP")
+            if parse_clusters(self.clusters) != 0 or self.personalize_epochs > 0 or self.distill_epochs > 0:
+                raise ConfigError(
+                    "--mode async works without --clusters, personalization or distillation for now"
+                )
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
         check_strategy(self.strategy)
@@ -219,6 +238,30 @@ class Group:
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
+class EventClock(Protocol):
+    """A simulated clock for asynchronous runs: when devices can start and when their work lands."""
+
+    def start(self, device: str, t: float) -> float:
+        """The first time at or after ``t`` at which ``device`` can start a job (it may be offline)."""
+        ...
+
+    def finish(self, device: str, start: float, train_s: float, bytes_up: int, bytes_down: int) -> float:
+        """When a job started at ``start`` has arrived at the service, given what it measured."""
+        ...
+
+
+@dataclass
+class Job:
+    """One asynchronous assignment of the current global version to one device."""
+
+    device: str
+    version: int
+    start: float
+    content_id: str
+    nbytes: int
+    answered: bool = False
+
+
 def config_id(config: TrainConfig) -> str:
     """A short content address of a training configuration, used in the global topic."""
     blob = json.dumps(config.to_dict(), sort_keys=True).encode()
@@ -243,7 +286,21 @@ class AggregationService:
         artifacts_cache: Path | None = None,
         artifact_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         unlabeled: TextDataset | None = None,
+        event_clock: EventClock | None = None,
     ) -> None:
+        if config.mode == "async" and (allocator is not None or store is not None):
+            raise ConfigError(
+                "--mode async runs in simulate for now: not with a mixed fleet (allocation) nor with "
+                "a state store (it does not resume after a crash yet)"
+            )
+        self.event_clock = event_clock
+        self._async_start = 0.0
+        self._jobs: dict[int, Job] = {}
+        self._job_seq = 0
+        self._async_active = False
+        # (arrival time, device, job id, update) of accepted updates not yet taken into the buffer
+        self._arrivals: list[tuple[float, str, int, PendingUpdate]] = []
+        self._buffer: list[StaleUpdate] = []
         if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
             raise ConfigError(
                 "distillation fuses the modules of different PEFT kinds: it needs a mixed fleet "
@@ -528,7 +585,16 @@ class AggregationService:
         )
 
     def _group_of(self, record: DeviceRecord) -> Group:
-        """The group whose global module this device trains: its configuration's, or its cluster's."""
+        """The group whose global module this device trains: its configuration's, its cluster's, or
+        (asynchronous mode) its own job topic's."""
+        if self.config.mode == "async":
+            key = f"{self.config_id}-{record.device_id}"
+            group = self.groups.get(key)
+            if group is None:
+                shapes = {k: tuple(v.shape) for k, v in self._state.items()}
+                group = Group(self.config.train, key, wire.topic(self.config.fleet, "global", key), shapes)
+                self.groups[key] = group
+            return group
         if not self.clustered:
             return self._group(record.config)
         cluster = self.cluster_of(record.device_id)
@@ -633,6 +699,10 @@ class AggregationService:
             reason = f"device_failed: {status.detail.get('reason', 'no reason given')}"
             if round_ == self._round:
                 self._answered.add(device)
+            job = self._jobs.get(round_) if isinstance(round_, int) else None
+            if job is not None and job.device == device:
+                job.answered = True  # asynchronous mode: do not wait for it, do not give it more
+                record.excluded = f"failed job {round_}: {reason}"
             log.warning("device %s failed round %s: %s", device, round_, reason)
             self.rejected.append({"client": device, "round": round_, "reason": reason})
 
@@ -662,6 +732,9 @@ class AggregationService:
             # accepted before (perhaps before a crash that ate the ack): acknowledge it again
             self._ack(device, update.round, cid, True, "duplicate of an accepted update")
             raise DuplicateUpdate("redelivery of an accepted update, counted once", round=update.round)
+        if self._async_active:
+            self._on_async_update(record, update, payload, cid)
+            return
         base_id = self._group_of(record).global_id
         if update.round < self._round or (update.round == self._round and update.base_id != base_id):
             self._stale += 1
@@ -688,6 +761,43 @@ class AggregationService:
         record.train_s += float(update.metrics.get("train_s", 0.0))
         record.samples = update.num_samples
         self._round_bytes_down += int(update.metrics.get("bytes_down", 0))
+        self._ack(device, update.round, cid, True, "")
+        if self.on_accept is not None:
+            self.on_accept(device)
+
+    def _on_async_update(
+        self, record: DeviceRecord, update: wire.UpdateMessage, payload: bytes, cid: str
+    ) -> None:
+        """Accept an update for one of this device's jobs; it joins the buffer in arrival order."""
+        device = record.device_id
+        job = self._jobs.get(update.round)
+        if job is None or job.device != device:
+            raise StaleRound(f"{device} has no job {update.round}", round=update.round)
+        if update.base_id != job.content_id:
+            raise StaleRound(f"job {update.round} was trained on another module", round=update.round)
+        if job.answered:
+            raise UpdateRejected("a second, different update for the job", round=update.round)
+        self._check_tensors(update)
+        if update.num_samples > record.hello.num_samples:
+            raise UpdateRejected(
+                f"claims {update.num_samples} samples, hello said {record.hello.num_samples}",
+                round=update.round,
+            )
+        job.answered = True
+        train_s = float(update.metrics.get("train_s", 0.0))
+        if self.event_clock is not None:
+            arrival = self.event_clock.finish(device, job.start, train_s, len(payload), job.nbytes)
+        else:
+            arrival = self.clock() - self._async_start
+        heapq.heappush(
+            self._arrivals, (arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
+        )
+        self._accepted_ids[(device, update.round)] = cid
+        record.updates_accepted += 1
+        record.last_metrics = dict(update.metrics)
+        record.train_s += train_s
+        record.samples = update.num_samples
+        self._round_bytes_up += len(payload)
         self._ack(device, update.round, cid, True, "")
         if self.on_accept is not None:
             self.on_accept(device)
@@ -758,9 +868,11 @@ class AggregationService:
 
     # --- rounds ------------------------------------------------------------------------------
 
-    def _encode_global(self, phase: str, cid: str, tensors: dict[str, np.ndarray]) -> bytes:
+    def _encode_global(
+        self, phase: str, cid: str, tensors: dict[str, np.ndarray], round_: int | None = None
+    ) -> bytes:
         msg = wire.GlobalModule(
-            round=self._round,
+            round=self._round if round_ is None else round_,
             config_id=cid,
             tensors=tensors,
             meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds}
@@ -782,6 +894,12 @@ class AggregationService:
             self._global_id = wire.content_id(checkpoint)
             if self.store is not None:
                 self.store.save_global(self._round, self._global_id, checkpoint)
+        if self.config.mode == "async":  # every device on its own topic
+            for group in self.groups.values():
+                payload = self._encode_global(phase, group.config_id, self._state)
+                group.global_id = wire.content_id(payload)
+                self.transport.publish(group.topic, payload, qos=1, retain=True)
+            return
         if self.clustered:
             assert self.clustering is not None
             states = split_state(self._state, self.clustering.k)
@@ -1069,7 +1187,8 @@ class AggregationService:
         first = 0 if self.config.head_init == "ncm" else 1
         if resume_round is not None:
             first = resume_round
-        for r in range(first, self.config.rounds + 1):
+        last_sync = self.config.rounds if self.config.mode == "sync" else 0
+        for r in range(first, last_sync + 1):
             if self._stopped:
                 break
             self._round = r
@@ -1136,6 +1255,9 @@ class AggregationService:
                 self.store.save_round_record(r, record)
             if self.on_round is not None:
                 self.on_round(record)
+        if self.config.mode == "async" and not self._stopped:
+            self._round = 0
+            self._run_async(start)
         if self._stopped:
             return
         if self.config.personalize_epochs > 0:
@@ -1144,6 +1266,121 @@ class AggregationService:
                 return
         self._round = self.config.rounds + (2 if self.config.personalize_epochs > 0 else 1)
         self._publish_global(DONE_PHASE)
+
+    # --- asynchronous mode --------------------------------------------------------------------
+
+    def _in_flight(self) -> bool:
+        return any(not job.answered for job in self._jobs.values())
+
+    def _dispatch(self, device: str, t: float) -> None:
+        """Give ``device`` a job: the current global version, on its own topic (retained)."""
+        record = self.devices[device]
+        if not record.online or record.excluded:
+            return
+        start = self.event_clock.start(device, t) if self.event_clock is not None else t
+        self._job_seq += 1
+        group = self._group_of(record)
+        payload = self._encode_global(TRAIN_PHASE, group.config_id, self._state, self._job_seq)
+        group.global_id = wire.content_id(payload)
+        self._jobs[self._job_seq] = Job(device, self._round, start, group.global_id, len(payload))
+        self.transport.publish(group.topic, payload, qos=1, retain=True)
+
+    def _run_async(self, wall_start: float) -> None:
+        """FedBuff: devices train the newest version whenever they are free; every K updates (in
+        order of arrival, on the simulated clock if there is one) make a new version."""
+        self._async_active = True
+        self._async_start = self.clock()
+        self._phase = TRAIN_PHASE
+        staleness = parse_staleness(self.config.staleness)
+        now = 0.0
+        self._stale = 0
+        self._round_bytes_up = 0
+        round_start = self.clock()
+        for device in sorted(self.devices):
+            self._dispatch(device, now)
+        while self._round < self.config.rounds and not self._stopped:
+            # with a simulated clock an arrival is final only once no job in flight can land earlier
+            if self._arrivals and (self.event_clock is None or not self._in_flight()):
+                arrival, device, job_id, pending = heapq.heappop(self._arrivals)
+                now = max(now, arrival)
+                job = self._jobs[job_id]
+                tau = self._round - job.version
+                if tau > self.config.max_staleness:
+                    self._stale += 1
+                    reason = (
+                        f"stale_round: trained on version {job.version}, now {self._round} "
+                        f"(bound {self.config.max_staleness})"
+                    )
+                    log.warning("dropped update from %s: %s", device, reason)
+                    self.rejected.append({"client": device, "round": self._round, "reason": reason})
+                else:
+                    u = pending.update
+                    self._buffer.append(
+                        StaleUpdate(ClientUpdate(device, u.num_samples, u.tensors, u.metrics), tau)
+                    )
+                if len(self._buffer) >= self.config.buffer_size:
+                    self._async_aggregate(staleness, now, wall_start, round_start)
+                    round_start = self.clock()
+                self._dispatch(device, now)
+                continue
+            if not self._in_flight() and not self._arrivals:
+                raise FedPeftError(
+                    f"version {self._round}: no device is training and the buffer holds "
+                    f"{len(self._buffer)} of {self.config.buffer_size} updates"
+                )
+            deadline = self.clock() + self.config.round_timeout_s
+            while not self._stopped and self.clock() < deadline:
+                if self._pump(min(deadline, self.clock() + 0.5)):
+                    break
+            else:
+                if not self._stopped:
+                    lost = [j for j in self._jobs.values() if not j.answered]
+                    log.warning(
+                        "%d jobs unanswered after %.0f s: given up", len(lost), self.config.round_timeout_s
+                    )
+                    for job in lost:
+                        job.answered = True
+                        self.rejected.append(
+                            {"client": job.device, "round": self._round, "reason": "deadline: job unanswered"}
+                        )
+        self._async_active = False
+
+    def _async_aggregate(self, staleness: Any, now: float, wall_start: float, round_start: float) -> None:
+        server_start = self.clock()
+        buffer, self._buffer = self._buffer, []
+        ordered = sorted(buffer, key=lambda b: (b.update.device_id, b.staleness))
+        self._state = fedbuff_step(self._state, ordered, staleness, self.config.server_lr)
+        self._round += 1
+        result, _ = self._evaluate()
+        record: dict[str, Any] = {
+            "round": self._round,
+            "phase": TRAIN_PHASE,
+            "mode": "async",
+            "wall_s": self.clock() - wall_start,
+            "round_wall_s": self.clock() - round_start,
+            "virtual_s": now,
+            "server_s": self.clock() - server_start,
+            "accuracy": None if result is None else result.accuracy,
+            "macro_f1": None if result is None else result.macro_f1,
+            "loss": None if result is None else result.loss,
+            "participants": len(buffer),
+            "stale_updates": self._stale,
+            "staleness": [b.staleness for b in ordered],
+            "bytes_up": self._round_bytes_up,
+            "bytes_up_all": self._round_bytes_up,
+            "bytes_down": 0,
+            "train_loss": _mean([b.update.metrics.get("loss") for b in buffer]),
+            "clients": [b.update.device_id for b in ordered],
+            "client_train_s": {},
+            "client_bytes": {},
+        }
+        self._stale = 0
+        self._round_bytes_up = 0
+        if result is not None:
+            self.final_eval = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
+        self.rounds.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
 
     def _personalize(self, resume_round: int | None) -> None:
         """The personalization phase after the last round: devices fine-tune the final global module

@@ -134,7 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the broker's message size limit; larger updates are sent in chunks",
     )
-    sim.add_argument("--mode", default="sync", choices=("sync", "async"))
+    sim.add_argument(
+        "--mode",
+        default="sync",
+        choices=("sync", "async"),
+        help="sync rounds (default) or async: FedBuff aggregation of every --buffer-size updates",
+    )
+    sim.add_argument("--buffer-size", type=_positive_int, default=4, help="async: updates per aggregation")
+    sim.add_argument(
+        "--staleness", default="poly:0.5", help="async: staleness weight constant, poly:A or hinge:A:B"
+    )
+    sim.add_argument("--max-staleness", type=int, default=8, help="async: drop updates staler than this")
+    sim.add_argument("--server-lr", type=_nonneg_float, default=1.0, help="async: the server's step eta")
+    sim.add_argument(
+        "--stragglers",
+        default=None,
+        help="FRACTION:SLOWDOWN:AVAILABILITY, e.g. 0.3:5:0.5: that share of devices computes 5x "
+        "slower and is online half the time (simulated clock)",
+    )
+    sim.add_argument(
+        "--availability-period",
+        type=_nonneg_float,
+        default=600.0,
+        help="seconds of one on/off cycle of a device's simulated availability (default 600)",
+    )
     sim.add_argument(
         "--engine",
         default="auto",
@@ -418,11 +441,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         distill_epochs=args.distill_epochs,
         distill_alpha=args.distill_alpha,
         distill_samples=args.distill_samples,
+        buffer_size=args.buffer_size,
+        staleness=args.staleness,
+        max_staleness=args.max_staleness,
+        server_lr=args.server_lr,
+        stragglers=args.stragglers,
+        availability_period=args.availability_period,
         holdout=args.holdout,
         workers=args.workers,
     )
+    per_round = config.clients if config.mode == "sync" else config.buffer_size  # async: a version's buffer
     progress = RoundProgress(
-        config.clients, config.rounds + (1 if config.head_init == "ncm" else 0), enabled=not args.no_progress
+        per_round, config.rounds + (1 if config.head_init == "ncm" else 0), enabled=not args.no_progress
     )
     report = Simulation(config, on_round=progress.round_done, on_update=progress.update).run()
     progress.close()

@@ -24,6 +24,7 @@ import numpy as np
 
 from broker_server.aggregation import check_strategy
 from broker_server.allocation import ALLOCATIONS, AllocationConfig, Allocator, build_allocator, peft_key
+from broker_server.asynchronous import OnOffTrace, compute_seconds, link_seconds, parse_staleness, trace_for
 from broker_server.clustering import parse_clusters
 from broker_server.distillation import unlabeled
 from broker_server.evaluation import Evaluator
@@ -74,7 +75,17 @@ class SimulationConfig:
     attack: str | None = field(default=None, metadata={"help": "flip:COUNT or scale=FACTOR:COUNT"})
     norm_bound: float = 1e3
     max_message_bytes: int | None = field(default=None, metadata={"help": "split larger updates into chunks"})
-    mode: str = "sync"
+    mode: str = field(default="sync", metadata={"help": "sync rounds or async (FedBuff) aggregation"})
+    buffer_size: int = 4
+    staleness: str = "poly:0.5"
+    max_staleness: int = 8
+    server_lr: float = 1.0
+    stragglers: str | None = field(
+        default=None, metadata={"help": "FRACTION:SLOWDOWN:AVAILABILITY, e.g. 0.3:5:0.5"}
+    )
+    availability_period: float = field(
+        default=600.0, metadata={"help": "seconds of one on/off cycle of a device's availability trace"}
+    )
     engine: str = field(
         default="torch", metadata={"help": "auto, torch, ort or mixed (half the workers on each engine)"}
     )
@@ -120,8 +131,16 @@ class SimulationConfig:
             raise ConfigError("--test-samples must be at least 1")
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"--bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.mode != "sync":
-            raise ConfigError(f"--mode {self.mode} is not available yet; use --mode sync")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"--mode must be sync or async, got {self.mode!r}")
+        if self.mode == "async":
+            parse_staleness(self.staleness)
+            if self.allocation_mode != "fixed":
+                raise ConfigError("--mode async with --profiles/--allocation is not supported yet")
+        if self.stragglers is not None:
+            parse_stragglers(self.stragglers)
+        if not self.availability_period > 0:
+            raise ConfigError("--availability-period must be positive")
         if self.engine not in ENGINE_CHOICES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.personalize_epochs < 0:
@@ -223,6 +242,50 @@ class SimulationConfig:
         )
 
 
+def parse_stragglers(text: str) -> tuple[float, float, float]:
+    """``FRACTION:SLOWDOWN:AVAILABILITY`` (e.g. ``0.3:5:0.5``): the share of devices that compute
+    SLOWDOWN times slower and are online AVAILABILITY of the time."""
+    try:
+        fraction, slowdown, availability = (float(x) for x in text.split(":"))
+    except ValueError:
+        fraction = slowdown = availability = -1.0
+    if not (0 <= fraction <= 1 and slowdown >= 1 and 0 < availability <= 1):
+        raise ConfigError(
+            f"--stragglers takes FRACTION:SLOWDOWN:AVAILABILITY with a fraction in [0, 1], a slowdown "
+            f">= 1 and an availability in (0, 1], e.g. 0.3:5:0.5; got {text!r}"
+        )
+    return fraction, slowdown, availability
+
+
+class FleetClock:
+    """The simulated clock of asynchronous runs: devices compute at their profile's speed, move
+    bytes at their link's, and pause while their availability trace says they are offline."""
+
+    def __init__(
+        self, host: DeviceProfile, profiles: dict[str, DeviceProfile], traces: dict[str, OnOffTrace]
+    ):
+        self.host = host
+        self.profiles = profiles
+        self.traces = traces
+
+    def start(self, device: str, t: float) -> float:
+        """When the device is next online."""
+        return self.traces[device].next_on(t)
+
+    def work(self, device: str, train_s: float, bytes_up: float, bytes_down: float) -> float:
+        """Seconds of online time a job takes: compute scaled by speed, plus both transfers."""
+        p = self.profiles[device]
+        return (
+            compute_seconds(train_s, self.host.gflops, p.gflops)
+            + link_seconds(bytes_up, p.uplink_mbps)
+            + link_seconds(bytes_down, p.downlink_mbps)
+        )
+
+    def finish(self, device: str, start: float, train_s: float, bytes_up: int, bytes_down: int) -> float:
+        """When a job started at ``start`` lands, pausing while the device is offline."""
+        return self.traces[device].advance(start, self.work(device, train_s, bytes_up, bytes_down))
+
+
 def parse_profile_mix(text: str) -> list[tuple[str, float]]:
     """Parse ``TIER=FRACTION,...`` into (profile name, fraction) pairs summing to 1."""
     pairs: list[tuple[str, float]] = []
@@ -299,12 +362,24 @@ class Simulation:
         spare = np.flatnonzero(~used)
         pick = np.random.default_rng([cfg.seed, 11]).permutation(len(spare))[: cfg.distill_samples]
         self.server_texts = tuple(train.texts[i] for i in np.sort(spare[pick]))  # labels stay unread
+        slow: set[int] = set()
+        if cfg.stragglers:
+            fraction, slowdown, availability = parse_stragglers(cfg.stragglers)
+            order = np.random.default_rng([cfg.seed, 17]).permutation(cfg.clients)
+            slow = {int(i) for i in order[: round(fraction * cfg.clients)]}
         devices = []
         for i, idx in enumerate(parts):
             idx, held = self._hold_out(np.asarray(idx), i)
             sub = train.subset(idx)
             hold = train.subset(held)
             profile = self.host if names[i] == "host" else load_profile(names[i])
+            if i in slow:
+                profile = replace(
+                    profile,
+                    name=f"{profile.name}-straggler",
+                    gflops=profile.gflops / slowdown,
+                    availability=availability,
+                )
             devices.append(
                 VirtualDevice(
                     device_id=f"dev{i:03d}",
@@ -380,6 +455,11 @@ class Simulation:
             cluster_share=cfg.cluster_share,
             distill_epochs=cfg.distill_epochs,
             distill_alpha=cfg.distill_alpha,
+            mode=cfg.mode,
+            buffer_size=cfg.buffer_size,
+            staleness=cfg.staleness,
+            max_staleness=cfg.max_staleness,
+            server_lr=cfg.server_lr,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )
@@ -402,6 +482,7 @@ class Simulation:
             allocator=allocator,
             serve_artifacts=False,  # workers get the artifact folders from _ort_artifacts below
             unlabeled=unlabeled(self.server_texts, test.label_names) if cfg.distill_epochs > 0 else None,
+            event_clock=self.fleet_clock(devices) if cfg.mode == "async" else None,
         )
         service.start()
         engines = cfg.worker_engines(train_cfg, workers)
@@ -522,15 +603,26 @@ class Simulation:
             placed[rest[i % len(rest)]].append(dev)
         return [tuple(sorted(p, key=lambda d: d.device_id)) for p in placed]
 
-    def _virtual_round_s(self, record: dict[str, Any], profiles: dict[str, DeviceProfile]) -> float:
-        longest = 0.0
+    def fleet_clock(self, devices: list[VirtualDevice]) -> FleetClock:
+        """The simulated clock of this fleet: profiles and seeded availability traces."""
+        profiles = {d.device_id: DeviceProfile.from_dict(d.profile) for d in devices}
+        traces = {
+            d.device_id: trace_for(
+                profiles[d.device_id].availability, self.config.availability_period, self.config.seed, i
+            )
+            for i, d in enumerate(devices)
+        }
+        return FleetClock(self.host, profiles, traces)
+
+    def _virtual_round_end(self, record: dict[str, Any], clock: FleetClock, start: float) -> float:
+        """When a synchronous round that starts at ``start`` ends: its slowest participant, which
+        waits to be online and pauses while offline, then the server's time."""
+        end = start
+        share_down = record["bytes_down"] / max(record["participants"], 1)
         for device, train_s in record["client_train_s"].items():
-            profile = profiles[device]
-            compute = train_s * self.host.gflops / max(profile.gflops, 1e-9)
-            up = record["client_bytes"][device] * 8 / (profile.uplink_mbps * 1e6)
-            down = record["bytes_down"] / max(record["participants"], 1) * 8 / (profile.downlink_mbps * 1e6)
-            longest = max(longest, compute + up + down)
-        return longest + float(record.get("server_s", 0.0))
+            work = clock.work(device, train_s, record["client_bytes"][device], share_down)
+            end = max(end, clock.traces[device].advance(clock.start(device, start), work))
+        return end + float(record.get("server_s", 0.0))
 
     def _report(
         self,
@@ -543,14 +635,17 @@ class Simulation:
         url: str,
     ) -> dict[str, Any]:
         cfg = self.config
-        profiles = {d.device_id: DeviceProfile.from_dict(d.profile) for d in devices}
+        fleet_clock = self.fleet_clock(devices)
         clock = 0.0
         rounds = []
         for record in service.rounds:
-            clock += self._virtual_round_s(record, profiles)
+            if record.get("mode") == "async":  # the service ran the clock, from the end of round 0
+                virtual = clock + float(record["virtual_s"])
+            else:
+                clock = virtual = self._virtual_round_end(record, fleet_clock, clock)
             rounds.append(
                 {k: v for k, v in record.items() if k not in ("client_train_s", "client_bytes")}
-                | {"virtual_s": clock}
+                | {"virtual_s": virtual}
             )
         bytes_up = sum(int(s["bytes_up"]) for s in stats.values())
         bytes_down = sum(int(s["bytes_down"]) for s in stats.values())
