@@ -1272,6 +1272,10 @@ class AggregationService:
     def _in_flight(self) -> bool:
         return any(not job.answered for job in self._jobs.values())
 
+    def _earliest_in_flight(self) -> float:
+        """No job in flight can land before it started (a device offline until later cannot)."""
+        return min((job.start for job in self._jobs.values() if not job.answered), default=float("inf"))
+
     def _dispatch(self, device: str, t: float) -> None:
         """Give ``device`` a job: the current global version, on its own topic (retained)."""
         record = self.devices[device]
@@ -1300,7 +1304,9 @@ class AggregationService:
             self._dispatch(device, now)
         while self._round < self.config.rounds and not self._stopped:
             # with a simulated clock an arrival is final only once no job in flight can land earlier
-            if self._arrivals and (self.event_clock is None or not self._in_flight()):
+            if self._arrivals and (
+                self.event_clock is None or self._arrivals[0][0] <= self._earliest_in_flight()
+            ):
                 arrival, device, job_id, pending = heapq.heappop(self._arrivals)
                 now = max(now, arrival)
                 job = self._jobs[job_id]
