@@ -35,6 +35,29 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def plot_comparison(summary: dict[str, Any], path: Path) -> None:
+    """Both modes' accuracy against simulated hours, with sync's final accuracy as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, color in (("sync", "tab:blue"), ("async", "tab:orange")):
+        hours = [t / 3600 for t in summary[name]["virtual_s_by_round"]]
+        ax.plot(hours, summary[name]["accuracy_by_round"], marker=".", color=color, label=name)
+    ax.axhline(summary["comparison"]["sync_accuracy_after_10_rounds"], color="gray", ls="--", lw=1)
+    ax.set_xlabel("simulated hours")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("30% of devices 5x slower, online half the time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     """Run both modes and compare the simulated time to sync's final accuracy."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +85,7 @@ def main() -> int:
             "async_virtual_s_to_reach_it": reached if reached != float("inf") else None,
             "ratio": round(reached / sync_time, 3) if reached != float("inf") else None,
         }
+        plot_comparison(summary, out / "sync_vs_async.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""Plots a person would rather look at than read: accuracy against round and against bytes."""
+"""Plots a person would rather look at than read: accuracy against round, bytes and simulated time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 
 def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Write a PNG with accuracy per round and accuracy per cumulative megabyte moved."""
+    """Write a PNG with accuracy per round, per cumulative megabyte moved and per simulated hour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +23,8 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
         total += int(r["bytes_up"]) + int(r["bytes_down"])
         if r.get("accuracy") is not None:
             moved.append(total / 1e6)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    hours = [float(r.get("virtual_s", 0.0)) / 3600 for r in rounds]
+    fig, (left, right, clock) = plt.subplots(1, 3, figsize=(15, 4))
     left.plot(xs, acc, marker="o")
     left.set_xlabel("round (0 = class-mean head, before any training)")
     left.set_ylabel("test accuracy")
@@ -36,6 +37,14 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
     right.set_title("accuracy per byte")
     right.grid(alpha=0.3)
     right.set_ylim(0, 1)
+    clock.plot(hours, acc, marker="o", color="tab:green")
+    clock.set_xlabel("simulated hours (device speeds, links, availability)")
+    clock.set_ylabel("test accuracy")
+    clock.set_title(
+        "accuracy over time" + (" (async)" if report.get("config", {}).get("mode") == "async" else "")
+    )
+    clock.grid(alpha=0.3)
+    clock.set_ylim(0, 1)
     cfg = report.get("config", {})
     fig.suptitle(
         f"{report.get('kind', '')}: {Path(str(cfg.get('data', ''))).name}, "
