@@ -295,6 +295,7 @@ class AggregationService:
             )
         self.event_clock = event_clock
         self._async_start = 0.0
+        self._async_now = 0.0  # the asynchronous clock: the last arrival taken
         self._jobs: dict[int, Job] = {}
         self._job_seq = 0
         self._async_active = False
@@ -470,6 +471,11 @@ class AggregationService:
             self.store.save_device(device, payload, time.time())
         if not record.excluded:
             self._assign(record)
+            busy = any(j.device == device and not j.answered for j in self._jobs.values()) or any(
+                d == device for _, d, _, _ in self._arrivals
+            )
+            if self._async_active and not busy:  # back (or new): it gets the newest version now
+                self._dispatch(device, self._async_now)
 
     def _configure(self, record: DeviceRecord) -> None:
         """Choose the device's configuration: the allocator's pick for its profile, or the fleet's."""
@@ -1308,7 +1314,7 @@ class AggregationService:
                 self.event_clock is None or self._arrivals[0][0] <= self._earliest_in_flight()
             ):
                 arrival, device, job_id, pending = heapq.heappop(self._arrivals)
-                now = max(now, arrival)
+                now = self._async_now = max(now, arrival)
                 job = self._jobs[job_id]
                 tau = self._round - job.version
                 if tau > self.config.max_staleness:

@@ -238,3 +238,28 @@ def test_simulate_async_with_stragglers_reports_versions_on_the_simulated_clock(
     profiles = sorted(c["profile"] for c in report["clients"])
     assert sum(p.endswith("-straggler") for p in profiles) == 1
     assert report["config"]["mode"] == "async"
+
+
+def test_a_device_that_comes_back_gets_the_newest_version_at_once(tiny: tuple[Path, Path]) -> None:
+    from edge_runtime import wire
+
+    _, test = load_folder(tiny[1])
+    cfg = TrainConfig(model=str(tiny[0]), num_labels=3, seq_len=16, peft=LoraSpec(rank=2, alpha=4.0))
+    broker = InMemoryBroker()
+    config = ServiceConfig(fleet="back", rounds=3, train=cfg, mode="async", buffer_size=2)
+    service = AggregationService(InMemoryTransport(broker, "server"), config, Evaluator(cfg, test, seed=0))
+    service._state = service._initial_state()
+    hello = wire.encode_hello(
+        wire.Hello(device_id="pi", profile={}, num_samples=5, label_histogram=(5, 0, 0))
+    )
+    service._on_hello("pi", hello)  # registered and assigned its own job topic
+    topic = f"fl/back/global/{service.config_id}-pi"
+    assert topic not in broker.retained  # no job before the asynchronous phase
+    service._async_active, service._async_now = True, 42.0
+    service.devices["pi"].online = False  # its last will said offline
+    service._on_hello("pi", hello)  # ... and it is back
+    job = wire.decode_global(broker.retained[topic])
+    assert job.meta["phase"] == "train" and service._jobs[job.round].device == "pi"
+    assert service._jobs[job.round].start == 42.0 and service.devices["pi"].online
+    service._on_hello("pi", hello)  # a repeated hello while it trains gets no second job
+    assert sum(1 for j in service._jobs.values() if j.device == "pi") == 1
