@@ -119,9 +119,11 @@ class OnOffTrace:
         if self.availability >= 1:
             return t + work
         on = self.availability * self.period
-        t = self.next_on(t)
         c = self._cycle_start(t)
-        left = c + on - t  # online time left in this window
+        if t - c >= on:  # offline: start when the next window opens (same arithmetic as is_on)
+            c += self.period
+            t = c
+        left = c + on - t  # online time left in this window, > 0
         if work <= left:
             return t + work
         full, rest = divmod(work - left, on)  # whole windows after this one, and the remainder
