@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout",
         type=_nonneg_float,
         default=0.2,
-        help="with --personalize-epochs: share of each device's samples held out (default 0.2)",
+        help="with --personalize-epochs or --strategy layerwise: share of each device's samples held "
+        "out of training to measure on (default 0.2)",
     )
     sim.add_argument("--report", default="run.json", help="report file (default run.json)")
     sim.add_argument("--plot", default=None, help="PNG plot file (default: the report's name with .png)")
