@@ -38,7 +38,7 @@ from broker_server.aggregation import (
     sum_class_statistics,
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
-from broker_server.asynchronous import StaleUpdate, fedbuff_step, parse_staleness
+from broker_server.asynchronous import Staleness, StaleUpdate, fedbuff_step, parse_staleness
 from broker_server.clustering import (
     Clustering,
     cluster_clients,
@@ -1357,7 +1357,9 @@ class AggregationService:
                         )
         self._async_active = False
 
-    def _async_aggregate(self, staleness: Any, now: float, wall_start: float, round_start: float) -> None:
+    def _async_aggregate(
+        self, staleness: Staleness, now: float, wall_start: float, round_start: float
+    ) -> None:
         server_start = self.clock()
         buffer, self._buffer = self._buffer, []
         ordered = sorted(buffer, key=lambda b: (b.update.device_id, b.staleness))
