@@ -258,12 +258,12 @@ def parse_stragglers(text: str) -> tuple[float, float, float]:
 
 
 class FleetClock:
-    """The simulated clock of asynchronous runs: devices compute at their profile's speed, move
+    """The simulated clock of a fleet (both modes): devices compute at their profile's speed, move
     bytes at their link's, and pause while their availability trace says they are offline."""
 
     def __init__(
         self, host: DeviceProfile, profiles: dict[str, DeviceProfile], traces: dict[str, OnOffTrace]
-    ):
+    ) -> None:
         self.host = host
         self.profiles = profiles
         self.traces = traces
