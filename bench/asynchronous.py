@@ -21,7 +21,7 @@ from runner import DATA_20NG, ROOT, basic_summary, main_guard, run_all
 
 RUNS = {
     "sync": ["--mode", "sync", "--rounds", "10"],
-    "async": ["--mode", "async", "--rounds", "16", "--buffer-size", "4", "--staleness", "poly:0.5"],
+    "async": ["--mode", "async", "--rounds", "30", "--buffer-size", "4", "--staleness", "poly:0.5"],
 }
 
 
