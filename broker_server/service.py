@@ -60,6 +60,7 @@ from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, it
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
+from edge_runtime.downlink import RESYNC_STATE, DownlinkEncoder, module_id
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
     ConfigError,
@@ -110,6 +111,13 @@ class ServiceConfig:
     )
     dp_delta: float = 1e-5
     down_bits: int = 32
+    delta_downlink: bool = field(
+        default=True,
+        metadata={
+            "help": "send each global module as a delta against the one devices hold, at the uplink's "
+            "bits (one synchronous module: no allocation, clusters or async)"
+        },
+    )
     personalize_epochs: int = field(
         default=0,
         metadata={"help": "after the last round, devices fine-tune the global module this many epochs"},
@@ -359,6 +367,17 @@ class AggregationService:
         self._stopped = False
         self._started = False
         self._resumed_payload = b""
+        self._resumed_shared: bytes | None = None
+        self._prepared: tuple[int, str, bytes] | None = None
+        # the downlink's encoder, where deltas apply (one module shared by every device, sync)
+        self._downlink: DownlinkEncoder | None = (
+            DownlinkEncoder(config.train.bits, full_bits=16)
+            if config.delta_downlink
+            and config.mode == "sync"
+            and allocator is None
+            and parse_clusters(config.clusters) == 0
+            else None
+        )
         self._dp_rounds = 0
         self._answered: set[str] = set()
         # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
@@ -699,6 +718,8 @@ class AggregationService:
         record = self.devices.get(device)
         if record is not None:
             record.online = status.state != "offline"
+        if record is not None and status.state == RESYNC_STATE:
+            self._send_full(device)
         if record is not None and status.state == "failed":
             # the device could not train this round (over its memory cap, say): end its turn
             round_ = status.detail.get("round")
@@ -874,6 +895,14 @@ class AggregationService:
 
     # --- rounds ------------------------------------------------------------------------------
 
+    def _meta(self, phase: str) -> dict[str, Any]:
+        return (
+            {"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds}
+            | ({"epochs": self.config.personalize_epochs} if phase == PERSONALIZE_PHASE else {})
+            # layer-wise weighting: devices measure each layer's effect on their held-out samples
+            | ({"importance": 1} if phase == TRAIN_PHASE and self.config.strategy == "layerwise" else {})
+        )
+
     def _encode_global(
         self, phase: str, cid: str, tensors: dict[str, np.ndarray], round_: int | None = None
     ) -> bytes:
@@ -881,12 +910,51 @@ class AggregationService:
             round=self._round if round_ is None else round_,
             config_id=cid,
             tensors=tensors,
-            meta={"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds}
-            | ({"epochs": self.config.personalize_epochs} if phase == PERSONALIZE_PHASE else {})
-            # layer-wise weighting: devices measure each layer's effect on their held-out samples
-            | ({"importance": 1} if phase == TRAIN_PHASE and self.config.strategy == "layerwise" else {}),
+            meta=self._meta(phase),
         )
         return wire.encode_global(msg, bits=self.config.down_bits)
+
+    def _encode_shared(self, phase: str, round_: int) -> bytes:
+        """The downlink message of a version; the state becomes what devices rebuild from it."""
+        assert self._downlink is not None
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[:2] == (round_, phase):
+            return prepared[2]
+        if phase == STATS_PHASE and self._downlink.held is None:
+            # class statistics come from the frozen base: the round needs no tensors
+            return self._encode_global(phase, self.config_id, {}, round_)
+        payload, self._state = self._downlink.encode(
+            self._state,
+            round_=round_,
+            config_id=self.config_id,
+            meta=self._meta(phase),
+            seed=self.config.seed,
+        )
+        return payload
+
+    def _prepare_shared(self, round_: int) -> None:
+        """Right after aggregating: encode the next version now, so that the evaluation (and the
+        report) measure the module devices will hold, not the one before its quantization."""
+        if self._downlink is None or self._stopped:
+            return
+        if round_ < self.config.rounds:
+            nxt = (round_ + 1, TRAIN_PHASE)
+        else:
+            nxt = (
+                self.config.rounds + 1,
+                PERSONALIZE_PHASE if self.config.personalize_epochs > 0 else DONE_PHASE,
+            )
+        self._prepared = (*nxt, self._encode_shared(nxt[1], nxt[0]))
+
+    def _send_full(self, device: str) -> None:
+        """A device that cannot apply the shared delta gets the held module whole, on its own topic."""
+        if self._downlink is None or self._downlink.held is None:
+            return
+        payload = self._downlink.full(
+            round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
+        )
+        self.transport.publish(wire.topic(self.config.fleet, "global", device), payload, qos=1)
+        log.info("device %s asked for the full module: sent %d bytes", device, len(payload))
 
     def _publish_global(self, phase: str, checkpoint: bytes | None = None) -> None:
         """Checkpoint the whole state, then publish every group's view of it (retained).
@@ -895,11 +963,19 @@ class AggregationService:
         content ids that devices trained on before a crash stay valid (views are re-encoded from
         it deterministically).
         """
+        shared: bytes | None = None
+        if self._downlink is not None:
+            shared = self._encode_shared(phase, self._round) if checkpoint is None else self._resumed_shared
         if checkpoint is None:
             checkpoint = self._encode_global(phase, self.config_id, self._state)
             self._global_id = wire.content_id(checkpoint)
             if self.store is not None:
-                self.store.save_global(self._round, self._global_id, checkpoint)
+                stored: tuple[bytes, bytes] | None = None
+                if shared is not None and self._downlink is not None:
+                    residual = {k: v.astype(np.float32) for k, v in self._downlink.residual.items()}
+                    module = wire.GlobalModule(self._round, "downlink-residual", residual)
+                    stored = (shared, wire.encode_global(module, bits=32))
+                self.store.save_global(self._round, self._global_id, checkpoint, downlink=stored)
         if self.config.mode == "async":  # every device on its own topic
             for group in self.groups.values():
                 payload = self._encode_global(phase, group.config_id, self._state)
@@ -916,8 +992,9 @@ class AggregationService:
                 self.transport.publish(group.topic, payload, qos=1, retain=True)
             return
         if self.allocator is None:
-            self._group(self.config.train).global_id = self._global_id
-            self.transport.publish(self.global_topic, checkpoint, qos=1, retain=True)
+            payload = checkpoint if shared is None else shared
+            self._group(self.config.train).global_id = module_id(payload, wire.decode_global(payload))
+            self.transport.publish(self.global_topic, payload, qos=1, retain=True)
             return
         for group in self.groups.values():
             payload = self._encode_global(phase, group.config_id, view(self._state, group.shapes))
@@ -1172,6 +1249,17 @@ class AggregationService:
             self._pending[device] = PendingUpdate(update, ucid, len(upayload))
             self.bytes_up_total += len(upayload)
         self._resumed_payload = payload
+        self._resumed_shared = None
+        if self._downlink is not None:
+            stored = self.store.downlink(round_)
+            if stored is not None:
+                shared, residual_payload = stored
+                residual = wire.decode_global(
+                    residual_payload, max_bytes=max(len(residual_payload), wire.DEFAULT_MAX_PAYLOAD)
+                )
+                self._downlink.restore(self._state, wire.content_id(shared), residual.tensors)
+                self._resumed_shared = shared
+            # without a stored delta (a statistics round) devices get the checkpoint itself
         log.warning(
             "resumed round %d from %s with %d acknowledged updates",
             round_,
@@ -1221,6 +1309,7 @@ class AggregationService:
                 raise FedPeftError(f"round {r} got too few updates after every retry")
             server_start = self.clock()
             self._aggregate()
+            self._prepare_shared(r)
             result, by_kind = self._evaluate()
             record: dict[str, Any] = {
                 "round": r,

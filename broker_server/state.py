@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS updates (
     payload BLOB NOT NULL, PRIMARY KEY (round, device_id));
 CREATE TABLE IF NOT EXISTS round_records (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS residuals (round INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS downlink (
+    round INTEGER PRIMARY KEY, payload BLOB NOT NULL, residual BLOB NOT NULL);
 """
 
 
@@ -74,10 +76,15 @@ class StateStore:
             rows = self._db.execute("SELECT device_id, hello FROM devices").fetchall()
         return {d: bytes(h) for d, h in rows}
 
-    def save_global(self, round_: int, content_id: str, payload: bytes) -> None:
-        """Checkpoint the global module published for ``round_``."""
+    def save_global(
+        self, round_: int, content_id: str, payload: bytes, downlink: tuple[bytes, bytes] | None = None
+    ) -> None:
+        """Checkpoint the global module of ``round_``; with ``downlink``, in the same transaction, the
+        delta message published for it and the downlink's residual (see ``edge_runtime.downlink``)."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)", (round_, content_id, payload))
+            if downlink is not None:
+                db.execute("INSERT OR REPLACE INTO downlink VALUES (?, ?, ?)", (round_, *downlink))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('round', ?)", (json.dumps(round_),))
 
     def latest_global(self) -> tuple[int, str, bytes] | None:
@@ -145,6 +152,14 @@ class StateStore:
                 "SELECT payload FROM residuals WHERE round < ? ORDER BY round DESC LIMIT 1", (round_,)
             ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def downlink(self, round_: int) -> tuple[bytes, bytes] | None:
+        """The delta message published for ``round_`` and the downlink residual after it, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload, residual FROM downlink WHERE round = ?", (round_,)
+            ).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
 
     def close(self) -> None:
         """Close the database."""

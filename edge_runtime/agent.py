@@ -29,9 +29,11 @@ from edge_runtime.artifact_transfer import ArtifactAssembler, ArtifactInfo, cach
 from edge_runtime.chunking import split_payload
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
+from edge_runtime.downlink import RESYNC_STATE, ModuleReceiver, Received
 from edge_runtime.engines import create_engine
 from edge_runtime.engines.base import ProgressFn, TrainingEngine
 from edge_runtime.errors import FedPeftError, MemoryCapExceeded, UpdateRejected
+from edge_runtime.label_prior import label_prior_bias, train_logit_adjusted
 from edge_runtime.memory import MemoryGuard
 from edge_runtime.outbox import Outbox
 from edge_runtime.peft_specs import layer_group
@@ -123,7 +125,8 @@ class DeviceAgent:
         self.done = threading.Event()
         self.final_state: dict[str, np.ndarray] | None = None
         self._lock = threading.Lock()
-        self._pending_global: bytes | None = None
+        self._pending_global: Received | None = None
+        self._receiver = ModuleReceiver()  # the module this device holds, rebuilt from deltas
         self._last_round = -1
         self._bytes_down_since_update = 0
         self._wake = threading.Event()
@@ -171,6 +174,9 @@ class DeviceAgent:
             self._prepare_artifacts(assignment.artifact)  # before the global: training needs them
         if first:
             self.transport.subscribe(assignment.global_topic, self._on_global)
+            own = wire.topic(self.fleet, "global", self.device_id)  # the full module, when asked for
+            if own != assignment.global_topic:
+                self.transport.subscribe(own, self._on_global)
 
     def _prepare_artifacts(self, announced: dict[str, Any]) -> None:
         """Use the cached artifact folder, or start fetching its chunks (once per key)."""
@@ -251,8 +257,24 @@ class DeviceAgent:
 
     def _on_global(self, topic: str, payload: bytes) -> None:
         self._count_down(payload)
+        # applied here, in order of arrival: a delta needs the version before it, and a newer
+        # message may arrive before the training thread takes this one
         with self._lock:
-            self._pending_global = payload
+            try:
+                received = self._receiver.receive(payload)
+            except FedPeftError as exc:
+                log.error("device %s: bad global module: %s", self.device_id, exc)
+                return
+            if received is not None:
+                self._pending_global = received
+            resync = self._receiver.needs_full
+        if resync:
+            log.info("device %s: cannot apply the global delta, asking for the full module", self.device_id)
+            status = wire.Status(device_id=self.device_id, state=RESYNC_STATE, detail={})
+            self.transport.publish(
+                wire.topic(self.fleet, "status", self.device_id), wire.encode_status(status), qos=1
+            )
+            return
         self._wake.set()
         if self.on_ready is not None:
             self.on_ready(self)
@@ -277,14 +299,10 @@ class DeviceAgent:
         with self._lock:
             if self._fetch is not None:
                 return False  # the ORT artifacts are still on their way; the module waits for them
-            payload, self._pending_global = self._pending_global, None
-        if payload is None or self.config is None:
+            received, self._pending_global = self._pending_global, None
+        if received is None or self.config is None:
             return False
-        try:
-            module = wire.decode_global(payload)
-        except UpdateRejected as exc:
-            log.error("device %s: bad global module: %s", self.device_id, exc)
-            return False
+        module = received.module
         phase = str(module.meta.get("phase", "train"))
         if phase == DONE_PHASE:
             self.final_state = dict(module.tensors)
@@ -293,7 +311,7 @@ class DeviceAgent:
         if module.round <= self._last_round:
             return False  # a redelivered or retained copy of a module already trained on
         try:
-            self._train_and_send(module, wire.content_id(payload), phase)
+            self._train_and_send(module, received.module_id, phase)
         except FedPeftError as exc:
             self.stats.last_error = str(exc)
             self._last_round = module.round  # do not retry the same module forever
@@ -358,17 +376,22 @@ class DeviceAgent:
         with guard:
             guard.check()  # already over the cap before training: fail now, not mid-step
             engine = self.engine_factory(config)
-            engine.load_trainable_state(module.tensors)
-            if phase == STATS_PHASE:
+            if phase == STATS_PHASE:  # from the frozen base model: the module does not matter
                 sums, counts = engine.class_feature_sums(self.data)
                 guard.check()
                 return {"stats.class_sums": sums, "stats.class_counts": counts}, {}
+            engine.load_trainable_state(module.tensors)
             if phase == PERSONALIZE_PHASE:
                 epochs = int(module.meta.get("epochs", config.local_epochs))
                 metrics = self._personalize(engine, epochs, seed, guard)
                 return {}, metrics
-            result = engine.train(
-                self.data, epochs=config.local_epochs, seed=seed, progress=guard.wrap(self.progress)
+            result = train_logit_adjusted(
+                engine,
+                self.data,
+                epochs=config.local_epochs,
+                seed=seed,
+                tau=config.logit_adjust,
+                progress=guard.wrap(self.progress),
             )
             guard.check()
             trained = engine.trainable_state()
@@ -498,14 +521,6 @@ class DeviceAgent:
         self.stats.updates_sent += 1
         self.stats.bytes_up += sent
         self.stats.rounds_trained.append(module.round)
-
-
-def label_prior_bias(counts: np.ndarray) -> np.ndarray:
-    """log p(y) of a device's labels, Laplace smoothed and centred: added to a head's bias, it turns
-    the global classifier into one for this device's label distribution (Bayes' rule)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    log_prior = np.log((counts + 1.0) / (counts.sum() + len(counts)))
-    return (log_prior - log_prior.mean()).astype(np.float32)
 
 
 def _job_seed(seed: int, device_id: str, round_: int) -> int:

@@ -27,6 +27,9 @@ class TrainConfig:
     head_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the head"})
     weight_decay: float = 0.0
     prox_mu: float = field(default=0.0, metadata={"help": "lambda of lambda ||theta - theta0||^2"})
+    logit_adjust: float = field(
+        default=1.0, metadata={"help": "tau: train with logits + tau log p_device(y); 0 turns it off"}
+    )
     engine: str = "torch"
     mem_cap_mb: float | None = None
 
@@ -41,6 +44,7 @@ class TrainConfig:
             ("head_lr", self.head_lr >= 0),
             ("weight_decay", self.weight_decay >= 0),
             ("prox_mu", self.prox_mu >= 0),
+            ("logit_adjust", 0 <= self.logit_adjust <= 10),
             ("engine", self.engine in ENGINES),
             ("mem_cap_mb", self.mem_cap_mb is None or self.mem_cap_mb > 0),
         ]
@@ -62,6 +66,7 @@ class TrainConfig:
             "head_lr": self.head_lr,
             "weight_decay": self.weight_decay,
             "prox_mu": self.prox_mu,
+            "logit_adjust": self.logit_adjust,
             "engine": self.engine,
             "mem_cap_mb": self.mem_cap_mb,
         }

@@ -3,7 +3,9 @@
 * 32 bits: the raw float32 values.
 * 16 bits: a float16 cast (round to nearest).
 * 8, 4 and 2 bits: asymmetric per row. A row is the first axis of a tensor with two or more
-  dimensions (the other axes flattened); a 0-d or 1-d tensor is one row. With L = 2**bits - 1
+  dimensions (the other axes flattened); a 0-d or 1-d tensor is one row. A tensor with more rows
+  than columns (LoRA's B, hidden x rank) is quantized per *column* instead, its codes in column
+  order: an offset and a scale for each of 384 rows of 8 values cost more than the codes. With L = 2**bits - 1
   levels, ``lo`` the row minimum and ``scale = (max - lo) / L``, each element becomes
   ``code = floor((x - lo) / scale + u)`` with u ~ U[0, 1), clipped to [0, L]. Then
   E[lo + code * scale] = x exactly and every element is off by less than one ``scale``. A
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +57,15 @@ def check_bits(bits: Any) -> int:
 
 def scale_rows(shape: tuple[int, ...]) -> int:
     """How many (offset, scale) pairs a tensor of ``shape`` has at 8, 4 or 2 bits."""
-    return int(shape[0]) if len(shape) >= 2 else 1
+    if len(shape) < 2:
+        return 1
+    rows, cols = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    return cols if _by_column(shape) else rows
+
+
+def _by_column(shape: tuple[int, ...]) -> bool:
+    """Whether a tensor is quantized per column (more rows than columns)."""
+    return len(shape) >= 2 and int(shape[0]) > math.prod(int(d) for d in shape[1:]) > 0
 
 
 def packed_nbytes(count: int, bits: int) -> int:
@@ -97,7 +108,10 @@ def quantize(x: np.ndarray, bits: int, rng: np.random.Generator) -> QuantizedTen
         return QuantizedTensor(shape, 16, _EMPTY, _EMPTY, arr32.astype("<f2").tobytes())
     levels = (1 << bits) - 1
     n_rows = scale_rows(shape)
-    rows = arr32.reshape(n_rows, -1) if arr32.size else np.zeros((n_rows, 0), np.float32)
+    if _by_column(shape):
+        rows = np.ascontiguousarray(arr32.reshape(shape[0], -1).T)
+    else:
+        rows = arr32.reshape(n_rows, -1) if arr32.size else np.zeros((n_rows, 0), np.float32)
     if rows.shape[1] == 0:
         zeros = np.zeros(n_rows, np.float32)
         return QuantizedTensor(shape, bits, zeros, zeros.copy(), b"")
@@ -138,7 +152,10 @@ def dequantize(q: QuantizedTensor) -> np.ndarray:
     scale = np.asarray(q.scale, np.float64)[:, None]
     # Computed in float64 and rounded once, so the error bound loses only half a float32 ulp.
     with np.errstate(over="ignore", invalid="ignore"):
-        return (lo + codes * scale).astype(np.float32).reshape(q.shape)
+        values = (lo + codes * scale).astype(np.float32)
+    if _by_column(q.shape):
+        return np.ascontiguousarray(values.T).reshape(q.shape)
+    return values.reshape(q.shape)
 
 
 def _pack(codes: np.ndarray, bits: int) -> bytes:

@@ -65,7 +65,7 @@ from edge_runtime.quantize import (
 )
 
 MAGIC = b"FPFT"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tensors with more rows than columns are quantized per column
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 MAX_NDIM = 8
 MAX_ELEMENTS = 50_000_000  # per tensor and per message: a PEFT module is far smaller

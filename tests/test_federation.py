@@ -123,13 +123,16 @@ def test_corrupted_updates_are_rejected_and_the_round_completes(
     url = parse_broker_url(mosquitto.url)
     server_t = MqttTransport(url, client_id="server", clean_start=True)
     server_t.connect()
+    evaluator = Evaluator(cfg, test, seed=0, threads=1)
     service = AggregationService(
         server_t,
         ServiceConfig(
             fleet=fleet, rounds=1, train=cfg, min_clients=2, expected_clients=3, round_timeout_s=60
         ),
-        Evaluator(cfg, test, seed=0, threads=1),
+        evaluator,
     )
+    # the module's shapes (a global message may carry a delta of some tensors, or none)
+    shapes = {k: v.shape for k, v in evaluator.initial_state().items()}
     service.start()
     agents, transports = [], []
     for i in range(2):
@@ -156,7 +159,6 @@ def test_corrupted_updates_are_rejected_and_the_round_completes(
     def corrupt(topic: str, payload: bytes) -> None:
         module = wire.decode_global(payload)
         if module.round <= 1 and module.meta.get("phase") != "done":
-            shapes = {k: v.shape for k, v in module.tensors.items()}
             for label, bad in _corruptions("mallory", module.round, wire.content_id(payload), shapes).items():
                 attacker.publish(wire.topic(fleet, "update", "mallory"), bad, qos=1)
                 sent.append(label)

@@ -36,8 +36,10 @@ arrays = hnp.arrays(
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
+    """The groups that share an offset and a scale: rows, or columns when there are more rows."""
     n = x.shape[0] if x.ndim >= 2 else 1
-    return x.reshape(n, -1) if x.size else np.zeros((n, 0))
+    grid = x.reshape(n, -1) if x.size else np.zeros((n, 0))
+    return grid.T if grid.shape[0] > grid.shape[1] > 0 else grid
 
 
 @settings(max_examples=300, deadline=None)
@@ -116,6 +118,18 @@ def test_four_bits_are_an_eighth_of_float32() -> None:
     q = quantize(x, 4, np.random.default_rng(0))
     assert len(q.data) == x.size // 2 and q.rows == 8
     assert len(quantize(x, 2, np.random.default_rng(0)).data) == x.size // 4
+
+
+def test_a_tall_tensor_takes_a_scale_per_column() -> None:
+    # LoRA's B (hidden x rank): 8 offsets and scales, not 384, and every column keeps its own range
+    x = np.random.default_rng(0).standard_normal((384, 8)).astype(np.float32) * np.arange(
+        1, 9, dtype=np.float32
+    )
+    q = quantize(x, 4, np.random.default_rng(0))
+    assert q.rows == 8 and quantized_nbytes(x.shape, 4) == x.size // 2 + 8 * 8
+    np.testing.assert_allclose(q.scale, (x.max(axis=0) - x.min(axis=0)) / 15, rtol=1e-6)
+    err = np.abs(dequantize(q) - x)
+    assert np.all(err <= q.scale[None, :] * (1 + 1e-6))
 
 
 def test_bad_input_is_refused() -> None:
