@@ -53,6 +53,30 @@ def fedit(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate
     return new
 
 
+def server_momentum_step(
+    old: Mapping[str, np.ndarray],
+    aggregated: Mapping[str, np.ndarray],
+    momentum: Mapping[str, np.ndarray],
+    *,
+    lr: float,
+    beta: float,
+) -> tuple[State, dict[str, np.ndarray]]:
+    """A server optimizer over the aggregation rule (FedAvgM, Hsu et al. 2019; Reddi et al. 2021).
+
+    The rule's step ``g = aggregated - old`` is a pseudo-gradient: ``m = beta m + g`` and the new
+    state is ``old + lr m``. ``lr = 1, beta = 0`` is the rule itself. Returns the state and ``m``.
+    """
+    new: State = {}
+    carry: dict[str, np.ndarray] = {}
+    for name, value in old.items():
+        base = np.asarray(value, dtype=np.float64)
+        g = np.asarray(aggregated[name], dtype=np.float64) - base
+        m = beta * np.asarray(momentum.get(name, 0.0), dtype=np.float64) + g
+        carry[name] = m
+        new[name] = (base + lr * m).astype(np.float32)
+    return new, carry
+
+
 def coordinate_median(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
     """Coordinate-wise median of the deltas (Yin et al. 2018): robust to a minority of attackers.
 

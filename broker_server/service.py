@@ -35,6 +35,7 @@ from broker_server.aggregation import (
     get_strategy,
     head_from_class_means,
     robust_head_from_statistics,
+    server_momentum_step,
     sum_class_statistics,
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
@@ -141,7 +142,12 @@ class ServiceConfig:
     buffer_size: int = field(default=4, metadata={"help": "async: updates per aggregation (K)"})
     staleness: str = field(default="poly:0.5", metadata={"help": "async: constant, poly:A or hinge:A:B"})
     max_staleness: int = field(default=8, metadata={"help": "async: drop updates staler than this"})
-    server_lr: float = field(default=1.0, metadata={"help": "async: the server's step size eta"})
+    server_lr: float = field(
+        default=1.0, metadata={"help": "the server's step size eta (sync: on the rule's step, FedAvgM)"}
+    )
+    server_momentum: float = field(
+        default=0.0, metadata={"help": "sync: the server's momentum beta (FedAvgM); 0 = none"}
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -189,6 +195,13 @@ class ServiceConfig:
                 raise ConfigError(
                     "--mode async works without --clusters, personalization or distillation for now"
                 )
+        if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
+            raise ConfigError(
+                f"--server-lr must be positive and --server-momentum in [0, 1); got {self.server_lr}, "
+                f"{self.server_momentum}"
+            )
+        if self.server_momentum > 0 and (self.mode != "sync" or self.dp_noise_multiplier is not None):
+            raise ConfigError("--server-momentum applies to synchronous rounds without DP")
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
         check_strategy(self.strategy)
@@ -369,6 +382,7 @@ class AggregationService:
         self._resumed_payload = b""
         self._resumed_shared: bytes | None = None
         self._prepared: tuple[int, str, bytes] | None = None
+        self._server_m: dict[str, np.ndarray] = {}  # FedAvgM's momentum (sync rounds)
         # the downlink's encoder, where deltas apply (one module shared by every device, sync)
         self._downlink: DownlinkEncoder | None = (
             DownlinkEncoder(config.train.bits, full_bits=16)
@@ -1108,9 +1122,25 @@ class AggregationService:
                 # (hetlora pads and weighs ranks itself)
                 mixed = self.allocator is not None and self.config.strategy != "hetlora"
                 rule = coverage_mean if mixed else self.strategy
+                before = self._state
                 self._state = rule(self._state, updates)
+                self._server_step(before)
                 if self.config.distill_epochs > 0:
                     self._distill()
+
+    def _server_step(self, before: dict[str, np.ndarray]) -> None:
+        """FedAvgM over the rule's step, with its momentum kept in the state store."""
+        lr, beta = self.config.server_lr, self.config.server_momentum
+        if lr == 1.0 and beta == 0.0:
+            return
+        self._state, self._server_m = server_momentum_step(
+            before, self._state, self._server_m, lr=lr, beta=beta
+        )
+        if self.store is not None and beta > 0:
+            module = wire.GlobalModule(
+                self._round, "server-momentum", {k: v.astype(np.float32) for k, v in self._server_m.items()}
+            )
+            self.store.save_carry(self._round, "server_momentum", wire.encode_global(module, bits=32))
 
     def _distill(self) -> None:
         """Let knowledge flow across the PEFT kinds of the fleet (:mod:`broker_server.distillation`)."""
@@ -1242,6 +1272,11 @@ class AggregationService:
             if saved is not None:
                 module = wire.decode_global(saved, max_bytes=max(len(saved), wire.DEFAULT_MAX_PAYLOAD))
                 self._residual = {k: np.asarray(v, dtype=np.float64) for k, v in module.tensors.items()}
+        if self.config.server_momentum > 0:  # the momentum that aggregating this round starts from
+            carried = self.store.carry_before(round_, "server_momentum")
+            if carried is not None:
+                module = wire.decode_global(carried, max_bytes=max(len(carried), wire.DEFAULT_MAX_PAYLOAD))
+                self._server_m = {k: np.asarray(v, dtype=np.float64) for k, v in module.tensors.items()}
         self._accepted_ids = self.store.accepted_ids()
         self._pending = {}
         for device, ucid, upayload in self.store.updates(round_):
@@ -1471,7 +1506,8 @@ class AggregationService:
             "staleness": [b.staleness for b in ordered],
             "bytes_up": self._round_bytes_up,
             "bytes_up_all": self._round_bytes_up,
-            "bytes_down": 0,
+            # what the devices counted coming in since their previous update (the versions they got)
+            "bytes_down": int(sum(b.update.metrics.get("bytes_down", 0.0) for b in buffer)),
             "train_loss": _mean([b.update.metrics.get("loss") for b in buffer]),
             "clients": [b.update.device_id for b in ordered],
             "client_train_s": {},

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS updates (
     payload BLOB NOT NULL, PRIMARY KEY (round, device_id));
 CREATE TABLE IF NOT EXISTS round_records (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS residuals (round INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS carries (
+    round INTEGER NOT NULL, name TEXT NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (round, name));
 CREATE TABLE IF NOT EXISTS downlink (
     round INTEGER PRIMARY KEY, payload BLOB NOT NULL, residual BLOB NOT NULL);
 """
@@ -150,6 +152,20 @@ class StateStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT payload FROM residuals WHERE round < ? ORDER BY round DESC LIMIT 1", (round_,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_carry(self, round_: int, name: str, payload: bytes) -> None:
+        """A server optimizer's state after aggregating ``round_`` (e.g. FedAvgM's momentum)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO carries VALUES (?, ?, ?)", (round_, name, payload))
+
+    def carry_before(self, round_: int, name: str) -> bytes | None:
+        """The newest carry ``name`` from a round before ``round_`` (what that round starts from)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM carries WHERE name = ? AND round < ? ORDER BY round DESC LIMIT 1",
+                (name, round_),
             ).fetchone()
         return None if row is None else bytes(row[0])
 

@@ -67,6 +67,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "--prox-mu", type=_nonneg_float, default=0.0, help="proximal weight lambda (0 = plain FedAvg)"
     )
     p.add_argument(
+        "--logit-adjust",
+        type=_nonneg_float,
+        default=1.0,
+        help="tau of logit adjustment: devices train with logits + tau log p_device(y) (0 = off)",
+    )
+    p.add_argument(
         "--head-init",
         choices=("ncm", "random"),
         default="ncm",
@@ -145,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--staleness", default="poly:0.5", help="async: staleness weight constant, poly:A or hinge:A:B"
     )
     sim.add_argument("--max-staleness", type=int, default=8, help="async: drop updates staler than this")
-    sim.add_argument("--server-lr", type=_nonneg_float, default=1.0, help="async: the server's step eta")
     sim.add_argument(
         "--stragglers",
         default=None,
@@ -268,6 +273,18 @@ def _add_allocation_flags(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server-lr",
+        type=_nonneg_float,
+        default=1.0,
+        help="the server's step size eta on the aggregated step (FedAvgM; async: FedBuff's eta)",
+    )
+    p.add_argument(
+        "--server-momentum",
+        type=_nonneg_float,
+        default=0.0,
+        help="sync rounds: the server's momentum beta (FedAvgM; 0 = plain averaging)",
+    )
     p.add_argument(
         "--strategy",
         default="fedit",
@@ -435,6 +452,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         head_lr=args.head_lr,
         batch_size=args.batch_size,
         prox_mu=args.prox_mu,
+        logit_adjust=args.logit_adjust,
         head_init=args.head_init,
         personalize_epochs=args.personalize_epochs,
         clusters=args.clusters,
@@ -446,6 +464,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         staleness=args.staleness,
         max_staleness=args.max_staleness,
         server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
         stragglers=args.stragglers,
         availability_period=args.availability_period,
         holdout=args.holdout,

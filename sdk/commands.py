@@ -36,6 +36,7 @@ def _train_config(args: argparse.Namespace, num_labels: int, bits: int = 32) -> 
         lr=args.lr,
         head_lr=args.head_lr,
         prox_mu=args.prox_mu,
+        logit_adjust=args.logit_adjust,
         engine="torch",
     )
 
@@ -81,6 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         min_clients=args.min_clients,
         expected_clients=args.min_clients,
         strategy=args.strategy,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
         clip_norm=args.clip_norm,
         norm_bound=args.norm_bound,
         dp_noise_multiplier=args.dp_noise,
@@ -161,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rounds = [
         {k: v for k, v in r.items() if k not in ("client_train_s", "client_bytes")} for r in service.rounds
     ]
-    final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
+    final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0, "evaluated": False}
     final["dp_epsilon"] = service.privacy_spent()
     final["dp_delta"] = args.dp_delta if args.dp_noise is not None else None
     final |= service.personalization_summary()
@@ -239,6 +242,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     from broker_server.report import build_report, write_report
     from edge_runtime.data import load_folder, resolve_data_dir
     from edge_runtime.engines.torch_engine import TorchEngine
+    from edge_runtime.label_prior import train_logit_adjusted
     from sdk.partition import parse_partition, partition
 
     folder = resolve_data_dir(args.data)
@@ -264,7 +268,8 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     result = engine.evaluate(test)
     rounds.append(_epoch_record(0, result, start))
     for epoch in tqdm(range(1, epochs + 1), desc="centralized", unit="epoch"):
-        engine.train(union, epochs=1, seed=args.seed + epoch)
+        # the same recipe as a device's, logit adjustment by the (union's) label prior included
+        train_logit_adjusted(engine, union, epochs=1, seed=args.seed + epoch, tau=cfg.logit_adjust)
         result = engine.evaluate(test)
         rounds.append(_epoch_record(epoch, result, start))
         tqdm.write(f"epoch {epoch}: accuracy {result.accuracy:.3f}")

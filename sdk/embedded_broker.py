@@ -1,4 +1,7 @@
-"""A real MQTT broker in-process (amqtt), so that ``fedpeft simulate`` needs nothing else.
+"""A real MQTT broker of the simulator's own, so that ``fedpeft simulate`` needs nothing else.
+
+:class:`BrokerProcess` (what ``simulate`` starts) runs Mosquitto where it is installed, else amqtt,
+in a process of its own. :class:`EmbeddedBroker` is amqtt on a thread of the calling process.
 
 The broker runs on its own thread with its own asyncio event loop; anonymous clients, QoS 0-2,
 retained messages and payloads up to MQTT's 256 MiB limit (amqtt sets no smaller one). It is meant
@@ -10,8 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import TransportError
@@ -143,3 +153,131 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _listening(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def mosquitto_path() -> str | None:
+    """The ``mosquitto`` executable, if this host has one (Debian puts it in /usr/sbin)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+class BrokerProcess:
+    """A private MQTT broker in a process of its own, for ``fedpeft simulate``.
+
+    Mosquitto where it is installed, else amqtt in a child Python process. Either way the broker
+    does not share the simulator's process, whose threads are busy encoding, decoding and
+    evaluating: amqtt on a thread there missed its PUBACK deadlines and printed tracebacks.
+    Anonymous, bound to 127.0.0.1 on a free port, nothing kept on disk after it stops.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", *, prefer: str = "auto") -> None:
+        if prefer not in ("auto", "mosquitto", "amqtt"):
+            raise ValueError(f"prefer must be auto, mosquitto or amqtt, not {prefer!r}")
+        self.host = host
+        self.port = 0
+        binary = mosquitto_path() if prefer != "amqtt" else None
+        if prefer == "mosquitto" and binary is None:
+            raise TransportError("mosquitto is not installed (apt-get install mosquitto)")
+        self.kind = "mosquitto" if binary else "amqtt"
+        self._binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        """The broker's URL, ``mqtt://host:port``."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    def _command(self, folder: Path) -> list[str]:
+        if self._binary is not None:
+            lines = [
+                f"listener {self.port} {self.host}",
+                "allow_anonymous true",
+                "persistence false",
+                "max_queued_messages 100000",  # a busy device must not lose what was queued for it
+                "log_dest stderr",
+                "log_type error",
+                "log_type warning",
+            ]
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                lines.append("user root")  # as root it would drop to "mosquitto", who cannot read here
+            conf = folder / "mosquitto.conf"
+            conf.write_text("\n".join(lines) + "\n")
+            return [self._binary, "-c", str(conf)]
+        return [sys.executable, "-m", "sdk.embedded_broker", "--host", self.host, "--port", str(self.port)]
+
+    def start(self, timeout: float = 15.0) -> BrokerProcess:
+        """Start the broker and wait until it listens; TransportError if it does not."""
+        self._folder = tempfile.TemporaryDirectory(prefix="fedpeft-broker-")
+        folder = Path(self._folder.name)
+        log_path = folder / "broker.log"
+        for _ in range(3):  # a free port can be taken before the broker binds it: pick again
+            self.port = free_port(self.host)
+            with open(log_path, "wb") as log_file:
+                self._proc = subprocess.Popen(
+                    self._command(folder),
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_file,
+                    stdin=subprocess.DEVNULL,
+                )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self._proc.poll() is None:
+                if _listening(self.host, self.port, 0.2):
+                    log.info("embedded %s broker on %s (pid %d)", self.kind, self.url, self._proc.pid)
+                    return self
+                time.sleep(0.05)
+            self.stop(keep_folder=True)
+        text = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        self.stop()
+        raise TransportError(f"the embedded {self.kind} broker did not start: {text.strip() or 'no output'}")
+
+    def stop(self, *, keep_folder: bool = False) -> None:
+        """Stop the broker process (idempotent)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if not keep_folder and self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _serve_forever(host: str, port: int) -> None:
+    """The amqtt child process: serve until terminated."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedBroker(host, port):
+        while not stop.wait(1.0):
+            pass
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="an amqtt broker in this process (for fedpeft simulate)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    ns = parser.parse_args()
+    _serve_forever(ns.host, ns.port)

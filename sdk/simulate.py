@@ -80,6 +80,7 @@ class SimulationConfig:
     staleness: str = "poly:0.5"
     max_staleness: int = 8
     server_lr: float = 1.0
+    server_momentum: float = 0.0
     stragglers: str | None = field(
         default=None, metadata={"help": "FRACTION:SLOWDOWN:AVAILABILITY, e.g. 0.3:5:0.5"}
     )
@@ -98,6 +99,7 @@ class SimulationConfig:
     head_lr: float = 2e-3
     batch_size: int = 16
     prox_mu: float = 0.0
+    logit_adjust: float = 1.0
     head_init: str = "ncm"
     personalize_epochs: int = field(
         default=0, metadata={"help": "after the last round, each device fine-tunes the global module"}
@@ -238,6 +240,7 @@ class SimulationConfig:
             lr=self.lr,
             head_lr=self.head_lr,
             prox_mu=self.prox_mu,
+            logit_adjust=self.logit_adjust,
             engine="torch",
         )
 
@@ -337,6 +340,7 @@ class Simulation:
         self.on_update = on_update
         self.host = measure()
         self.server_texts: tuple[str, ...] = ()
+        self.broker_kind = "external"
 
     def _load(self) -> tuple[TextDataset, TextDataset]:
         cfg = self.config
@@ -413,11 +417,12 @@ class Simulation:
         cores = len(os.sched_getaffinity(0))
         workers = min(cfg.workers or cores, cores, len(devices))
         if cfg.broker is None:
-            from sdk.embedded_broker import EmbeddedBroker
+            from sdk.embedded_broker import BrokerProcess
 
-            broker: Any = EmbeddedBroker()
+            broker: Any = BrokerProcess()
             broker.start()
             url = broker.url
+            self.broker_kind = broker.kind
         else:
             broker, url = None, cfg.broker
         try:
@@ -460,6 +465,7 @@ class Simulation:
             staleness=cfg.staleness,
             max_staleness=cfg.max_staleness,
             server_lr=cfg.server_lr,
+            server_momentum=cfg.server_momentum,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )
@@ -686,10 +692,15 @@ class Simulation:
         run_config = asdict(cfg) | {
             "data": str(resolve_data_dir(cfg.data)),
             "broker": "embedded" if cfg.broker is None else str(parse_broker_url(url)),
+            "broker_kind": "external" if cfg.broker is not None else self.broker_kind,
             "train": train_cfg.to_dict(),
             "host": self.host.to_dict(),
         }
-        final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0}
+        final: dict[str, Any] = dict(service.final_eval) or {
+            "accuracy": 0.0,
+            "macro_f1": 0.0,
+            "evaluated": False,
+        }
         final |= service.personalization_summary()
         final["clusters"] = service.cluster_summary()
         final["dp_epsilon"] = service.privacy_spent()

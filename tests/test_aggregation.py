@@ -228,3 +228,30 @@ def test_screening_keeps_flipped_statistics_out_when_few_clients_hold_a_class() 
             "head.weight"
         ]
         assert np.linalg.norm(unscreened[3]) < 0.5  # without screening: the median of +v and -v is ~0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.1, 4.0), st.floats(0.0, 0.95))
+def test_server_momentum_is_the_rule_itself_at_lr_1_and_accumulates_a_steady_step(
+    seed: int, lr: float, beta: float
+) -> None:
+    from broker_server.aggregation import server_momentum_step
+
+    rng = np.random.default_rng(seed)
+    old = {
+        "a": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32),
+    }
+    step = {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in old.items()}
+    agg = {k: old[k] + step[k] for k in old}
+    plain, _ = server_momentum_step(old, agg, {}, lr=1.0, beta=0.0)
+    for k in old:
+        np.testing.assert_array_equal(plain[k], agg[k])
+    # two rounds with the same pseudo-gradient g: old + lr g, then + lr (beta g + g)
+    first, m = server_momentum_step(old, agg, {}, lr=lr, beta=beta)
+    agg2 = {k: first[k] + step[k] for k in old}
+    second, _ = server_momentum_step(first, agg2, m, lr=lr, beta=beta)
+    for k in old:
+        g = agg2[k].astype(np.float64) - first[k]
+        np.testing.assert_allclose(second[k], first[k] + lr * (beta * m[k] + g), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(first[k], old[k] + lr * step[k].astype(np.float64), rtol=1e-5, atol=1e-5)

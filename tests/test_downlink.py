@@ -11,7 +11,12 @@ from edge_runtime import wire
 from edge_runtime.downlink import DownlinkEncoder, ModuleReceiver, apply_delta, state_digest
 from edge_runtime.errors import ShapeMismatch
 
-SHAPES = {"layer.0.lora_A": (8, 384), "layer.0.lora_B": (384, 8), "head.weight": (20, 384), "head.bias": (20,)}
+SHAPES = {
+    "layer.0.lora_A": (8, 384),
+    "layer.0.lora_B": (384, 8),
+    "head.weight": (20, 384),
+    "head.bias": (20,),
+}
 
 
 def _states(seed: int, versions: int, step: float = 0.05) -> list[dict[str, np.ndarray]]:

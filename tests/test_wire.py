@@ -365,7 +365,9 @@ def test_tensor_table_consistency() -> None:
     rng = np.random.default_rng(0)
     q32 = quantize(np.ones(3, np.float32), 32, rng)
     q8 = quantize(np.ones(3, np.float32), 8, rng)
-    twice = wire._container(wire.MessageKind.UPDATE, json.dumps(_update_header()).encode(), {"a": q32}, wire.SCHEMA_VERSION)
+    twice = wire._container(
+        wire.MessageKind.UPDATE, json.dumps(_update_header()).encode(), {"a": q32}, wire.SCHEMA_VERSION
+    )
     (head_len,) = struct.unpack_from("<I", twice, 7)
     entry = twice[11 + head_len + 4 : -32]
     doubled = twice[: 11 + head_len] + struct.pack("<I", 2) + entry + entry
