@@ -274,6 +274,13 @@ def _add_allocation_flags(p: argparse.ArgumentParser, default: str) -> None:
 
 def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--downlink",
+        choices=("delta", "full"),
+        default="delta",
+        help="delta (default): global modules as quantized deltas against the one devices hold, at the "
+        "update's bits; full: the whole module in fp32 every round",
+    )
+    p.add_argument(
         "--server-lr",
         type=_nonneg_float,
         default=1.0,
@@ -465,6 +472,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         max_staleness=args.max_staleness,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
+        delta_downlink=args.downlink == "delta",
         stragglers=args.stragglers,
         availability_period=args.availability_period,
         holdout=args.holdout,

@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
+        delta_downlink=args.downlink == "delta",
         clip_norm=args.clip_norm,
         norm_bound=args.norm_bound,
         dp_noise_multiplier=args.dp_noise,

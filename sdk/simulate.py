@@ -81,6 +81,7 @@ class SimulationConfig:
     max_staleness: int = 8
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    delta_downlink: bool = True
     stragglers: str | None = field(
         default=None, metadata={"help": "FRACTION:SLOWDOWN:AVAILABILITY, e.g. 0.3:5:0.5"}
     )
@@ -466,6 +467,7 @@ class Simulation:
             max_staleness=cfg.max_staleness,
             server_lr=cfg.server_lr,
             server_momentum=cfg.server_momentum,
+            delta_downlink=cfg.delta_downlink,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -400,3 +401,25 @@ def test_embedded_broker_starts_fast_takes_16_mib_and_stops_cleanly() -> None:
     with pytest.raises(TransportError, match="did not start"):
         with EmbeddedBroker(port=broker.port) as first, EmbeddedBroker(port=first.port):
             pass
+
+
+@pytest.mark.parametrize("prefer", ["mosquitto", "amqtt"])
+def test_the_simulators_broker_runs_in_a_process_of_its_own_and_stops(prefer: str) -> None:
+    from sdk.embedded_broker import BrokerProcess
+
+    with BrokerProcess(prefer=prefer) as broker:
+        assert broker.kind == prefer and broker._proc is not None
+        pid = broker._proc.pid
+        url = parse_broker_url(broker.url)
+        with (
+            MqttTransport(url, "pub", clean_start=True) as pub,
+            MqttTransport(url, "sub", clean_start=True) as sub,
+        ):
+            inbox = Inbox()
+            sub.subscribe("t", inbox, wait=True)
+            pub.publish("t", b"x" * 100_000, wait=True)
+            assert inbox.get(timeout=20)[1] == b"x" * 100_000
+        port = broker.port
+    assert pid != os.getpid()
+    with pytest.raises(TransportError):  # it is gone, and the port with it
+        MqttTransport(parse_broker_url(f"mqtt://127.0.0.1:{port}"), "late", connect_timeout=2).connect()
