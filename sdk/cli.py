@@ -53,15 +53,20 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round (default 1)")
-    p.add_argument("--lr", type=_nonneg_float, default=5e-4, help="learning rate of the PEFT module")
+    p.add_argument(
+        "--lr", type=_nonneg_float, default=2e-3, help="AdamW learning rate of the PEFT module (default 2e-3)"
+    )
     p.add_argument(
         "--head-lr", type=_nonneg_float, default=2e-3, help="learning rate of the head (0 freezes it)"
     )
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--lora-rank", type=_positive_int, default=8)
-    p.add_argument("--lora-alpha", type=_nonneg_float, default=16.0)
+    p.add_argument("--lora-rank", type=_positive_int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--lora-alpha", type=_nonneg_float, default=8.0, help="LoRA alpha (default 8: scale 2)")
     p.add_argument(
-        "--lora-targets", default="query,value", help="comma-separated module names (default query,value)"
+        "--lora-targets",
+        default="query,key,value,attention.output.dense",
+        help="comma-separated module names (default: every attention projection, "
+        "query,key,value,attention.output.dense)",
     )
     p.add_argument(
         "--prox-mu", type=_nonneg_float, default=0.0, help="proximal weight lambda (0 = plain FedAvg)"

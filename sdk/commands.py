@@ -36,7 +36,7 @@ def _train_config(args: argparse.Namespace, num_labels: int, bits: int = 32) -> 
         lr=args.lr,
         head_lr=args.head_lr,
         prox_mu=args.prox_mu,
-        logit_adjust=args.logit_adjust,
+        logit_adjust=getattr(args, "logit_adjust", 1.0),
         engine="torch",
     )
 

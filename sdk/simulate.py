@@ -93,10 +93,10 @@ class SimulationConfig:
     )
     model: str = "all-MiniLM-L6-v2"
     broker: str | None = None
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("query", "value")
-    lr: float = 5e-4
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")
+    lr: float = 2e-3
     head_lr: float = 2e-3
     batch_size: int = 16
     prox_mu: float = 0.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from broker_server.evaluation import Evaluator
@@ -51,4 +50,5 @@ def test_too_few_updates_keep_the_retained_global_and_stop_in_time(tmp_path: Pat
     retained = wire.decode_global(broker.retained[service.global_topic])
     assert retained.round == 0 and retained.meta["phase"] == "stats"  # nothing new was published
     assert service.rounds == []
-    assert np.isfinite(retained.tensors["head.weight"]).all()
+    # the statistics round needs no module (class sums come from the frozen base): none is sent
+    assert retained.tensors == {}

@@ -229,7 +229,8 @@ def test_a_federation_with_ffa_keeps_the_initial_a_exactly(tiny: tuple[Path, Pat
     b_names = [k for k in final if k.endswith(".lora_B")]
     assert a_names and b_names
     for name in a_names:
-        np.testing.assert_array_equal(final[name], initial[name])
+        # the shared start is the first module devices get: the initial one, sent at 16 bits
+        np.testing.assert_array_equal(final[name], initial[name].astype(np.float16).astype(np.float32))
     assert all(not np.array_equal(final[k], initial[k]) for k in b_names)
     for agent in agents:  # every device ends on the published module
         assert agent.final_state is not None

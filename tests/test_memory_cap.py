@@ -95,7 +95,7 @@ def test_a_device_that_never_fits_fails_with_a_reason_and_tells_the_service() ->
     InMemoryTransport(broker, "server").subscribe(
         "fl/f/status/d", lambda t, p: statuses.append(wire.decode_status(p))
     )
-    agent._pending_global = wire.encode_global(_global())
+    agent._on_global("fl/f/global/c", wire.encode_global(_global()))
     assert agent.run_pending()
     assert batches == [2, 1]
     assert "cap" in agent.stats.last_error and "batch of 1" in agent.stats.last_error
