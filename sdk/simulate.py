@@ -96,7 +96,7 @@ class SimulationConfig:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")
-    lr: float = 2e-3
+    lr: float = 3e-3
     head_lr: float = 2e-3
     batch_size: int = 16
     prox_mu: float = 0.0
