@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker_server.report import build_report, communication, report_schema, validate_report, write_report
 from edge_runtime.errors import ConfigError
@@ -72,3 +74,13 @@ def test_invalid_report_is_refused_with_the_place() -> None:
     bad["rounds"][0]["accuracy"] = 1.5
     with pytest.raises(ConfigError, match="rounds/0/accuracy"):
         validate_report(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30))
+def test_the_accuracy_axis_holds_the_data_and_is_never_a_narrow_zoom(acc: list[float]) -> None:
+    from sdk.plot import accuracy_limits
+
+    lo, hi = accuracy_limits(acc)
+    assert 0.0 <= lo <= min(acc) and max(acc) <= hi <= 1.0
+    assert hi - lo >= 0.3 - 1e-9
