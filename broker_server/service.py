@@ -383,6 +383,7 @@ class AggregationService:
         self._resumed_shared: bytes | None = None
         self._prepared: tuple[int, str, bytes] | None = None
         self._server_m: dict[str, np.ndarray] = {}  # FedAvgM's momentum (sync rounds)
+        self.resyncs: list[dict[str, Any]] = []  # devices that asked for the whole module
         # the downlink's encoder, where deltas apply (one module shared by every device, sync)
         self._downlink: DownlinkEncoder | None = (
             DownlinkEncoder(config.train.bits, full_bits=16)
@@ -964,6 +965,7 @@ class AggregationService:
         """A device that cannot apply the shared delta gets the held module whole, on its own topic."""
         if self._downlink is None or self._downlink.held is None:
             return
+        self.resyncs.append({"client": device, "round": self._round})
         payload = self._downlink.full(
             round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
         )
@@ -1367,6 +1369,8 @@ class AggregationService:
                     d: float(p.update.metrics.get("train_s", 0.0)) for d, p in self._pending.items()
                 },
                 "client_bytes": {d: p.nbytes for d, p in self._pending.items()},
+                # devices that could not apply this round's delta and got the module whole
+                "resyncs": sorted(x["client"] for x in self.resyncs if x["round"] == r),
             }
             if by_kind:
                 record["accuracy_by_kind"] = by_kind

@@ -266,3 +266,74 @@ def test_pi_zero_devices_train_on_ort_within_their_cap_beside_torch_devices(
     for c in by_profile["high"]:
         assert c["engine"] == "torch" and c["updates_accepted"] == 2
     assert report["rejected"] == []
+
+
+def test_a_device_that_lost_its_module_asks_for_it_whole_and_ends_on_the_services(
+    tiny: tuple[Path, Path], mosquitto: Any
+) -> None:
+    # dev1 restarts between rounds with nothing held: the next delta cannot apply, so it asks for
+    # the full module on its own topic, trains on it, and ends bit for bit on the service's module
+    from edge_runtime.downlink import state_digest
+
+    train, test = load_folder(tiny[1])
+    cfg = TrainConfig(model=str(tiny[0]), num_labels=3, seq_len=16, batch_size=8, bits=4)
+    fleet = f"resync{int(time.time())}"
+    url = parse_broker_url(mosquitto.url)
+    server_t = MqttTransport(url, client_id=f"{fleet}-server", clean_start=True)
+    server_t.connect()
+    restart = threading.Event()
+
+    def stop_dev1_after_round_1(record: dict[str, Any]) -> None:
+        # in the service's thread, before it publishes round 2: dev1 goes away holding round 1
+        if record["round"] == 1:
+            stops[1].set()
+            runners[1].join(10)
+            transports[1].close()
+            restart.set()
+
+    service = AggregationService(
+        server_t,
+        ServiceConfig(
+            fleet=fleet, rounds=2, train=cfg, min_clients=2, expected_clients=2, round_timeout_s=60
+        ),
+        Evaluator(cfg, test, seed=0, threads=1),
+        on_round=stop_dev1_after_round_1,
+    )
+    service.start()
+    engines = [TorchEngine(cfg, seed=0, threads=1) for _ in range(2)]
+    parts = [train.subset(np.arange(i, len(train), 2)) for i in range(2)]
+
+    def device(i: int) -> tuple[DeviceAgent, MqttTransport]:
+        t = MqttTransport(url, client_id=f"{fleet}-dev{i}", clean_start=False)
+        t.connect()
+        return DeviceAgent(f"dev{i}", fleet, t, parts[i], _engine_factory(engines[i])), t
+
+    stops = [threading.Event(), threading.Event()]
+    agents, transports = zip(*(device(i) for i in range(2)), strict=True)
+    agents, transports = list(agents), list(transports)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    runners = []
+    for i, a in enumerate(agents):
+        a.start()
+        runners.append(threading.Thread(target=a.run, args=(stops[i],), daemon=True))
+        runners[-1].start()
+    assert restart.wait(90), "round 1 did not finish"
+    stops[1].clear()
+    agents[1], transports[1] = device(1)  # the same device, back with an empty memory
+    agents[1].start()
+    threading.Thread(target=agents[1].run, args=(stops[1],), daemon=True).start()
+    thread.join(timeout=120)
+    for s in stops:
+        s.set()
+    time.sleep(0.5)
+    for t in [*transports, server_t]:
+        t.close()
+    assert not thread.is_alive(), "the service did not finish its rounds"
+    assert [r["participants"] for r in service.rounds] == [2, 2, 2]
+    assert {r["client"] for r in service.resyncs} == {"dev1"}
+    assert [r["resyncs"] for r in service.rounds] == [[], [], ["dev1"]]
+    final = service.final_state()
+    for agent in agents:
+        assert agent.final_state is not None
+        assert state_digest(agent.final_state) == state_digest(final)
