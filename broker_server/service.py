@@ -384,6 +384,7 @@ class AggregationService:
         self._prepared: tuple[int, str, bytes] | None = None
         self._server_m: dict[str, np.ndarray] = {}  # FedAvgM's momentum (sync rounds)
         self.resyncs: list[dict[str, Any]] = []  # devices that asked for the whole module
+        self._resync_waiting: set[str] = set()
         # the downlink's encoder, where deltas apply (one module shared by every device, sync)
         self._downlink: DownlinkEncoder | None = (
             DownlinkEncoder(config.train.bits, full_bits=16)
@@ -965,6 +966,11 @@ class AggregationService:
         """A device that cannot apply the shared delta gets the held module whole, on its own topic."""
         if self._downlink is None or self._downlink.held is None:
             return
+        if self._prepared is not None:
+            # the encoder already holds the next version, which devices get only when it is
+            # published: answer once it is out, with that version
+            self._resync_waiting.add(device)
+            return
         self.resyncs.append({"client": device, "round": self._round})
         payload = self._downlink.full(
             round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
@@ -1011,6 +1017,9 @@ class AggregationService:
             payload = checkpoint if shared is None else shared
             self._group(self.config.train).global_id = module_id(payload, wire.decode_global(payload))
             self.transport.publish(self.global_topic, payload, qos=1, retain=True)
+            waiting, self._resync_waiting = self._resync_waiting, set()
+            for device in sorted(waiting):
+                self._send_full(device)
             return
         for group in self.groups.values():
             payload = self._encode_global(phase, group.config_id, view(self._state, group.shapes))
@@ -1294,7 +1303,9 @@ class AggregationService:
                 residual = wire.decode_global(
                     residual_payload, max_bytes=max(len(residual_payload), wire.DEFAULT_MAX_PAYLOAD)
                 )
-                self._downlink.restore(self._state, wire.content_id(shared), residual.tensors)
+                sent = wire.decode_global(shared)
+                if sent.tensors or "base" in sent.meta:  # not the statistics round's empty message
+                    self._downlink.restore(self._state, wire.content_id(shared), residual.tensors)
                 self._resumed_shared = shared
             # without a stored delta (a statistics round) devices get the checkpoint itself
         log.warning(
