@@ -21,11 +21,14 @@ import json
 import shlex
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from runner import DATA_20NG, ROOT, main_guard
+
+sys.path.insert(0, str(ROOT))
 
 MAIN = [
     "--clients", "8", "--rounds", "5", "--partition", "dirichlet:0.5", "--samples-per-client", "150",
@@ -87,6 +90,10 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
             continue
         ys = s["accuracy_by_round_mean"]
         ax.plot(range(len(ys)), ys, marker="o", label=f"{name} ({s['seeds']} seeds)")
+    from sdk.plot import accuracy_limits
+
+    ys_all = [y for s in summary.values() if isinstance(s, dict) for y in s.get("accuracy_by_round_mean", [])]
+    ax.set_ylim(*accuracy_limits(ys_all))
     ax.set_xlabel("round (0 = class-mean head) / centralized epoch")
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.grid(alpha=0.3)
