@@ -61,7 +61,7 @@ from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, it
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
-from edge_runtime.downlink import RESYNC_STATE, DownlinkEncoder, module_id
+from edge_runtime.downlink import RESYNC_STATE, DownlinkEncoder
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
     ConfigError,
@@ -1015,7 +1015,8 @@ class AggregationService:
             return
         if self.allocator is None:
             payload = checkpoint if shared is None else shared
-            self._group(self.config.train).global_id = module_id(payload, wire.decode_global(payload))
+            # messages on the shared topic never name another module: their id is their content's
+            self._group(self.config.train).global_id = wire.content_id(payload)
             self.transport.publish(self.global_topic, payload, qos=1, retain=True)
             waiting, self._resync_waiting = self._resync_waiting, set()
             for device in sorted(waiting):
