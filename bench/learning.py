@@ -12,6 +12,12 @@ class-mean head of round 0, bytes and wall time, and ``learning.png`` plots mean
 
     .venv/bin/python bench/learning.py --out bench/results/learning --seeds 0 1 2
     .venv/bin/python bench/learning.py --out bench/results/learning --variant fp32down="--downlink full"
+
+``--workload`` picks the federation (default ``main``, the README's main command); the others are
+the issue's harder workloads, each written to its own folder by default:
+
+    banking77      BANKING77, the whole train split over 20 devices, Dirichlet 0.5, its whole test split
+    20ng-dir01     20 Newsgroups, 20 devices x 250 samples, Dirichlet 0.1, 64 tokens
 """
 
 from __future__ import annotations
@@ -30,9 +36,31 @@ from runner import DATA_20NG, ROOT, main_guard
 
 sys.path.insert(0, str(ROOT))
 
-MAIN = [
-    "--clients", "8", "--rounds", "5", "--partition", "dirichlet:0.5", "--samples-per-client", "150",
-]  # fmt: skip
+DATASETS = Path(DATA_20NG).parent
+# workload -> (data folder, flags of every run of it, federated and centralized, default output folder)
+WORKLOADS: dict[str, tuple[str, list[str], str]] = {
+    "main": (
+        DATA_20NG,
+        ["--clients", "8", "--rounds", "5", "--partition", "dirichlet:0.5", "--samples-per-client", "150"],
+        "bench/results/learning",
+    ),
+    "banking77": (
+        str(DATASETS / "banking77"),
+        [
+            "--clients", "20", "--rounds", "5", "--partition", "dirichlet:0.5",
+            "--samples-per-client", "all", "--test-samples", "3080",
+        ],
+        "bench/results/learning-banking77",
+    ),
+    "20ng-dir01": (
+        DATA_20NG,
+        [
+            "--clients", "20", "--rounds", "5", "--partition", "dirichlet:0.1",
+            "--samples-per-client", "250", "--seq-len", "64",
+        ],
+        "bench/results/learning-20ng-dir01",
+    ),
+}  # fmt: skip
 
 
 def _run(cmd: list[str], report: Path) -> float:
@@ -106,18 +134,20 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     """Run every seed of every kind, then summarise."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DATA_20NG)
-    p.add_argument("--out", default=str(ROOT / "bench/results/learning"))
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="main")
+    p.add_argument("--data", default=None, help="the workload's data folder, elsewhere")
+    p.add_argument("--out", default=None, help="report folder (default: the workload's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variant", action="append", default=[], help='NAME="--flag value ...", federated')
     p.add_argument("--no-centralized", action="store_true")
     p.add_argument("--no-main", action="store_true", help="only the variants (and centralized)")
     p.add_argument("--common", default="", help="flags added to every run, federated and centralized")
     a = p.parse_args()
-    out = Path(a.out)
+    data, workload_flags, default_out = WORKLOADS[a.workload]
+    out = Path(a.out or ROOT / default_out)
     out.mkdir(parents=True, exist_ok=True)
     fedpeft = str(ROOT / ".venv/bin/fedpeft")
-    common = ["--data", a.data, *MAIN, *shlex.split(a.common)]
+    common = ["--data", a.data or data, *workload_flags, *shlex.split(a.common)]
     kinds: dict[str, list[str]] = {} if a.no_main else {"main": ["--bits", "4"]}
     for spec in a.variant:
         name, _, flags = spec.partition("=")

@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _samples(text: str) -> int | None:
+    """A positive sample count, or ``all`` (None): the whole train split, each sample on one client."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
 def _nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -129,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=_positive_int, default=8)
     sim.add_argument("--rounds", type=_positive_int, default=5, help="training rounds after the head round")
     sim.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA | shards:K")
-    sim.add_argument("--samples-per-client", type=_positive_int, default=150)
+    sim.add_argument(
+        "--samples-per-client",
+        type=_samples,
+        default=150,
+        help="samples each client gets (default 150), or 'all': the whole train split, shared out",
+    )
     sim.add_argument(
         "--bits", type=int, default=4, choices=(32, 16, 8, 4, 2), help="uplink bit width (default 4)"
     )
@@ -254,7 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     cen = sub.add_parser("centralized", help="the centralized reference on the same data budget")
     _add_training_flags(cen)
     cen.add_argument("--clients", type=_positive_int, default=8)
-    cen.add_argument("--samples-per-client", type=_positive_int, default=150)
+    cen.add_argument(
+        "--samples-per-client",
+        type=_samples,
+        default=150,
+        help="samples each client gets (default 150), or 'all': the whole train split, shared out",
+    )
     cen.add_argument("--partition", default="dirichlet:0.5")
     cen.add_argument("--rounds", type=_positive_int, default=5, help="epochs = rounds x local epochs")
     cen.add_argument("--report", default="centralized.json")

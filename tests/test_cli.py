@@ -26,6 +26,8 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
     "argv, fragment",
     [
         (["simulate", "--data", "x", "--clients", "0"], "positive integer"),
+        (["simulate", "--data", "x", "--samples-per-client", "most"], "positive integer or 'all'"),
+        (["centralized", "--data", "x", "--samples-per-client", "0"], "positive integer or 'all'"),
         (["simulate", "--data", "x", "--bits", "3"], "invalid choice"),
         (["simulate", "--data", "x", "--partition", "zipf:2"], "partition"),
         (["simulate", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
@@ -48,6 +50,17 @@ def test_bad_input_exits_2_with_one_line(
     assert code == 2
     assert fragment in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+@pytest.mark.parametrize("command", ["simulate", "centralized"])
+def test_samples_per_client_all_means_the_whole_split(command: str) -> None:
+    def parsed(*flags: str) -> int | None:
+        return build_parser().parse_args([command, "--data", "x", *flags]).samples_per_client
+
+    assert parsed("--samples-per-client", "all") is None
+    assert parsed("--samples-per-client", "ALL") is None
+    assert parsed("--samples-per-client", "40") == 40
+    assert parsed() == 150
 
 
 def test_profile_prints_json() -> None:
