@@ -16,6 +16,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import queue
 import tempfile
 import time
@@ -98,7 +99,9 @@ class ServiceConfig:
     )
     strategy: str = "fedit"
     head_init: str = field(default="ncm", metadata={"help": "ncm (class means) or random"})
-    head_scale: float = 16.0
+    head_scale: float = field(
+        default=16.0, metadata={"help": "norm of the class-mean head's rows (the cosine logit scale)"}
+    )
     round_timeout_s: float = 900.0
     hello_timeout_s: float = 300.0
     max_round_retries: int = 3
@@ -161,6 +164,8 @@ class ServiceConfig:
             raise ConfigError("ServiceConfig.expected_clients must be at least min_clients")
         if self.head_init not in ("ncm", "random"):
             raise ConfigError(f"ServiceConfig.head_init must be ncm or random, got {self.head_init!r}")
+        if not (math.isfinite(self.head_scale) and self.head_scale > 0):
+            raise ConfigError(f"ServiceConfig.head_scale must be a positive number, got {self.head_scale!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"ServiceConfig.clip_norm must be positive, got {self.clip_norm}")
         if self.dp_noise_multiplier is not None:

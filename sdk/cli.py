@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,16 @@ def _samples(text: str) -> int | None:
         return _positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _nonneg_float(text: str) -> float:
@@ -92,6 +103,12 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         choices=("ncm", "random"),
         default="ncm",
         help="start the head from federated class means (ncm) or at random",
+    )
+    p.add_argument(
+        "--head-scale",
+        type=_positive_float,
+        default=16.0,
+        help="norm of the class-mean head's rows: the cosine classifier's logit scale (default 16)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -486,6 +503,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         prox_mu=args.prox_mu,
         logit_adjust=args.logit_adjust,
         head_init=args.head_init,
+        head_scale=args.head_scale,
         personalize_epochs=args.personalize_epochs,
         clusters=args.clusters,
         cluster_share=args.cluster_share,

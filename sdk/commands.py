@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dp_noise_multiplier=args.dp_noise,
         dp_delta=args.dp_delta,
         head_init=args.head_init,
+        head_scale=args.head_scale,
         personalize_epochs=args.personalize_epochs,
         clusters=args.clusters,
         cluster_share=args.cluster_share,
@@ -262,7 +263,9 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     rounds = []
     if args.head_init == "ncm":
         sums, counts = engine.class_feature_sums(union)
-        engine.load_trainable_state({**engine.trainable_state(), **head_from_class_means(sums, counts, 16.0)})
+        engine.load_trainable_state(
+            {**engine.trainable_state(), **head_from_class_means(sums, counts, args.head_scale)}
+        )
     epochs = args.rounds * args.local_epochs
     from tqdm import tqdm
 

@@ -102,6 +102,7 @@ class SimulationConfig:
     prox_mu: float = 0.0
     logit_adjust: float = 1.0
     head_init: str = "ncm"
+    head_scale: float = 16.0
     personalize_epochs: int = field(
         default=0, metadata={"help": "after the last round, each device fine-tunes the global module"}
     )
@@ -456,6 +457,7 @@ class Simulation:
             dp_delta=cfg.dp_delta,
             norm_bound=cfg.norm_bound,
             head_init=cfg.head_init,
+            head_scale=cfg.head_scale,
             personalize_epochs=cfg.personalize_epochs,
             clusters=cfg.clusters,
             cluster_share=cfg.cluster_share,

@@ -28,6 +28,8 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
         (["simulate", "--data", "x", "--clients", "0"], "positive integer"),
         (["simulate", "--data", "x", "--samples-per-client", "most"], "positive integer or 'all'"),
         (["centralized", "--data", "x", "--samples-per-client", "0"], "positive integer or 'all'"),
+        (["simulate", "--data", "x", "--head-scale", "0"], "positive number"),
+        (["serve", "--data", "x", "--head-scale", "nan"], "positive number"),
         (["simulate", "--data", "x", "--bits", "3"], "invalid choice"),
         (["simulate", "--data", "x", "--partition", "zipf:2"], "partition"),
         (["simulate", "--data", "/nonexistent/folder"], "/nonexistent/folder"),

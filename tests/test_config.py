@@ -53,3 +53,15 @@ def test_train_config_round_trips_and_validates() -> None:
         TrainConfig.from_dict({**cfg.to_dict(), "surprise": 1})
     with pytest.raises(ConfigError, match="engine"):
         TrainConfig(engine="tensorflow")
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_service_config_refuses_a_head_scale_that_is_not_a_positive_number(scale: float) -> None:
+    from broker_server.service import ServiceConfig
+
+    with pytest.raises(ConfigError, match="head_scale"):
+        ServiceConfig(fleet="f", rounds=1, train=TrainConfig(num_labels=3), head_scale=scale)
+    assert (
+        ServiceConfig(fleet="f", rounds=1, train=TrainConfig(num_labels=3), head_scale=32.0).head_scale
+        == 32.0
+    )
