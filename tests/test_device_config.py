@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from edge_runtime import wire
 from edge_runtime.device_config import DeviceConfig, device_config, read_credentials
 from edge_runtime.errors import ConfigError
+from edge_runtime.outbox import Outbox
+from edge_runtime.transport import MqttTransport, parse_broker_url
 from sdk.cli import EX_TEMPFAIL, main
 from tests.helpers import write_text_folder
 
@@ -301,3 +309,64 @@ def test_without_tomllib_or_tomli_the_error_says_what_to_install(
         ConfigError, match=r"^edge.toml: reading --config needs Python 3.11 .*pip install tomli"
     ):
         device_config(_write(tmp_path, BASE))
+
+
+# --- a restarted service resumes from its state folder's outbox -------------------------------------
+
+
+def test_a_restarted_edge_service_resends_its_outbox_from_the_configured_state(
+    mosquitto_factory: Any, tmp_path: Path
+) -> None:
+    # the service was stopped (or killed) after sending round 4's update and before its ack came:
+    # the update is in STATE/outbox. Started again with the same edge.toml, it sends it again first,
+    # logs in with the credentials file's user, and forgets the update once it is acknowledged.
+    broker = mosquitto_factory(users={"pi-1": "s3cret", "watcher": "w"})
+    write_text_folder(tmp_path / "data", per_class_train=2)
+    _credentials(tmp_path, "pi-1:s3cret\n")
+    text = BASE.replace("mqtt://127.0.0.1:1", broker.url) + 'credentials = "credentials"\nengine = "torch"\n'
+    path = _write(tmp_path, text)
+    topic = wire.topic("lab", "update", "pi-1")
+    Outbox(device_config(path).outbox_dir).put(4, topic, b"the update of round 4")
+    assert sorted(p.name for p in (tmp_path / "state" / "outbox").iterdir()) == [
+        "update-4.bin",
+        "update-4.topic",
+    ]
+
+    seen: list[bytes] = []
+    watcher = MqttTransport(
+        parse_broker_url(broker.url_for("watcher")), client_id="watcher", clean_start=True
+    )
+    watcher.connect()
+    watcher.subscribe(topic, lambda _t, payload: seen.append(payload))
+    edge = subprocess.Popen(
+        [sys.executable, "-m", "sdk.cli", "edge", "--config", str(path)],
+        cwd="/",  # as under systemd: nothing may depend on the working directory
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert _wait(lambda: seen == [b"the update of round 4"], 60), seen
+        ack = wire.Ack(device_id="pi-1", round=4, content_id="x", accepted=True)
+        watcher.publish(wire.topic("lab", "ack", "pi-1"), wire.encode_ack(ack), qos=1)
+        assert _wait(lambda: not any((tmp_path / "state" / "outbox").glob("update-4.*")), 20)
+        edge.send_signal(signal.SIGTERM)  # systemctl stop
+        out, _ = edge.communicate(timeout=20)
+    finally:
+        if edge.poll() is None:
+            edge.kill()
+        watcher.close()
+    assert edge.returncode == 0, out
+    assert "(1 unacknowledged update to resend)" in out and f"state {tmp_path / 'state'}" in out
+    assert "s3cret" not in out and "pi-1:***@" in out
+    assert "0 updates sent, 1 accepted" in out  # the ack counted for the update sent before the restart
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
