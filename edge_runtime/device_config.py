@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.data import resolve_data_dir
 from edge_runtime.errors import ConfigError
 from edge_runtime.transport import BrokerUrl, parse_broker_url
 from edge_runtime.wire import _segment_problem
@@ -162,10 +163,13 @@ class DeviceConfig:
             path = getattr(self, key)
             if path is None:
                 continue
-            exists = path.is_dir() if key == "data" else path.is_file()
-            if not exists:
-                what = "folder" if key == "data" else "file"
-                raise self._fail(key, f"no such {what}: {path}")
+            if key == "data":
+                try:  # a folder, or (from --data) a dataset name under $FEDPEFT_DATASETS
+                    resolve_data_dir(path)
+                except ConfigError:
+                    raise self._fail(key, f"no such folder: {path}") from None
+            elif not path.is_file():
+                raise self._fail(key, f"no such file: {path}")
 
 
 def _is_int(value: object) -> bool:

@@ -370,3 +370,12 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+def test_data_from_the_flag_may_still_name_a_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_text_folder(tmp_path / "named" / "shopdata", per_class_train=1)
+    monkeypatch.setenv("FEDPEFT_DATASETS", str(tmp_path / "named"))
+    flags = {"broker": "mqtt://h:1", "fleet": "f", "device_id": "d"}
+    device_config(None, flags | {"data": "shopdata"}).check_files()  # as `--data shopdata` always did
+    with pytest.raises(ConfigError, match=r"^--data: no such folder: nodata$"):
+        device_config(None, flags | {"data": "nodata"}).check_files()
