@@ -16,7 +16,8 @@ allocator scores
   fewer parameters (less to send, less to store) scores higher.
 
 The memory cap of a device is its RAM minus a reserve for the operating system and the app: a
-quarter of it, at least 128 MiB and at most 512 MiB (:func:`memory_cap_mb`). The uplink bit width
+quarter of it, at least 128 MiB and at most 512 MiB, and never more than the cap the device's operator
+announced in its profile's ``extra["mem_cap_mb"]`` (:func:`memory_cap_mb`). The uplink bit width
 comes from the link: the most bits whose update still goes up within the round's upload budget
 (:func:`bits_for_link`).
 
@@ -108,9 +109,10 @@ class AllocationConfig:
 
 
 def memory_cap_mb(profile: DeviceProfile, config: AllocationConfig) -> float:
-    """The profile's RAM minus a reserve: a share of it, kept between the minimum and maximum."""
+    """The profile's RAM minus a reserve, and at most the cap its operator set (``extra["mem_cap_mb"]``)."""
     reserve = min(max(config.reserve_fraction * profile.ram_mb, config.reserve_min_mb), config.reserve_mb)
-    return profile.ram_mb - reserve
+    own = profile.extra.get("mem_cap_mb")  # `fedpeft edge --memory-cap-mb`, or memory_cap_mb in its TOML
+    return profile.ram_mb - reserve if own is None else min(profile.ram_mb - reserve, float(own))
 
 
 def bits_for_link(trainable_params: int, uplink_mbps: float, budget_s: float) -> int:

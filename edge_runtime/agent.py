@@ -96,8 +96,11 @@ class DeviceAgent:
         max_message_bytes: int | None = None,
         artifacts_cache: str | Path | None = None,
         holdout: TextDataset | None = None,
+        mem_cap_mb: float | None = None,
     ) -> None:
         self.device_id = device_id
+        # the device's own cap (its operator's); training stays under it and the assignment's
+        self.mem_cap_mb = mem_cap_mb
         self.fleet = fleet
         self.transport = transport
         self.data = data
@@ -471,7 +474,7 @@ class DeviceAgent:
         bits = 32 if phase == STATS_PHASE else config.bits  # statistics must stay exact
         retries = 0
         while True:
-            guard = MemoryGuard(config.mem_cap_mb)
+            guard = MemoryGuard(_tighter(config.mem_cap_mb, self.mem_cap_mb))
             try:
                 tensors, metrics = self._compute(config, module, phase, seed, guard)
                 break
@@ -521,6 +524,12 @@ class DeviceAgent:
         self.stats.updates_sent += 1
         self.stats.bytes_up += sent
         self.stats.rounds_trained.append(module.round)
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    """The smaller of two caps, either of which may be absent."""
+    caps = [c for c in (a, b) if c is not None]
+    return min(caps) if caps else None
 
 
 def _job_seed(seed: int, device_id: str, round_: int) -> int:

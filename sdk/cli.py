@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.config import TrainConfig
-from edge_runtime.errors import ConfigError, FedPeftError
+from edge_runtime.errors import ConfigError, FedPeftError, TransportError
 from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
 
 DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, worth retrying (the broker cannot be reached)
 
 
 def _positive_int(text: str) -> int:
@@ -247,16 +248,44 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--report", default="serve.json")
     _add_tls_flags(srv)
 
-    edge = sub.add_parser("edge", help="run one device: train on local data, exchange updates over MQTT")
-    edge.add_argument("--broker", required=True)
-    edge.add_argument("--fleet", required=True)
-    edge.add_argument("--device-id", required=True)
-    edge.add_argument("--data", required=True, help="folder with this device's train.jsonl (or train.csv)")
+    edge = sub.add_parser(
+        "edge",
+        help="run one device: train on local data, exchange updates over MQTT",
+        description="Run one device until the service publishes its last global module. Settings come "
+        "from the flags, or from a TOML file (--config) whose keys are the flags' names with "
+        "underscores (device_id, memory_cap_mb, ...); flags override the file. Exits 2 on bad "
+        "input and 75 when the broker cannot be reached (a service manager may retry).",
+    )
     edge.add_argument(
-        "--state", default=None, help="folder for the durable outbox (default .fedpeft-edge/ID)"
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="TOML file with this device's settings, e.g. /etc/fedpeft/edge.toml (see docs/raspberry-pi.md)",
+    )
+    edge.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port or mqtts://...")
+    edge.add_argument("--fleet", default=None, help="fleet name (topic prefix fl/FLEET/...)")
+    edge.add_argument("--device-id", default=None)
+    edge.add_argument("--data", default=None, help="folder with this device's train.jsonl (or train.csv)")
+    edge.add_argument(
+        "--state",
+        default=None,
+        help="folder for the durable outbox and fetched artifacts (default .fedpeft-edge/ID; "
+        "required with --config)",
+    )
+    edge.add_argument(
+        "--credentials",
+        default=None,
+        metavar="FILE",
+        help="file of one line user:password for the broker, readable by its owner only (chmod 600)",
+    )
+    edge.add_argument(
+        "--memory-cap-mb",
+        type=_nonneg_float,
+        default=None,
+        help="MiB this device may use for training: announced to the service and enforced here",
     )
     edge.add_argument("--max-samples", type=_positive_int, default=None, help="use at most this many samples")
-    edge.add_argument("--seed", type=int, default=0)
+    edge.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     edge.add_argument(
         "--max-message-bytes",
         type=_positive_int,
@@ -266,15 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument(
         "--resend-after",
         type=_nonneg_float,
-        default=30.0,
+        default=None,
         help="seconds before an unacknowledged update is sent again (default 30)",
     )
     edge.add_argument(
         "--engine",
-        default="auto",
+        default=None,
         choices=("auto", "torch", "ort"),
-        help="training engine: auto (ONNX Runtime where onnxruntime-training is installed, else torch; "
-        "the server picks among those this device has)",
+        help="training engine (default auto: ONNX Runtime where onnxruntime-training is installed, else "
+        "torch; the server picks among those this device has)",
     )
     edge.add_argument(
         "--artifacts-cache",
@@ -560,6 +589,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers.update(serve=commands.cmd_serve, edge=commands.cmd_edge, centralized=commands.cmd_centralized)
     try:
         return int(handlers[args.command](args))
+    except TransportError as exc:
+        print(f"fedpeft {args.command}: error: {exc}", file=sys.stderr)
+        # a device service retries an unreachable broker (systemd's Restart=on-failure) but not a
+        # bad configuration (RestartPreventExitStatus=2)
+        return EX_TEMPFAIL if args.command == "edge" else 2
     except FedPeftError as exc:
         print(f"fedpeft {args.command}: error: {exc}", file=sys.stderr)
         return 2

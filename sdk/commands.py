@@ -198,44 +198,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def edge_config(args: argparse.Namespace) -> Any:
+    """The device's :class:`DeviceConfig`: the --config file, if any, with the flags on top."""
+    from edge_runtime.device_config import device_config, setting_keys
+
+    return device_config(args.config, {key: getattr(args, key) for key in setting_keys()})
+
+
 def cmd_edge(args: argparse.Namespace) -> int:
     """Run one device until the server publishes its last global module."""
     from sdk.edge_client import EdgeClient
 
+    config = edge_config(args)
+    config.check_files()
+    url = config.broker_url()
     client = EdgeClient(
-        args.broker,
-        fleet=args.fleet,
-        device_id=args.device_id,
-        data=args.data,
-        state_dir=args.state,
-        max_samples=args.max_samples,
-        seed=args.seed,
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-        resend_after_s=args.resend_after,
-        max_message_bytes=args.max_message_bytes,
-        engine=args.engine,
-        artifacts_cache=args.artifacts_cache,
+        url,
+        fleet=config.fleet,
+        device_id=config.device_id,
+        data=config.data,
+        state_dir=config.state_dir,
+        max_samples=config.max_samples,
+        seed=config.seed,
+        ca_file=_str_or_none(config.ca_file),
+        cert_file=_str_or_none(config.cert_file),
+        key_file=_str_or_none(config.key_file),
+        resend_after_s=config.resend_after,
+        max_message_bytes=config.max_message_bytes,
+        engine=config.engine,
+        artifacts_cache=config.artifacts_cache,
+        memory_cap_mb=config.memory_cap_mb,
     )
     signal.signal(signal.SIGTERM, lambda *_: client.stop())
+    pending = len(client.agent.outbox.pending())
     print(
-        f"device {args.device_id}: {len(client.data)} samples, engines {', '.join(client.agent.engines)}, "
-        f"waiting for the server on {args.broker}",
+        f"device {config.device_id}: {len(client.data)} samples, engines {', '.join(client.agent.engines)}, "
+        f"state {config.state_dir}"
+        + (f" ({pending} unacknowledged update{'s' if pending != 1 else ''} to resend)" if pending else "")
+        + f", waiting for the server on {url}",  # str(url) hides the password
         flush=True,
     )
     s = client.run()
     print(
-        f"device {args.device_id}: {s.updates_sent} updates sent, {s.updates_accepted} accepted, "
+        f"device {config.device_id}: {s.updates_sent} updates sent, {s.updates_accepted} accepted, "
         f"peak RSS {s.peak_rss_mb:.0f} MiB"
     )
     personal = client.agent.personalization
     if personal.get("holdout"):
         print(
-            f"device {args.device_id}: on its {int(personal['holdout'])} held-out samples, global module "
+            f"device {config.device_id}: on its {int(personal['holdout'])} held-out samples, global module "
             f"{personal['global_own_accuracy']:.3f}, personalized {personal['personalized_accuracy']:.3f}"
         )
     return 0
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def cmd_centralized(args: argparse.Namespace) -> int:

@@ -1,10 +1,15 @@
 """``EdgeClient``: federated training embedded in an app, in a few lines.
 
 from sdk import EdgeClient
-client = EdgeClient("mqtt://broker:1883", fleet="shop", device_id="till-3", data="/data/till3")
+client = EdgeClient("mqtt://broker:1883", fleet="shop", device_id="till-3", data="/data/till3",
+                    state_dir="/var/lib/till/fedpeft", memory_cap_mb=512)
 stats = client.run()          # blocks until the service publishes its last global module
 module = client.final_module  # the trained PEFT module, by tensor name
 personal = client.personal_module  # this device's fine-tune of it, if the service asked for one
+
+``state_dir`` holds the durable outbox: an app restarted there resends the updates the service never
+acknowledged. ``memory_cap_mb`` is announced to the service and enforced while training.
+examples/embedded_client.py is a whole app.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from edge_runtime.agent import DeviceAgent, DeviceStats
 from edge_runtime.data import TextDataset, load_folder, load_split, resolve_data_dir
 from edge_runtime.engines import device_engines
 from edge_runtime.outbox import Outbox
-from edge_runtime.transport import MqttTransport, parse_broker_url
+from edge_runtime.transport import BrokerUrl, MqttTransport, parse_broker_url
 from hw_profiles import measure
 
 
@@ -29,7 +34,7 @@ class EdgeClient:
 
     def __init__(
         self,
-        broker: str,
+        broker: str | BrokerUrl,
         *,
         fleet: str,
         device_id: str,
@@ -45,6 +50,7 @@ class EdgeClient:
         engine: str = "auto",
         artifacts_cache: str | Path | None = None,
         holdout: TextDataset | None = None,
+        memory_cap_mb: float | None = None,
     ) -> None:
         engines = device_engines(engine)  # before connecting: a missing engine is a bad flag
         self.holdout = holdout
@@ -65,7 +71,7 @@ class EdgeClient:
         status_topic = wire.topic(fleet, "status", device_id)
         offline = wire.encode_status(wire.Status(device_id=device_id, state="offline", detail={}))
         self.transport = MqttTransport(
-            parse_broker_url(broker),
+            broker if isinstance(broker, BrokerUrl) else parse_broker_url(broker),
             client_id=f"{fleet}-{device_id}",
             clean_start=False,
             will=(status_topic, offline, True),
@@ -75,19 +81,24 @@ class EdgeClient:
         )
         self._status_topic = status_topic
         state = Path(state_dir) if state_dir is not None else Path(".fedpeft-edge") / device_id
+        profile = measure().to_dict()
+        if memory_cap_mb is not None:
+            # announced, so the service sizes this device's module under it; enforced by the agent
+            profile["extra"]["mem_cap_mb"] = float(memory_cap_mb)
         # the agent's own engine factory: create_engine, with the ORT artifacts it fetched
         self.agent = DeviceAgent(
             device_id,
             fleet,
             self.transport,
             self.data,
-            profile=measure().to_dict(),
+            profile=profile,
             engines=engines,
             seed=seed,
             outbox=Outbox(state / "outbox"),
             max_message_bytes=max_message_bytes,
             artifacts_cache=Path(artifacts_cache) if artifacts_cache is not None else state / "artifacts",
             holdout=self.holdout,
+            mem_cap_mb=memory_cap_mb,
         )
         self._stop = threading.Event()
 

@@ -171,3 +171,19 @@ def test_a_512_mb_device_with_onnx_runtime_gets_a_lora_module_that_fits() -> Non
     assert allocator.assign(base, low, 150, engines=("ort", "torch"))[0].peft.kind == "lora"
     with pytest.raises(NoFeasibleConfig, match="none of its engines"):
         allocator.assign(base, low, 150, engines=("tpu",))
+
+
+def test_a_cap_its_operator_announced_bounds_a_device_below_its_ram() -> None:
+    # `fedpeft edge --memory-cap-mb 700` (or memory_cap_mb in edge.toml) puts it in the profile's extra
+    from dataclasses import replace
+
+    high = load_profile("high")
+    capped = replace(high, extra={"mem_cap_mb": 700.0})
+    cfg = AllocationConfig()
+    assert memory_cap_mb(capped, cfg) == 700.0 < memory_cap_mb(high, cfg)
+    a = allocate(capped, GRID, fake_predict, RewardTable(), cfg, steps_per_round=150)
+    assert a.mem_cap_mb == 700.0 and a.cost.memory_mb <= 700.0
+    assert allocate(high, GRID, fake_predict, RewardTable(), cfg, steps_per_round=150).cost.memory_mb > 700
+    # a cap above what the RAM leaves changes nothing
+    roomy = replace(high, extra={"mem_cap_mb": 10 * high.ram_mb})
+    assert memory_cap_mb(roomy, cfg) == memory_cap_mb(high, cfg)

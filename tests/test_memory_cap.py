@@ -104,6 +104,22 @@ def test_a_device_that_never_fits_fails_with_a_reason_and_tells_the_service() ->
     assert agent.stats.updates_sent == 0
 
 
+@pytest.mark.parametrize("assigned", [None, "roomy"])
+def test_the_devices_own_cap_binds_when_it_is_tighter_than_the_assignments(assigned: str | None) -> None:
+    # `fedpeft edge --memory-cap-mb` (memory_cap_mb in edge.toml): the operator's cap holds whatever
+    # the service assigned, none or a larger one
+    base = current_rss_mb()
+    agent, broker, batches = _agent(cap_mb=base + 2000, batch=16)
+    if assigned is None:
+        agent.config = TrainConfig(batch_size=16, mem_cap_mb=None, bits=32)
+    agent.mem_cap_mb = base + 200
+    sent: list[bytes] = []
+    InMemoryTransport(broker, "server").subscribe("fl/f/update/d", lambda t, p: sent.append(p))
+    agent._train_and_send(_global(), "base", "train")
+    assert batches == [16, 8, 4]
+    assert wire.decode_update(sent[0]).metrics["peak_rss_mb"] <= base + 200
+
+
 def test_the_guard_trips_only_above_its_cap() -> None:
     with MemoryGuard(None) as free:
         x = np.ones(20 * 2**18, np.float32)
