@@ -110,7 +110,8 @@ def trace_step(classifier: nn.Module, num_labels: int) -> tuple[torch.fx.GraphMo
         )(fake_params, *fake_batch)
     gm.graph.eliminate_dead_code()  # the pooler BERT computes and nobody reads
     gm.recompile()
-    return gm, names, set(shape_env.var_to_val)
+    symbols = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+    return gm, names, set(symbols)
 
 
 def export_step_graph(
