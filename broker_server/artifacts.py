@@ -352,7 +352,7 @@ def _build_step_into(folder: Path, config: TrainConfig, *, seed: int, key: str, 
     canonical = {n: _canonical(n) for n in trainable}
     table = export_step_graph(classifier, config.num_labels, canonical, folder / STEP_MODEL_NAME)
     initial = {canonical[n]: p.detach().cpu().numpy().astype(np.float32) for n, p in trainable.items()}
-    np.savez(folder / INITIAL_STATE_NAME, **initial)
+    np.savez(folder / INITIAL_STATE_NAME, **initial)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only
     tokenizer: Any = engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model {config.model!r} has no fast tokenizer to save as tokenizer.json")

@@ -76,7 +76,7 @@ class OnnxGraphBuilder:
 
     def const(self, value: Any, elem_type: int) -> str:
         """An initializer holding ``value`` (shared between equal small constants)."""
-        array = np.asarray(value, dtype=_NUMPY[elem_type])
+        array: np.ndarray = np.asarray(value, dtype=_NUMPY[elem_type])
         key = (elem_type, array.shape, array.tobytes()) if array.size <= 16 else None
         if key is not None and key in self._consts:
             return self._consts[key]
@@ -216,7 +216,9 @@ class Lowering:
     def _check_in_place(self, node: torch.fx.Node) -> None:
         """An in-place operator is lowered as out-of-place: refuse it if its target is read later."""
         target_op = node.target
-        if not isinstance(target_op, torch._ops.OpOverload) or not target_op.__name__.split(".")[0].endswith("_"):
+        if not isinstance(target_op, torch._ops.OpOverload) or not target_op.__name__.split(".")[0].endswith(
+            "_"
+        ):
             return
         target = node.args[0]
         if not isinstance(target, torch.fx.Node):
@@ -350,7 +352,9 @@ def _clamp(lo: Lowering, node: torch.fx.Node, x: Any, lo_v: Any = None, hi_v: An
 @lowers(aten.where.self)
 def _where(lo: Lowering, node: torch.fx.Node, cond: Any, a: Any, b: Any) -> str:
     t = _elem_type(node)
-    return str(lo.b.op("Where", [lo.tensor_of(cond, TensorProto.BOOL), lo.tensor_of(a, t), lo.tensor_of(b, t)]))
+    return str(
+        lo.b.op("Where", [lo.tensor_of(cond, TensorProto.BOOL), lo.tensor_of(a, t), lo.tensor_of(b, t)])
+    )
 
 
 @lowers(aten._to_copy.default)
@@ -501,8 +505,12 @@ def _matmul(lo: Lowering, node: torch.fx.Node, a: Any, b: Any) -> str:
 
 
 @lowers(aten.addmm.default)
-def _addmm(lo: Lowering, node: torch.fx.Node, bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> str:
-    return str(lo.b.op("Gemm", [lo.value(a), lo.value(b), lo.value(bias)], alpha=float(alpha), beta=float(beta)))
+def _addmm(
+    lo: Lowering, node: torch.fx.Node, bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1
+) -> str:
+    return str(
+        lo.b.op("Gemm", [lo.value(a), lo.value(b), lo.value(bias)], alpha=float(alpha), beta=float(beta))
+    )
 
 
 @lowers(aten.embedding.default)
@@ -556,7 +564,13 @@ def _sum_all(lo: Lowering, node: torch.fx.Node, x: Any, *, dtype: Any = None) ->
 
 @lowers(aten.linalg_vector_norm.default)
 def _vector_norm(
-    lo: Lowering, node: torch.fx.Node, x: Any, ord: float = 2.0, dims: Any = None, keepdim: bool = False, **kw: Any
+    lo: Lowering,
+    node: torch.fx.Node,
+    x: Any,
+    ord: float = 2.0,
+    dims: Any = None,
+    keepdim: bool = False,
+    **kw: Any,
 ) -> str:
     if ord != 2:
         raise EngineError(f"{node.name}: only the 2-norm is lowered")

@@ -43,7 +43,9 @@ class _Step(nn.Module):
         super().__init__()
         self.inner = classifier
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled unit-norm features and class logits."""
         features = self.inner.features(input_ids, attention_mask)
         return features, self.inner.head(features)
@@ -76,7 +78,9 @@ def trace_step(classifier: nn.Module, num_labels: int) -> tuple[torch.fx.GraphMo
     trainable = {n: p for n, p in classifier.named_parameters() if p.requires_grad}
     names = list(trainable)
 
-    def step(params: list[torch.Tensor], input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> Any:
+    def step(
+        params: list[torch.Tensor], input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> Any:
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_(True) for p in params]
             bound = {f"inner.{n}": leaf for n, leaf in zip(names, leaves, strict=True)}
@@ -90,7 +94,7 @@ def trace_step(classifier: nn.Module, num_labels: int) -> tuple[torch.fx.GraphMo
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
 
     def dynamic(t: torch.Tensor) -> torch.Tensor:
-        context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
+        context: Any = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim())
         return mode.from_tensor(t, symbolic_context=context)
 
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -104,7 +108,7 @@ def trace_step(classifier: nn.Module, num_labels: int) -> tuple[torch.fx.GraphMo
     with mode:
         gm = make_fx(
             step,
-            decomposition_table=core_aten_decompositions(),
+            decomposition_table=dict(core_aten_decompositions()),
             tracing_mode="fake",
             _allow_non_fake_inputs=True,
         )(fake_params, *fake_batch)
@@ -123,7 +127,7 @@ def export_step_graph(
     input's name; its gradient is the output ``grad.<name>``.
     """
     gm, names, symbols = trace_step(classifier, num_labels)
-    frozen_names = {}
+    frozen_names: dict[tuple[int, tuple[int, ...]], str] = {}
     for n, t in [*classifier.named_parameters(), *classifier.named_buffers()]:
         frozen_names.setdefault((t.data_ptr(), tuple(t.shape)), n)
     used: set[str] = set()
@@ -141,7 +145,11 @@ def export_step_graph(
         raise EngineError(f"the traced step has {len(placeholders)} inputs, expected {len(onnx_inputs)}")
     builder = OnnxGraphBuilder()
     lowering = Lowering(
-        gm, builder, {p.name: i for p, i in zip(placeholders, onnx_inputs, strict=True)}, symbols, constant_name
+        gm,
+        builder,
+        {p.name: i for p, i in zip(placeholders, onnx_inputs, strict=True)},
+        symbols,
+        constant_name,
     )
     outputs = lowering.run()
     out_names = list(STEP_OUTPUTS) + [GRAD_PREFIX + canonical[n] for n in names]
@@ -151,7 +159,8 @@ def export_step_graph(
         builder.nodes.append(helper.make_node("Identity", [value], [name]))
     trainable = dict(classifier.named_parameters())
     graph_inputs = [
-        helper.make_tensor_value_info(canonical[n], TensorProto.FLOAT, list(trainable[n].shape)) for n in names
+        helper.make_tensor_value_info(canonical[n], TensorProto.FLOAT, list(trainable[n].shape))
+        for n in names
     ] + [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
@@ -165,13 +174,15 @@ def export_step_graph(
         helper.make_tensor_value_info(GRAD_PREFIX + canonical[n], TensorProto.FLOAT, list(trainable[n].shape))
         for n in names
     ]
-    graph = helper.make_graph(builder.nodes, "fedpeft_training_step", graph_inputs, graph_outputs, builder.initializers)
+    graph = helper.make_graph(
+        builder.nodes, "fedpeft_training_step", graph_inputs, graph_outputs, builder.initializers
+    )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fedpeft", ir_version=8
     )
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return [
-        {"name": canonical[n], "grad": GRAD_PREFIX + canonical[n], "shape": list(trainable[n].shape)} for n in names
+        {"name": canonical[n], "grad": GRAD_PREFIX + canonical[n], "shape": list(trainable[n].shape)}
+        for n in names
     ]
-

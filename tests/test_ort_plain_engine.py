@@ -121,7 +121,9 @@ def test_twenty_steps_match_torch_for_every_kind(tiny: Tiny, kind: str) -> None:
     [(1.0, 0.01, 5e-2, 0.0), (0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 5e-2, 1.0)],
     ids=["prox-decay", "frozen-head", "logit-adjusted"],
 )
-def test_lora_options_match_torch(tiny: Tiny, prox_mu: float, weight_decay: float, head_lr: float, tau: float) -> None:
+def test_lora_options_match_torch(
+    tiny: Tiny, prox_mu: float, weight_decay: float, head_lr: float, tau: float
+) -> None:
     cfg = _config(tiny.model, prox_mu=prox_mu, weight_decay=weight_decay, head_lr=head_lr)
     _assert_twenty_steps_match(tiny, cfg, "lora", tau=tau)
 
@@ -173,7 +175,9 @@ def test_folders_are_keyed_by_flavour_and_checked(tiny: Tiny) -> None:
     with pytest.raises(ConfigError, match="num_labels"):
         OrtStepEngine(_config(tiny.model, num_labels=4), artifacts=folder)
     with pytest.raises(ConfigError, match="dropout"):
-        build_artifacts(_config(tiny.model, peft=LoraSpec(rank=4, dropout=0.1)), cache_dir=tiny.cache, flavour="step")
+        build_artifacts(
+            _config(tiny.model, peft=LoraSpec(rank=4, dropout=0.1)), cache_dir=tiny.cache, flavour="step"
+        )
     with pytest.raises(ConfigError, match="flavour"):
         build_artifacts(cfg, cache_dir=tiny.cache, flavour="nope")
 
