@@ -9,9 +9,25 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult, TrainingEngine, TrainResult
 from edge_runtime.errors import ConfigError
 
-__all__ = ["EvalResult", "TrainResult", "TrainingEngine", "create_engine", "device_engines"]
+__all__ = [
+    "ARTIFACT_FLAVOURS",
+    "EvalResult",
+    "TrainResult",
+    "TrainingEngine",
+    "artifact_flavour",
+    "create_engine",
+    "device_engines",
+]
 
 DEVICE_ENGINE_CHOICES = ("auto", "torch", "ort", "ort-plain")
+# The engines that train from an artifact folder the server builds, and the flavour each needs
+# (broker_server.artifacts.build_artifacts): onnxruntime-training's graphs, or the step graph.
+ARTIFACT_FLAVOURS = {"ort": "training", "ort-plain": "step"}
+
+
+def artifact_flavour(engine: str) -> str | None:
+    """The artifact flavour engine ``engine`` trains from; None: it needs no artifacts (torch)."""
+    return ARTIFACT_FLAVOURS.get(engine)
 
 
 def device_engines(choice: str = "auto") -> tuple[str, ...]:
@@ -30,9 +46,9 @@ def device_engines(choice: str = "auto") -> tuple[str, ...]:
     has_plain = plain_ort_available()
     has_torch = importlib.util.find_spec("torch") is not None
     if choice == "ort" and not has_ort:
-        raise ConfigError("--engine ort needs onnxruntime-training (pip install 'fedpeft[edge]')")
+        raise ConfigError("--engine ort needs onnxruntime-training (pip install 'fedpeft[edge-training]')")
     if choice == "ort-plain" and not has_plain:
-        raise ConfigError("--engine ort-plain needs onnxruntime (pip install onnxruntime)")
+        raise ConfigError("--engine ort-plain needs onnxruntime (pip install 'fedpeft[edge]')")
     if choice == "torch" and not has_torch:
         raise ConfigError("--engine torch needs torch, transformers and peft (pip install fedpeft)")
     if choice != "auto":

@@ -113,13 +113,15 @@ def ort_available() -> bool:
     )
 
 
-def block_torch() -> list[str]:
-    """Make torch, transformers and peft unimportable, as on a device with the edge extra only.
+def block_torch(*, plain_ort: bool = False) -> list[str]:
+    """Make torch, transformers and peft unimportable, as on a device with the edge extra only;
+    with ``plain_ort``, ``onnxruntime.training`` too, as on a device with plain onnxruntime.
 
     Returns those that were already imported (and so cannot be blocked any more).
     """
-    loaded = [n for n in ("torch", "transformers", "peft") if sys.modules.get(n) is not None]
-    for name in ("torch", "transformers", "peft"):
+    names = ("torch", "transformers", "peft") + (("onnxruntime.training",) if plain_ort else ())
+    loaded = [n for n in names if sys.modules.get(n) is not None]
+    for name in names:
         if name not in loaded:
             sys.modules[name] = None  # type: ignore[assignment]
     return loaded
