@@ -1,10 +1,12 @@
-"""Benchmark: peak memory and step time of the ONNX Runtime engine against the torch engine.
+"""Benchmark: peak memory and step time of the ONNX Runtime engines against the torch engine.
 
 MiniLM + LoRA r=8 on query and value, batch 32, 64 tokens: each engine trains ``--steps`` steps in
 a fresh process (edge_runtime.engines.memory_probe), side by side in one run, ``--repeats`` times
 alternately; the ORT process has torch, transformers and peft made unimportable, as on a device
-with the ``edge`` extra only. Reports peak resident memory (VmHWM) and mean seconds per step
-(without the warm-up step), and the ratios ORT / torch.
+with the ``edge`` extra only. ``ort-plain`` (the step graph in plain onnxruntime, ``--engines``
+includes it by default) also has ``onnxruntime.training`` made unimportable. Reports peak
+resident memory (VmHWM) and mean seconds per step (without the warm-up step), and the ratios of
+each ORT engine to torch.
 
     .venv/bin/python bench/ort_memory.py --out bench/results/ort_memory
 """
@@ -34,17 +36,25 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--engines", default="torch,ort,ort-plain", help="comma-separated; torch is always measured"
+    )
     a = p.parse_args()
+    engines = ["torch"] + [e for e in a.engines.split(",") if e and e != "torch"]
     base = TrainConfig(
         peft=LoraSpec(rank=8, alpha=16.0), num_labels=20, batch_size=a.batch_size, seq_len=a.seq_len
     )
-    ort = replace(base, engine="ort")
+    configs = {name: replace(base, engine=name) for name in engines}
     print("building ORT artifacts (cached after the first time)...", flush=True)
-    artifacts = build_artifacts(ort)
-    runs: dict[str, list[dict[str, float]]] = {"torch": [], "ort": []}
+    folders: dict[str, str | None] = {"torch": None}
+    if "ort" in configs:
+        folders["ort"] = str(build_artifacts(configs["ort"]).folder)
+    if "ort-plain" in configs:
+        folders["ort-plain"] = str(build_artifacts(configs["ort-plain"], flavour="step").folder)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for i in range(a.repeats):
-        for name, cfg in (("torch", base), ("ort", ort)):
-            m = measure_training(cfg, steps=a.steps, threads=a.threads, artifacts=str(artifacts.folder))
+        for name, cfg in configs.items():
+            m = measure_training(cfg, steps=a.steps, threads=a.threads, artifacts=folders[name])
             runs[name].append(asdict(m))
             print(
                 f"repeat {i + 1}/{a.repeats} {name}: peak {m.peak_rss_mb:.0f} MiB, {m.step_s:.3f} s/step",
@@ -65,10 +75,16 @@ def main() -> int:
             "step_s": statistics.median(r["step_s"] for r in runs[name]),
             "loaded_rss_mb": statistics.median(r["loaded_rss_mb"] for r in runs[name]),
         }
-    t, o = summary["torch"], summary["ort"]
-    assert isinstance(t, dict) and isinstance(o, dict)
-    summary["memory_ratio_ort_to_torch"] = round(o["peak_rss_mb"] / t["peak_rss_mb"], 3)
-    summary["step_time_ratio_ort_to_torch"] = round(o["step_s"] / t["step_s"], 3)
+    t = summary["torch"]
+    assert isinstance(t, dict)
+    for name in configs:
+        if name == "torch":
+            continue
+        o = summary[name]
+        assert isinstance(o, dict)
+        tag = name.replace("-", "_")
+        summary[f"memory_ratio_{tag}_to_torch"] = round(o["peak_rss_mb"] / t["peak_rss_mb"], 3)
+        summary[f"step_time_ratio_{tag}_to_torch"] = round(o["step_s"] / t["step_s"], 3)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

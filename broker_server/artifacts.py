@@ -22,6 +22,13 @@ device) and ``manifest.json``: which configuration it was built for, and the map
 trainable ONNX initializer to its engine-neutral name (the names of
 :meth:`TorchEngine.trainable_state`, so both engines speak the same wire format).
 
+A second flavour, ``step`` (``build_artifacts(config, flavour="step")``), is for devices with
+plain ``onnxruntime`` only (:class:`edge_runtime.engines.ort_step_engine.OrtStepEngine`): one
+graph of standard operators that computes the loss, the logits, the features and the gradient of
+every trainable tensor (:mod:`broker_server.step_graph`), the module's initial values
+(``initial_state.npz``), the tokenizer and the manifest (``"flavour": "step"``). It needs no
+onnxruntime-training on either side and trains every PEFT kind.
+
 Folders are cached under :func:`default_cache_dir`, keyed by a SHA-256 over everything that
 changes the graph or the initial weights: the model's name and its folder's contents, the PEFT
 spec, the number of labels, the sequence length, the seed and the versions of the exporting
@@ -54,10 +61,17 @@ from edge_runtime.engines.ort_engine import (
     TOKENIZER_NAME,
     check_ort_support,
 )
+from edge_runtime.engines.ort_step_engine import (
+    INITIAL_STATE_NAME,
+    STEP_FLAVOUR,
+    STEP_MODEL_NAME,
+    check_step_support,
+)
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.models import resolve_model
 
 OPSET = 14
+STEP_OPSET = 17  # broker_server.onnx_lowering.OPSET, kept here so the key needs no torch import
 # what decides the weights and the tokenizer; sharded checkpoints included
 _MODEL_FILES = (
     "config.json",
@@ -68,6 +82,8 @@ _MODEL_FILES = (
     "special_tokens*.json",
 )
 _VERSIONED = ("torch", "transformers", "peft", "onnx", "onnxruntime-training")
+TRAINING_FLAVOUR = "training"
+FLAVOURS = (TRAINING_FLAVOUR, STEP_FLAVOUR)
 
 
 @dataclass(frozen=True)
@@ -143,7 +159,7 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def artifact_key(config: TrainConfig, *, seed: int = 0) -> str:
+def artifact_key(config: TrainConfig, *, seed: int = 0, flavour: str = TRAINING_FLAVOUR) -> str:
     """Content hash of everything that changes the exported graphs or their initial weights."""
     folder = _model_folder(config)
     digest = hashlib.sha256()
@@ -164,23 +180,42 @@ def artifact_key(config: TrainConfig, *, seed: int = 0) -> str:
         "seed": seed,
         "versions": {p: _version(p) for p in _VERSIONED},
     }
+    if flavour != TRAINING_FLAVOUR:  # left out for the first flavour: its cached folders keep their keys
+        described["flavour"] = flavour
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def build_artifacts(
-    config: TrainConfig, *, seed: int = 0, cache_dir: Path | None = None, threads: int | None = None
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    flavour: str = TRAINING_FLAVOUR,
 ) -> ArtifactPaths:
-    """The artifact folder for ``config`` and ``seed``, built (once) in the cache if missing."""
-    check_ort_support(config)
+    """The artifact folder for ``config`` and ``seed``, built (once) in the cache if missing.
+
+    ``flavour`` ``training``: onnxruntime-training artifacts (LoRA only); ``step``: the step
+    graph for plain onnxruntime (every PEFT kind).
+    """
+    if flavour not in FLAVOURS:
+        raise ConfigError(f"artifact flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    if flavour == STEP_FLAVOUR:
+        check_step_support(config)
+    else:
+        check_ort_support(config)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = artifact_key(config, seed=seed)
+    key = artifact_key(config, seed=seed, flavour=flavour)
     final = cache / key
     if (final / MANIFEST_NAME).is_file():
         return ArtifactPaths(final)
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
     try:
-        _build_into(work, config, seed=seed, key=key, threads=threads)
+        if flavour == STEP_FLAVOUR:
+            _build_step_into(work, config, seed=seed, key=key, threads=threads)
+        else:
+            _build_into(work, config, seed=seed, key=key, threads=threads)
         try:
             os.replace(work, final)
         except OSError:
@@ -299,6 +334,43 @@ def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threa
             for onnx_name, canonical in names.items()
         ],
         "opset": OPSET,
+        "versions": {p: _version(p) for p in _VERSIONED},
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def _build_step_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threads: int | None) -> None:
+    """Export the torch model of ``config`` as one step graph and write the ``step`` folder."""
+    import numpy as np
+
+    from broker_server.step_graph import export_step_graph
+    from edge_runtime.engines.torch_engine import TorchEngine, _canonical
+
+    engine = TorchEngine(config, seed=seed, threads=threads)
+    classifier = engine.model
+    trainable = {n: p for n, p in classifier.named_parameters() if p.requires_grad}
+    canonical = {n: _canonical(n) for n in trainable}
+    table = export_step_graph(classifier, config.num_labels, canonical, folder / STEP_MODEL_NAME)
+    initial = {canonical[n]: p.detach().cpu().numpy().astype(np.float32) for n, p in trainable.items()}
+    np.savez(folder / INITIAL_STATE_NAME, **initial)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only
+    tokenizer: Any = engine.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"model {config.model!r} has no fast tokenizer to save as tokenizer.json")
+    tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_NAME))
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "flavour": STEP_FLAVOUR,
+        "key": key,
+        "seed": seed,
+        "model": config.model,
+        "peft": config.peft.to_dict(),
+        "num_labels": config.num_labels,
+        "seq_len": config.seq_len,
+        "hidden": engine.hidden,
+        "total_params": engine.total_params,
+        "pad_token_id": int(tokenizer.pad_token_id or 0),
+        "trainable": table,
+        "opset": STEP_OPSET,
         "versions": {p: _version(p) for p in _VERSIONED},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

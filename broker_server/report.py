@@ -61,12 +61,26 @@ def build_report(
         "rounds": [dict(r) for r in rounds],
         "final": dict(final),
         "communication": dict(communication),
-        "clients": [dict(c) for c in clients],
+        "clients": [_client_entry(c) for c in clients],
         "rejected": [dict(r) for r in rejected],
     }
     if extra:
         report.update(extra)
     return report
+
+
+# The report's ``engine`` names the engine family (contract: ``ort`` or ``torch``); which ONNX
+# Runtime package a device trained with goes in ``ort_runtime`` beside it.
+_ORT_RUNTIMES = {"ort": "onnxruntime-training", "ort-plain": "onnxruntime"}
+
+
+def _client_entry(client: Mapping[str, Any]) -> dict[str, Any]:
+    entry = dict(client)
+    engine = entry.get("engine")
+    if engine in _ORT_RUNTIMES:
+        entry["engine"] = "ort"
+        entry["ort_runtime"] = _ORT_RUNTIMES[engine]
+    return entry
 
 
 def validate_report(report: Mapping[str, Any]) -> None:

@@ -63,6 +63,7 @@ from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.downlink import RESYNC_STATE, DownlinkEncoder
+from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
     ConfigError,
@@ -669,12 +670,17 @@ class AggregationService:
         }
 
     def artifact_for(self, config: TrainConfig) -> ArtifactInfo:
-        """Build ``config``'s ORT training artifacts if missing and publish them (once per key).
+        """Build ``config``'s ORT artifacts if missing and publish them (once per key).
 
-        The chunks go out retained, so a device that joins later (or after a restart of this
-        service, which publishes them again on its first assignment) still finds them.
+        The flavour is the one ``config.engine`` trains from: onnxruntime-training's graphs for
+        ``ort``, the step graph for ``ort-plain``. The chunks go out retained, so a device that
+        joins later (or after a restart of this service, which publishes them again on its first
+        assignment) still finds them.
         """
-        cid = config_id(config)
+        flavour = artifact_flavour(config.engine)
+        if flavour is None:
+            raise ConfigError(f"engine {config.engine!r} trains without ORT artifacts")
+        cid = config_id(config)  # the engine is part of it, so each flavour has its own entry
         key = self._artifact_of.get(cid)
         if key is not None and key in self.artifacts_published:
             return self.artifacts_published[key]
@@ -682,15 +688,18 @@ class AggregationService:
         from broker_server.artifacts import build_artifacts
 
         start = time.perf_counter()
-        folder = build_artifacts(config, seed=self.config.seed, cache_dir=self.artifacts_cache).folder
+        folder = build_artifacts(
+            config, seed=self.config.seed, cache_dir=self.artifacts_cache, flavour=flavour
+        ).folder
         key = folder.name  # build_artifacts names the folder by its artifact_key
         self._artifact_of[cid] = key
         info = self.artifacts_published.get(key)
         if info is None:
             info = self._publish_artifact(key, folder)
             log.info(
-                "published ORT artifacts %s: %.1f MB in %d chunks (%.1f s)",
+                "published ORT artifacts %s (%s): %.1f MB in %d chunks (%.1f s)",
                 key,
+                flavour,
                 info.size / 1e6,
                 info.chunks,
                 time.perf_counter() - start,
@@ -712,7 +721,7 @@ class AggregationService:
         if self.clustered and self.cluster_of(record.device_id) is None:
             return  # assigned once the clusters are formed: the assignment names its cluster's topic
         artifact = None
-        if self.serve_artifacts and record.config.engine == "ort":
+        if self.serve_artifacts and artifact_flavour(record.config.engine) is not None:
             try:
                 artifact = self.artifact_for(record.config)
             except (FedPeftError, ImportError, OSError) as exc:

@@ -4,8 +4,9 @@ Network callbacks only record what arrived; training runs in the caller's thread
 :meth:`DeviceAgent.run_pending` (or :meth:`DeviceAgent.run`), so a worker process can host many
 agents that train one at a time on one shared engine.
 
-An assignment to the ONNX Runtime engine names an artifact pack (graphs, checkpoint, tokenizer):
-the agent takes it from its cache, or fetches its chunks once (retained on the broker), checks
+An assignment to an ONNX Runtime engine names an artifact pack: onnxruntime-training's graphs and
+checkpoint for ``ort``, the step graph and initial state for ``ort-plain``, each with the
+tokenizer. The agent takes it from its cache, or fetches its chunks once (retained on the broker), checks
 them and unpacks them there before it trains (:mod:`edge_runtime.artifact_transfer`).
 """
 
@@ -30,7 +31,7 @@ from edge_runtime.chunking import split_payload
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.downlink import RESYNC_STATE, ModuleReceiver, Received
-from edge_runtime.engines import create_engine
+from edge_runtime.engines import artifact_flavour, create_engine
 from edge_runtime.engines.base import ProgressFn, TrainingEngine
 from edge_runtime.errors import FedPeftError, MemoryCapExceeded, UpdateRejected
 from edge_runtime.label_prior import label_prior_bias, train_logit_adjusted
@@ -173,7 +174,9 @@ class DeviceAgent:
         first = self.assignment is None or self.assignment.global_topic != assignment.global_topic
         self.assignment, self.config = assignment, config
         self.stats.config = assignment.config
-        if config.engine == "ort" and assignment.artifact is not None:
+        # ort and ort-plain train from a folder the server built (each of its own flavour: the
+        # server picks it, the engine checks the manifest); torch needs none
+        if artifact_flavour(config.engine) is not None and assignment.artifact is not None:
             self._prepare_artifacts(assignment.artifact)  # before the global: training needs them
         if first:
             self.transport.subscribe(assignment.global_topic, self._on_global)

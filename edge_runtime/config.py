@@ -8,7 +8,7 @@ from typing import Any
 from edge_runtime.errors import ConfigError
 from edge_runtime.peft_specs import LoraSpec, PeftSpec, spec_from_dict
 
-ENGINES = ("torch", "ort")
+ENGINES = ("torch", "ort", "ort-plain")
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
 
 

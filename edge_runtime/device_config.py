@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.data import resolve_data_dir
+from edge_runtime.engines import DEVICE_ENGINE_CHOICES
 from edge_runtime.errors import ConfigError
 from edge_runtime.transport import BrokerUrl, parse_broker_url
 from edge_runtime.wire import _segment_problem
 
-ENGINE_CHOICES = ("auto", "torch", "ort")
+ENGINE_CHOICES = DEVICE_ENGINE_CHOICES
 REQUIRED_KEYS = ("broker", "fleet", "device_id", "data")
 PATH_KEYS = ("data", "state", "credentials", "ca_file", "cert_file", "key_file", "artifacts_cache")
 BROKER_FORMAT = "expected mqtt://host:port or mqtts://host:port"

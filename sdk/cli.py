@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.config import TrainConfig
+from edge_runtime.engines import DEVICE_ENGINE_CHOICES
 from edge_runtime.errors import ConfigError, FedPeftError, TransportError
 from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
 
@@ -204,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--engine",
         default="auto",
-        choices=("auto", "torch", "ort", "mixed"),
+        choices=("auto", "torch", "ort", "ort-plain", "mixed"),
         help="training engine of the devices: auto (ONNX Runtime where installed and the module allows, "
-        "else torch), torch, ort, or mixed (half the worker processes on each)",
+        "else torch), torch, ort (onnxruntime-training), ort-plain (plain onnxruntime, every PEFT kind), "
+        "or mixed (half the worker processes on ort, half on torch)",
     )
     sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
     sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
@@ -301,9 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument(
         "--engine",
         default=None,
-        choices=("auto", "torch", "ort"),
-        help="training engine (default auto: ONNX Runtime where onnxruntime-training is installed, else "
-        "torch; the server picks among those this device has)",
+        choices=DEVICE_ENGINE_CHOICES,
+        help="training engine (default auto: ort where onnxruntime-training is installed, else ort-plain "
+        "where plain onnxruntime is, then torch; the server picks among those this device has), torch, "
+        "ort, or ort-plain",
     )
     edge.add_argument(
         "--artifacts-cache",

@@ -48,8 +48,11 @@ class WorkerJob:
     log_level: int = logging.WARNING
     resend_after_s: float = 20.0
     max_message_bytes: int | None = None
-    engine: str = "torch"  # "ort": this worker's devices train with ONNX Runtime, torch unimportable
-    artifacts: tuple[tuple[str, str], ...] = ()  # (artifact_slot(config), folder) of each ORT module
+    # "ort", "ort-plain": this worker's devices train with ONNX Runtime, torch unimportable (and,
+    # for ort-plain, onnxruntime.training too, as on a device with plain onnxruntime)
+    engine: str = "torch"
+    # (artifact_slot(config), folder) of each module, in the flavour of this worker's ORT engine
+    artifacts: tuple[tuple[str, str], ...] = ()
 
 
 def artifact_slot(config: TrainConfig) -> str:
@@ -60,10 +63,10 @@ def artifact_slot(config: TrainConfig) -> str:
 def worker_main(job: WorkerJob, results: Any, stop: Any) -> None:
     """Entry point of a worker process: run its devices until the server says done or ``stop``."""
     logging.basicConfig(level=job.log_level, format=f"%(asctime)s worker{job.index} %(name)s: %(message)s")
-    if job.engine == "ort":  # as on a device with the edge extra only: no torch in this process
+    if job.engine in ("ort", "ort-plain"):  # as on a device with an edge extra: no torch here
         from edge_runtime.engines.ort_engine import block_torch
 
-        already = block_torch()
+        already = block_torch(plain_ort=job.engine == "ort-plain")
         if already:
             logging.getLogger("fedpeft.sim").warning(
                 "worker%d: %s imported before blocking", job.index, already
@@ -111,7 +114,7 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
             _release_memory()
             if job.engine != config.engine:  # the engine is the device's own choice
                 config = replace(config, engine=job.engine)
-            folder = dict(job.artifacts).get(artifact_slot(config)) if job.engine == "ort" else None
+            folder = dict(job.artifacts).get(artifact_slot(config)) if job.artifacts else None
             engines[key] = create_engine(config, seed=job.seed, threads=job.threads, artifacts=folder)
         return engines[key]
 

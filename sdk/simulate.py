@@ -32,6 +32,7 @@ from broker_server.report import allocation_entry, build_report, communication, 
 from broker_server.service import AggregationService, ServiceConfig
 from edge_runtime.config import SUPPORTED_BITS, TrainConfig
 from edge_runtime.data import TextDataset, load_folder, resolve_data_dir
+from edge_runtime.engines import artifact_flavour
 from edge_runtime.errors import ConfigError, FedPeftError
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import LoraSpec, ModelDims
@@ -44,7 +45,7 @@ from sdk.partition import parse_partition, partition
 log = logging.getLogger("fedpeft.simulate")
 
 
-ENGINE_CHOICES = ("auto", "torch", "ort", "mixed")
+ENGINE_CHOICES = ("auto", "torch", "ort", "ort-plain", "mixed")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class SimulationConfig:
         default=600.0, metadata={"help": "seconds of one on/off cycle of a device's availability trace"}
     )
     engine: str = field(
-        default="torch", metadata={"help": "auto, torch, ort or mixed (half the workers on each engine)"}
+        default="torch",
+        metadata={"help": "auto, torch, ort, ort-plain or mixed (half the workers on ort, half on torch)"},
     )
     model: str = "all-MiniLM-L6-v2"
     broker: str | None = None
@@ -189,13 +191,31 @@ class SimulationConfig:
 
         ``auto`` is ORT where onnxruntime-training is installed and the fleet's one module is one
         it trains (LoRA without dropout), else torch; under allocation it keeps torch, so that
-        adapters and prompts stay on offer. ``mixed`` alternates; the allocator gives devices on
-        ORT only what ORT trains.
+        adapters and prompts stay on offer. Where onnxruntime-training is missing but plain
+        onnxruntime is there, ``auto`` is ``ort-plain`` for a fleet with one module it trains.
+        ``ort-plain``: every worker on the plain-onnxruntime engine, as devices without
+        onnxruntime-training (any PEFT kind; under allocation the allocator gives them what it
+        trains). ``mixed`` alternates ort and torch; the allocator gives devices on ORT only what
+        ORT trains.
         """
         from edge_runtime.engines.ort_engine import check_ort_support, ort_available
+        from edge_runtime.engines.ort_step_engine import check_step_support, plain_ort_available
 
         if self.engine == "torch":
             return ["torch"] * workers
+        fixed = self.allocation_mode == "fixed"
+        if self.engine == "ort-plain":
+            if not plain_ort_available():
+                raise ConfigError("--engine ort-plain needs onnxruntime (pip install 'fedpeft[edge]')")
+            if fixed:
+                check_step_support(replace(train_cfg, engine="ort-plain"))
+            return ["ort-plain"] * workers
+        if self.engine == "auto" and not ort_available() and plain_ort_available() and fixed:
+            try:
+                check_step_support(replace(train_cfg, engine="ort-plain"))
+            except ConfigError:
+                return ["torch"] * workers
+            return ["ort-plain"] * workers
         # under allocation, the allocator gives ORT devices only what ORT trains
         supported = ort_available()
         if supported and self.allocation_mode == "fixed":
@@ -207,7 +227,7 @@ class SimulationConfig:
             return ["ort" if supported and self.allocation_mode == "fixed" else "torch"] * workers
         if not ort_available():
             raise ConfigError(
-                f"--engine {self.engine} needs onnxruntime-training (pip install 'fedpeft[edge]')"
+                f"--engine {self.engine} needs onnxruntime-training (pip install 'fedpeft[edge-training]')"
             )
         if self.allocation_mode == "fixed":
             check_ort_support(replace(train_cfg, engine="ort"))
@@ -496,9 +516,11 @@ class Simulation:
         )
         service.start()
         engines = cfg.worker_engines(train_cfg, workers)
-        artifacts: tuple[tuple[str, str], ...] = ()
-        if "ort" in engines:
-            artifacts = self._ort_artifacts(train_cfg, allocator, cores)
+        artifacts = {
+            engine: self._ort_artifacts(train_cfg, allocator, cores, engine)
+            for engine in sorted(set(engines))
+            if artifact_flavour(engine) is not None
+        }
         placed = self._place(devices, engines)
         ctx = mp.get_context("spawn")
         results: Any = ctx.Queue()
@@ -513,7 +535,7 @@ class Simulation:
                 threads=max(1, cores // workers),
                 max_message_bytes=cfg.max_message_bytes,
                 engine=engines[w],
-                artifacts=artifacts if engines[w] == "ort" else (),
+                artifacts=artifacts.get(engines[w], ()),
             )
             for w in range(workers)
         ]
@@ -571,27 +593,31 @@ class Simulation:
         return self._report(service, devices, stats, train_cfg, evaluator.total_params, wall_s, url)
 
     def _ort_artifacts(
-        self, train_cfg: TrainConfig, allocator: Allocator | None, cores: int
+        self, train_cfg: TrainConfig, allocator: Allocator | None, cores: int, engine: str
     ) -> tuple[tuple[str, str], ...]:
-        """Build (or find cached) ORT artifacts for every module an ORT device may be assigned."""
-        from broker_server.allocation import ort_trains
+        """Build (or find cached) the artifacts of ``engine``'s flavour for every module a device
+        on that ORT engine may be assigned."""
+        from broker_server.allocation import ORT_ENGINES
         from broker_server.artifacts import build_artifacts
         from sdk.fleet_worker import artifact_slot
 
+        flavour = artifact_flavour(engine)
+        assert flavour is not None, engine
         if allocator is None:
-            configs = [replace(train_cfg, engine="ort")]
+            configs = [replace(train_cfg, engine=engine)]
         else:
+            trains = ORT_ENGINES[engine]
             specs = {json.dumps(c.peft.to_dict(), sort_keys=True): c.peft for c in allocator.grid}
-            configs = [replace(train_cfg, peft=p, engine="ort") for p in specs.values() if ort_trains(p)]
+            configs = [replace(train_cfg, peft=p, engine=engine) for p in specs.values() if trains(p)]
         out = []
         for i, config in enumerate(configs, 1):
             print(
-                f"ONNX Runtime training artifacts {i}/{len(configs)}: {peft_key(config.peft)} "
+                f"ONNX Runtime artifacts ({flavour}) {i}/{len(configs)}: {peft_key(config.peft)} "
                 "(built once, then cached)",
                 file=sys.stderr,
                 flush=True,
             )
-            folder = build_artifacts(config, seed=self.config.seed, threads=cores).folder
+            folder = build_artifacts(config, seed=self.config.seed, threads=cores, flavour=flavour).folder
             out.append((artifact_slot(config), str(folder)))
         return tuple(out)
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from broker_server.allocation import (
     AllocationConfig,
+    Allocator,
     Candidate,
     CostEstimate,
     NoFeasibleConfig,
@@ -16,12 +17,15 @@ from broker_server.allocation import (
     bits_for_link,
     build_allocator,
     memory_cap_mb,
+    ort_predictor,
+    ort_trains,
     peft_key,
+    plain_ort_trains,
     prior_reward,
 )
 from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError
-from edge_runtime.peft_specs import AdapterSpec, LoraSpec, ModelDims
+from edge_runtime.peft_specs import AdapterSpec, LoraSpec, ModelDims, PromptSpec
 from hw_profiles import DeviceProfile, load_profile
 
 GRID = [Candidate(LoraSpec(rank=r, alpha=2.0 * r), b, 128) for r in (2, 4, 8, 16, 32) for b in (4, 16)]
@@ -187,3 +191,33 @@ def test_a_cap_its_operator_announced_bounds_a_device_below_its_ram() -> None:
     # a cap above what the RAM leaves changes nothing
     roomy = replace(high, extra={"mem_cap_mb": 10 * high.ram_mb})
     assert memory_cap_mb(roomy, cfg) == memory_cap_mb(high, cfg)
+
+
+def test_plain_onnx_runtime_devices_get_every_peft_kind_at_ort_costs() -> None:
+    """ort-plain trains LoRA, adapters and prompts (ort: LoRA only), with ORT's memory model."""
+    base = TrainConfig(peft=LoraSpec(rank=8), num_labels=20, seq_len=128, batch_size=16)
+    allocator = build_allocator("utility", base, MINILM)
+    assert allocator is not None
+    low = load_profile("low")
+    # where torch would give an adapter and ort must give LoRA, ort-plain keeps the adapter
+    torch_cfg, torch_alloc = allocator.assign(base, low, 150, engines=("torch",))
+    plain_cfg, plain_alloc = allocator.assign(base, low, 150, engines=("ort-plain", "torch"))
+    assert torch_cfg.peft.kind == "adapter" and plain_cfg.peft.kind == "adapter"
+    assert plain_cfg.engine == "ort-plain" and torch_cfg.engine == "torch"
+    assert plain_alloc.cost.memory_mb < torch_alloc.cost.memory_mb  # ORT's constants, not torch's
+    predict_ort = ort_predictor(MINILM, base.num_labels)
+    assert plain_alloc.cost == predict_ort(plain_alloc.candidate, low)
+    # a Pi Zero 2 W fits nothing on torch and something on ort-plain, within its cap
+    pi_zero = load_profile("pi-zero-2w")
+    cfg, alloc = allocator.assign(base, pi_zero, 150, engines=("ort-plain",))
+    assert cfg.engine == "ort-plain" and alloc.cost.memory_mb <= cfg.mem_cap_mb
+    # the candidates it may get: every kind, but no LoRA with dropout
+    assert {"lora", "adapter", "prompt"} <= {c.peft.kind for c in allocator.grid if plain_ort_trains(c.peft)}
+    assert not plain_ort_trains(LoraSpec(rank=4, dropout=0.1)) and plain_ort_trains(PromptSpec(length=8))
+    assert not ort_trains(AdapterSpec()) and not ort_trains(PromptSpec(length=8))
+    only_dropout = Allocator(
+        [Candidate(LoraSpec(rank=4, dropout=0.1), 8, 128)], predict_ort, predict_ort=predict_ort
+    )
+    with pytest.raises(NoFeasibleConfig, match="none of its engines"):
+        only_dropout.assign(base, low, 150, engines=("ort-plain",))
+    assert only_dropout.assign(base, low, 150, engines=("ort-plain", "torch"))[0].engine == "torch"

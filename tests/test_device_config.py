@@ -114,7 +114,7 @@ def test_bad_values_name_the_key_and_the_file(tmp_path: Path, edit: tuple[str, s
         ("max_samples = true", "edge.toml: key 'max_samples': expected a positive integer, got True"),
         ("seed = 1.5", "edge.toml: key 'seed': expected an integer, got 1.5"),
         ("resend_after = -1", "edge.toml: key 'resend_after': expected a non-negative number"),
-        ('engine = "gpu"', "edge.toml: key 'engine': expected one of auto, torch, ort, got 'gpu'"),
+        ('engine = "gpu"', "edge.toml: key 'engine': expected one of auto, torch, ort, ort-plain, got 'gpu'"),
         ('ca_file = "ca.crt"', "edge.toml: key 'ca_file': TLS files need an mqtts:// broker"),
         ('credentials = "c"\nbroker_user = 1', "edge.toml: unknown key 'broker_user'"),
         ("devise_id = 1\nmemory = 2", "edge.toml: unknown keys 'devise_id', 'memory'"),

@@ -76,3 +76,44 @@ def test_blocking_torch_reports_what_was_already_imported() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "blocked"]
+
+
+def test_ort_plain_workers_train_every_kind_and_auto_uses_it_without_onnxruntime_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edge_runtime.engines import ort_engine, ort_step_engine
+
+    adapter = TrainConfig(peft=AdapterSpec(), num_labels=3)
+    dropout = TrainConfig(peft=LoraSpec(rank=4, dropout=0.1), num_labels=3)
+    assert _sim(engine="ort-plain").worker_engines(adapter, 2) == ["ort-plain", "ort-plain"]
+    assert _sim(engine="ort-plain").worker_engines(LORA, 1) == ["ort-plain"]
+    with pytest.raises(ConfigError, match="dropout"):
+        _sim(engine="ort-plain").worker_engines(dropout, 2)
+    # under allocation the allocator keeps LoRA dropout off these devices: no refusal up front
+    mix = "low=0.5,high=0.5"
+    assert _sim(engine="ort-plain", profiles=mix).worker_engines(dropout, 2) == ["ort-plain"] * 2
+    # a host with plain onnxruntime only: auto takes ort-plain for one module it trains, else torch
+    monkeypatch.setattr(ort_engine, "ort_available", lambda: False)
+    assert _sim(engine="auto").worker_engines(adapter, 2) == ["ort-plain", "ort-plain"]
+    assert _sim(engine="auto").worker_engines(dropout, 2) == ["torch", "torch"]
+    assert _sim(engine="auto", profiles=mix).worker_engines(adapter, 2) == ["torch", "torch"]
+    with pytest.raises(ConfigError, match="onnxruntime-training"):
+        _sim(engine="ort").worker_engines(LORA, 2)
+    monkeypatch.setattr(ort_step_engine, "plain_ort_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"fedpeft\[edge\]"):
+        _sim(engine="ort-plain").worker_engines(LORA, 2)
+    assert _sim(engine="auto").worker_engines(adapter, 2) == ["torch", "torch"]
+
+
+def test_the_command_line_names_ort_plain_for_simulate_and_edge() -> None:
+    from sdk.cli import build_parser
+
+    edge = ["edge", "--broker", "mqtt://h:1", "--fleet", "f", "--device-id", "d", "--data", "x"]
+    for engine in ("auto", "torch", "ort", "ort-plain"):
+        assert build_parser().parse_args([*edge, "--engine", engine]).engine == engine
+    for engine in ("auto", "torch", "ort", "ort-plain", "mixed"):
+        args = build_parser().parse_args(["simulate", "--data", "x", "--engine", engine])
+        assert args.engine == engine
+        assert _sim(engine=engine).engine == engine
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*edge, "--engine", "mixed"])  # a device has one engine at a time

@@ -84,3 +84,25 @@ def test_the_accuracy_axis_holds_the_data_and_is_never_a_narrow_zoom(acc: list[f
     lo, hi = accuracy_limits(acc)
     assert 0.0 <= lo <= min(acc) and max(acc) <= hi <= 1.0
     assert hi - lo >= 0.3 - 1e-9
+
+
+@pytest.mark.parametrize(
+    "engine, runtime", [("ort", "onnxruntime-training"), ("ort-plain", "onnxruntime"), ("torch", None)]
+)
+def test_a_client_on_either_onnx_runtime_engine_reports_engine_ort_with_its_runtime(
+    engine: str, runtime: str | None
+) -> None:
+    base = _report()
+    report = build_report(
+        kind="simulate",
+        config=base["config"],
+        rounds=base["rounds"],
+        final=base["final"],
+        communication=base["communication"],
+        clients=[{**base["clients"][0], "engine": engine}],
+        rejected=[],
+    )
+    validate_report(report)  # the contract's engine enum is ort | torch
+    client = report["clients"][0]
+    assert client["engine"] == ("torch" if runtime is None else "ort")
+    assert client.get("ort_runtime") == runtime

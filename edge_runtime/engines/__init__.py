@@ -9,32 +9,54 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult, TrainingEngine, TrainResult
 from edge_runtime.errors import ConfigError
 
-__all__ = ["EvalResult", "TrainResult", "TrainingEngine", "create_engine", "device_engines"]
+__all__ = [
+    "ARTIFACT_FLAVOURS",
+    "EvalResult",
+    "TrainResult",
+    "TrainingEngine",
+    "artifact_flavour",
+    "create_engine",
+    "device_engines",
+]
 
-DEVICE_ENGINE_CHOICES = ("auto", "torch", "ort")
+DEVICE_ENGINE_CHOICES = ("auto", "torch", "ort", "ort-plain")
+# The engines that train from an artifact folder the server builds, and the flavour each needs
+# (broker_server.artifacts.build_artifacts): onnxruntime-training's graphs, or the step graph.
+ARTIFACT_FLAVOURS = {"ort": "training", "ort-plain": "step"}
+
+
+def artifact_flavour(engine: str) -> str | None:
+    """The artifact flavour engine ``engine`` trains from; None: it needs no artifacts (torch)."""
+    return ARTIFACT_FLAVOURS.get(engine)
 
 
 def device_engines(choice: str = "auto") -> tuple[str, ...]:
     """The engines this host trains with, in order of preference, as its hello lists them.
 
-    ``auto``: ONNX Runtime first where onnxruntime-training is installed, then torch where it is.
-    Checked with ``find_spec`` only, so an ORT device never imports torch.
+    ``auto``: ``ort`` (onnxruntime-training's API) where onnxruntime-training is installed, else
+    ``ort-plain`` (the step graph in plain onnxruntime) where any onnxruntime is, then torch where
+    it is. Checked with ``find_spec`` only, so an ORT device never imports torch.
     """
     from edge_runtime.engines.ort_engine import ort_available
+    from edge_runtime.engines.ort_step_engine import plain_ort_available
 
     if choice not in DEVICE_ENGINE_CHOICES:
         raise ConfigError(f"--engine must be one of {', '.join(DEVICE_ENGINE_CHOICES)}, got {choice!r}")
     has_ort = ort_available()
+    has_plain = plain_ort_available()
     has_torch = importlib.util.find_spec("torch") is not None
     if choice == "ort" and not has_ort:
-        raise ConfigError("--engine ort needs onnxruntime-training (pip install 'fedpeft[edge]')")
+        raise ConfigError("--engine ort needs onnxruntime-training (pip install 'fedpeft[edge-training]')")
+    if choice == "ort-plain" and not has_plain:
+        raise ConfigError("--engine ort-plain needs onnxruntime (pip install 'fedpeft[edge]')")
     if choice == "torch" and not has_torch:
         raise ConfigError("--engine torch needs torch, transformers and peft (pip install fedpeft)")
     if choice != "auto":
         return (choice,)
-    found = (("ort",) if has_ort else ()) + (("torch",) if has_torch else ())
+    ort = ("ort",) if has_ort else ("ort-plain",) if has_plain else ()
+    found = ort + (("torch",) if has_torch else ())
     if not found:
-        raise ConfigError("no training engine is installed: install onnxruntime-training or torch")
+        raise ConfigError("no training engine is installed: install onnxruntime or torch")
     return found
 
 
@@ -47,8 +69,8 @@ def create_engine(
 ) -> TrainingEngine:
     """The engine named in ``config.engine``; torch is imported only when it is the torch engine.
 
-    The ORT engine needs the folder of training artifacts built for ``config``
-    (:func:`broker_server.artifacts.build_artifacts`).
+    The ORT engines need the folder of artifacts built for ``config``
+    (:func:`broker_server.artifacts.build_artifacts`; flavour ``step`` for ``ort-plain``).
     """
     if config.engine == "torch":
         from edge_runtime.engines.torch_engine import TorchEngine
@@ -62,4 +84,13 @@ def create_engine(
         from edge_runtime.engines.ort_engine import OrtEngine
 
         return OrtEngine(config, artifacts=artifacts, seed=seed, threads=threads)
+    if config.engine == "ort-plain":
+        if artifacts is None:
+            raise ConfigError(
+                "the plain ORT engine needs its step graph "
+                "(broker_server.artifacts.build_artifacts(config, flavour='step'))"
+            )
+        from edge_runtime.engines.ort_step_engine import OrtStepEngine
+
+        return OrtStepEngine(config, artifacts=artifacts, seed=seed, threads=threads)
     raise ConfigError(f"engine {config.engine!r} is not available in this build")

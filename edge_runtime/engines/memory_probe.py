@@ -85,9 +85,10 @@ def measure_training(
 ) -> TrainingMeasurement:
     """Train ``steps`` steps of ``config`` (batch and length overridable) in a fresh process.
 
-    With ``config.engine == "ort"``, ``artifacts`` is the folder from
+    With ``config.engine`` ``ort`` or ``ort-plain``, ``artifacts`` is the folder from
     :func:`broker_server.artifacts.build_artifacts`, and the child makes torch, transformers and
-    peft unimportable first, as on a device that has only the ``edge`` extra.
+    peft unimportable first, as on a device that has only the ``edge`` extra (for ``ort-plain``
+    ``onnxruntime.training`` too, as on a device with plain onnxruntime).
     """
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
@@ -108,7 +109,7 @@ def measure_training(
     ]
     if threads:
         cmd += ["--threads", str(threads)]
-    if config.engine == "ort":
+    if config.engine in ("ort", "ort-plain"):
         if artifacts is None:
             raise ConfigError("measuring the ORT engine needs its artifact folder")
         cmd += ["--artifacts", str(artifacts)]
@@ -142,6 +143,10 @@ def _probe(
         from edge_runtime.engines.ort_engine import OrtEngine
 
         engine = OrtEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
+    elif config.engine == "ort-plain":
+        from edge_runtime.engines.ort_step_engine import OrtStepEngine
+
+        engine = OrtStepEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
     else:
         from edge_runtime.engines.torch_engine import TorchEngine
 
@@ -176,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TrainConfig as JSON")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--artifacts", default=None, help="ORT artifact folder (engine ort)")
+    parser.add_argument("--artifacts", default=None, help="ORT artifact folder (engines ort, ort-plain)")
     args = parser.parse_args(argv)
     config = TrainConfig.from_dict(json.loads(args.config))
-    if config.engine == "ort":  # as on a device with the edge extra only
-        for name in ("torch", "transformers", "peft"):
+    if config.engine in ("ort", "ort-plain"):  # as on a device with the edge extra only
+        blocked: tuple[str, ...] = ("torch", "transformers", "peft")
+        if config.engine == "ort-plain":  # and with plain onnxruntime, not onnxruntime-training
+            blocked += ("onnxruntime.training",)
+        for name in blocked:
             sys.modules[name] = None  # type: ignore[assignment]
     result = _probe(config, args.steps, args.threads, args.artifacts)
     print(json.dumps(result.__dict__))

@@ -52,6 +52,7 @@ import numpy as np
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
+from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
 from edge_runtime.peft_specs import LoraSpec
@@ -62,11 +63,6 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "labels")
 OUTPUT_NAMES = ("loss", "logits", "features")
-
-# torch.optim.AdamW's defaults and the torch engine's clipping norm
-_BETAS = (0.9, 0.999)
-_EPS = 1e-8
-_CLIP_NORM = 1.0
 
 
 def check_ort_support(config: TrainConfig) -> None:
@@ -117,13 +113,15 @@ def ort_available() -> bool:
     )
 
 
-def block_torch() -> list[str]:
-    """Make torch, transformers and peft unimportable, as on a device with the edge extra only.
+def block_torch(*, plain_ort: bool = False) -> list[str]:
+    """Make torch, transformers and peft unimportable, as on a device with the edge extra only;
+    with ``plain_ort``, ``onnxruntime.training`` too, as on a device with plain onnxruntime.
 
     Returns those that were already imported (and so cannot be blocked any more).
     """
-    loaded = [n for n in ("torch", "transformers", "peft") if sys.modules.get(n) is not None]
-    for name in ("torch", "transformers", "peft"):
+    names = ("torch", "transformers", "peft") + (("onnxruntime.training",) if plain_ort else ())
+    loaded = [n for n in names if sys.modules.get(n) is not None]
+    for name in names:
         if name not in loaded:
             sys.modules[name] = None  # type: ignore[assignment]
     return loaded
@@ -201,6 +199,8 @@ class OrtEngine:
         self.seed = seed
         folder = Path(artifacts)
         manifest = load_manifest(folder)
+        if manifest.get("flavour", "training") != "training":
+            raise ConfigError(f"{folder} holds a step graph for plain onnxruntime, not training artifacts")
         for field_name, expected in (
             ("peft", config.peft.to_dict()),
             ("num_labels", config.num_labels),
@@ -375,24 +375,10 @@ class OrtEngine:
         rates: dict[str, float],
         t: int,
     ) -> None:
-        """torch's ``clip_grad_norm_(.., 1.0)`` then ``AdamW`` step ``t``, in float32 like torch."""
-        norm = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
-        coef = min(1.0, _CLIP_NORM / (norm + 1e-6))
-        b1, b2 = _BETAS
-        correction1 = 1.0 - b1**t
-        correction2_sqrt = math.sqrt(1.0 - b2**t)
-        decay = self.config.weight_decay
-        for name, grad in grads.items():
-            g = grad * np.float32(coef) if coef < 1.0 else grad
-            p = self._values[name].copy()
-            rate = rates[name]
-            if decay:
-                p *= np.float32(1.0 - rate * decay)
-            m[name] = m[name] * np.float32(b1) + g * np.float32(1.0 - b1)
-            v[name] = v[name] * np.float32(b2) + (g * g) * np.float32(1.0 - b2)
-            denom = np.sqrt(v[name]) / np.float32(correction2_sqrt) + np.float32(_EPS)
-            p -= np.float32(rate / correction1) * m[name] / denom
-            self._set(name, p)
+        """torch's ``clip_grad_norm_(.., 1.0)`` then ``AdamW`` step ``t`` (:func:`adamw_step`)."""
+        stepped = adamw_step(self._values, grads, m, v, rates, t, self.config.weight_decay)
+        for name, value in stepped.items():
+            self._set(name, value)
 
     def _outputs(self, data: TextDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Logits and pooled features of ``data`` from the eval graph, in ``data``'s order."""
