@@ -19,8 +19,9 @@ transformers or peft: everything model-specific comes in one self-contained fold
 
 The folder also holds the tokenizer (``tokenizer.json``, read on the device by the ``tokenizers``
 package or, without it, by the built-in :class:`~edge_runtime.wordpiece.WordPieceTokenizer`) and
-``manifest.json``: which configuration it was built for, and the map from each trainable ONNX initializer to its engine-neutral name (the names of
-:meth:`TorchEngine.trainable_state`, so both engines speak the same wire format).
+``manifest.json``: which configuration it was built for, and the map from each trainable ONNX
+initializer to its engine-neutral name (the names of :meth:`TorchEngine.trainable_state`, so both
+engines speak the same wire format).
 
 A second flavour, ``step`` (``build_artifacts(config, flavour="step")``), is for devices with
 plain ``onnxruntime`` only (:class:`edge_runtime.engines.ort_step_engine.OrtStepEngine`): one

@@ -4,12 +4,12 @@ Everything model-specific arrives in one artifact folder built on the server by
 ``broker_server.artifacts.build_artifacts`` (training and eval graphs, checkpoint, optimizer graph,
 ``tokenizer.json`` and ``manifest.json``). This module imports numpy, the device tokenizer
 (:mod:`edge_runtime.tokenizer`: ``tokenizers`` if installed) and the ONNX Runtime training API
-only. ``import onnxruntime.training`` would import torch (its ``optim`` and ``amp`` subpackages do), so :func:`_training_api` loads the ``onnxruntime.training.api``
-modules without running that package's ``__init__`` (on an install without torch, the public
-``from onnxruntime.training.api import Module`` fails for that reason). Where torch *is*
-installed, the onnxruntime-training extension module itself imports it on ``import onnxruntime``
-(for its ORTModule bindings); nothing here does, and the tests run this engine with torch,
-transformers and peft made unimportable.
+only. ``import onnxruntime.training`` would import torch (its ``optim`` and ``amp`` subpackages
+do), so :func:`_training_api` loads the ``onnxruntime.training.api`` modules without running that
+package's ``__init__`` (on an install without torch, the public ``from onnxruntime.training.api
+import Module`` fails for that reason). Where torch *is* installed, the onnxruntime-training
+extension module itself imports it on ``import onnxruntime`` (for its ORTModule bindings); nothing
+here does, and the tests run this engine with torch, transformers and peft made unimportable.
 
 What matches the torch engine, and what does not:
 
