@@ -11,7 +11,6 @@ tests and for checking a device install; the default ``auto`` prefers ``tokenize
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,11 @@ def chosen_backend(backend: str | None = None) -> str:
             f"tokenizer backend {choice!r} is not one of {', '.join(BACKENDS)} (from ${BACKEND_ENV}?)"
         )
     if choice == "auto":
-        return "tokenizers" if importlib.util.find_spec("tokenizers") is not None else "wordpiece"
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            return "wordpiece"
+        return "tokenizers"
     return choice
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import unicodedata
 from collections.abc import Iterable
+from typing import Any
 from pathlib import Path
 
 import tokenizers
@@ -57,8 +58,8 @@ def ranges(points: Iterable[int]) -> list[tuple[int, int]]:
     return result
 
 
-def main() -> None:
-    """Probe every class and write the module."""
+def measure() -> dict[str, Any]:
+    """Every class the pure-Python tokenizer needs, probed from the installed ``tokenizers``."""
     points = code_points()
     bert = normalizers.BertNormalizer
     clean = normalize_each(
@@ -97,9 +98,23 @@ def main() -> None:
             kept = "" if c in marks else chr(c)
             assert strip[c] == kept, (hex(c), strip[c], python)
             nfd_kept.append(c)
+    return {
+        "CLEAN_REMOVED": ranges(removed),
+        "CLEAN_TO_SPACE": ranges(to_space),
+        "SPLIT_WHITESPACE": ranges(whitespace),
+        "PUNCTUATION": ranges(punctuation),
+        "NONSPACING_MARKS": ranges(marks),
+        "NFD_KEPT": tuple(nfd_kept),
+        "LOWERCASE": lowercase,
+    }
 
-    def table(name: str, comment: str, points_: Iterable[int]) -> str:
-        rows = ", ".join(f"(0x{a:04X}, 0x{b:04X})" for a, b in ranges(points_))
+
+def main() -> None:
+    """Probe every class and write the module."""
+    found = measure()
+
+    def table(name: str, comment: str) -> str:
+        rows = ", ".join(f"(0x{a:04X}, 0x{b:04X})" for a, b in found[name])
         return f"# {comment}\n{name}: tuple[tuple[int, int], ...] = ({rows},)\n"
 
     lines = [
@@ -120,33 +135,27 @@ def main() -> None:
         table(
             "CLEAN_REMOVED",
             "clean_text drops these (Rust's is_other minus tab, LF, CR; NUL, U+FFFD)",
-            removed,
         ),
-        table("CLEAN_TO_SPACE", "clean_text turns these into a space", to_space),
+        table("CLEAN_TO_SPACE", "clean_text turns these into a space"),
         table(
             "SPLIT_WHITESPACE",
             "the pre-tokenizer splits on these and drops them (Rust's char::is_whitespace)",
-            whitespace,
         ),
         table(
             "PUNCTUATION",
             "the pre-tokenizer isolates these (ASCII punctuation and unicode_categories' P*)",
-            punctuation,
         ),
-        table("NONSPACING_MARKS", "strip_accents drops these after NFD (unicode_categories' Mn)", marks),
+        table("NONSPACING_MARKS", "strip_accents drops these after NFD (unicode_categories' Mn)"),
         "# Python's NFD decomposes these, tokenizers' does not",
-        f"NFD_KEPT: tuple[int, ...] = ({', '.join(f'0x{c:04X}' for c in nfd_kept)},)",
+        f"NFD_KEPT: tuple[int, ...] = ({', '.join(f'0x{c:04X}' for c in found['NFD_KEPT'])},)",
         "# lowercase maps each of these code points to this string (Rust's char::to_lowercase)",
         "LOWERCASE: dict[int, str] = {"
-        + ", ".join(f"0x{c:04X}: {s!a}" for c, s in sorted(lowercase.items()))
+        + ", ".join(f"0x{c:04X}: {s!a}" for c, s in sorted(found["LOWERCASE"].items()))
         + "}",
         "",
     ]
     OUT.write_text("\n".join(lines), encoding="utf-8")
-    print(
-        f"wrote {OUT}: {len(removed)} removed, {len(punctuation)} punctuation, {len(marks)} marks, "
-        f"{len(lowercase)} lowercase, {len(nfd_kept)} NFD kept"
-    )
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":
