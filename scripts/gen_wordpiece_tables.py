@@ -17,8 +17,8 @@ from __future__ import annotations
 import sys
 import unicodedata
 from collections.abc import Iterable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import normalizers, pre_tokenizers
