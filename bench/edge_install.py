@@ -7,7 +7,9 @@ the device side there: which engines ``--engine auto`` offers, that torch and on
 are absent, and that the plain-onnxruntime engine trains: a step graph of a tiny model (built by
 this interpreter, which has torch) trains one epoch in the edge venv and, for comparison, here
 with onnxruntime-training's runtime; the report holds both losses and the largest difference of
-the trained tensors. Target: at most 150 MB installed.
+the trained tensors. The edge extra has no ``tokenizers``, so the edge venv tokenizes with the
+built-in WordPiece; the report says which tokenizer ran on each side and whether the ids of the
+training texts and a few harder samples agree. Target: at most 150 MB installed.
 
     .venv/bin/python bench/edge_install.py --out bench/results/edge_install
 """
@@ -53,26 +55,41 @@ print(json.dumps({
     "python": sys.version.split()[0],
     "onnxruntime": onnxruntime.__version__,
     "auto_engines": list(device_engines("auto")),
-    "absent": [n for n in ("torch", "transformers", "peft") if importlib.util.find_spec(n) is None]
+    "absent": [n for n in ("torch", "transformers", "peft", "tokenizers")
+               if importlib.util.find_spec(n) is None]
         + (["onnxruntime.training"] if importlib.util.find_spec("onnxruntime.training") is None else []),
 }))
 """
 
 TRAIN = r"""
-import json, sys
+import hashlib, json, sys
+from pathlib import Path
 import numpy as np
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import load_folder
 from edge_runtime.engines.ort_step_engine import OrtStepEngine
+from edge_runtime.tokenizer import chosen_backend, load_tokenizer
 config = TrainConfig.from_dict(json.loads(sys.argv[1]))
 train, test = load_folder(sys.argv[3])
 engine = OrtStepEngine(config, artifacts=sys.argv[2], seed=0, threads=1)
 result = engine.train(train, epochs=1, seed=3)
 np.savez(sys.argv[4], **engine.trainable_state())
 import onnxruntime
+tokenizer = load_tokenizer(Path(sys.argv[2]) / "tokenizer.json", 128)
+ids = tokenizer.encode_batch(list(train.texts) + json.loads(sys.argv[5]))
 print(json.dumps({"loss": result.loss, "steps": result.steps, "onnxruntime": onnxruntime.__version__,
-                  "eval_loss": engine.evaluate(test).loss}))
+                  "eval_loss": engine.evaluate(test).loss, "tokenizer": chosen_backend(),
+                  "token_ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}))
 """
+# tokenized in both venvs besides the training texts: accents, CJK, control characters, emoji, an
+# added token, a word over max_input_chars_per_word
+TOKENIZER_SAMPLES = [
+    "Héllo, WÖRLD! naïve café",
+    "中文字符 and 日本語 [MASK] tokens",
+    "tab\there\x00nul\u200bzero-width \u00adsoft hyphen",
+    "emoji 🥰👍🏽 «quotes» — dash…",
+    "x" * 120,
+]
 
 
 # the edge venv must see only what it installed, not this checkout through PYTHONPATH
@@ -157,9 +174,12 @@ def _train_both(edge_python: str) -> dict[str, object]:
         )
         folder = build_artifacts(config, seed=0, cache_dir=root / "cache", flavour="step").folder
         argv = [json.dumps(config.to_dict()), str(folder), str(data)]
-        edge = json.loads(_run([edge_python, "-c", TRAIN, *argv, str(root / "edge.npz")]))
+        samples = json.dumps(TOKENIZER_SAMPLES)
+        edge = json.loads(_run([edge_python, "-c", TRAIN, *argv, str(root / "edge.npz"), samples]))
         here = json.loads(
-            _run([sys.executable, "-c", TRAIN, *argv, str(root / "here.npz")], cwd=str(ROOT), env=None)
+            _run(
+                [sys.executable, "-c", TRAIN, *argv, str(root / "here.npz"), samples], cwd=str(ROOT), env=None
+            )
         )
         with np.load(root / "edge.npz") as a, np.load(root / "here.npz") as b:
             gap = max(float(np.max(np.abs(a[n] - b[n]))) for n in a.files)
@@ -168,6 +188,8 @@ def _train_both(edge_python: str) -> dict[str, object]:
         "edge_venv": edge,
         "reference": here,
         "max_abs_diff_trained": gap,
+        # the edge venv has no tokenizers: the built-in WordPiece there, tokenizers here, same ids
+        "same_token_ids": edge["token_ids_sha256"] == here["token_ids_sha256"],
     }
 
 

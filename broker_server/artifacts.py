@@ -17,10 +17,11 @@ transformers or peft: everything model-specific comes in one self-contained fold
   AdamW optimizer models and the checkpoint (trainable = the PEFT module and the head, frozen =
   every other initializer).
 
-The folder also holds the tokenizer (``tokenizer.json``, read by the ``tokenizers`` package on the
-device) and ``manifest.json``: which configuration it was built for, and the map from each
-trainable ONNX initializer to its engine-neutral name (the names of
-:meth:`TorchEngine.trainable_state`, so both engines speak the same wire format).
+The folder also holds the tokenizer (``tokenizer.json``, read on the device by the ``tokenizers``
+package or, without it, by the built-in :class:`~edge_runtime.wordpiece.WordPieceTokenizer`) and
+``manifest.json``: which configuration it was built for, and the map from each trainable ONNX
+initializer to its engine-neutral name (the names of :meth:`TorchEngine.trainable_state`, so both
+engines speak the same wire format).
 
 A second flavour, ``step`` (``build_artifacts(config, flavour="step")``), is for devices with
 plain ``onnxruntime`` only (:class:`edge_runtime.engines.ort_step_engine.OrtStepEngine`): one
@@ -114,7 +115,7 @@ class ArtifactPaths:
 
     @property
     def tokenizer(self) -> Path:
-        """The model's tokenizer for the ``tokenizers`` package."""
+        """The model's tokenizer (``tokenizer.json``, Hugging Face tokenizers' format)."""
         return self.folder / TOKENIZER_NAME
 
     @property

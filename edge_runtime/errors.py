@@ -11,7 +11,8 @@ that reaches the log and the run report.
     ├── DataFormatError             a malformed data file (names the file and the line)
     ├── TransportError              the broker cannot be reached or refused us
     ├── EngineError                 a training engine cannot load or run a module
-    │   └── MemoryCapExceeded       training would not fit (or did not fit) under the memory cap
+    │   ├── MemoryCapExceeded       training would not fit (or did not fit) under the memory cap
+    │   └── UnsupportedTokenizer    a tokenizer.json the built-in tokenizer cannot run (install tokenizers)
     └── UpdateRejected              a payload failed a check; ``reason`` says which
         ├── PayloadTooLarge         larger than the size limit, rejected before parsing
         ├── MalformedPayload        bad magic, truncated, inconsistent table, bad hash
@@ -56,6 +57,10 @@ class EngineError(FedPeftError, RuntimeError):
 
 class MemoryCapExceeded(EngineError):
     """Training would not fit, or did not fit, under the device's memory cap."""
+
+
+class UnsupportedTokenizer(EngineError):
+    """A ``tokenizer.json`` uses a part the built-in WordPiece tokenizer does not implement."""
 
 
 class UpdateRejected(FedPeftError):

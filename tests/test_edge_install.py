@@ -3,7 +3,9 @@
 The extras are read from this checkout's pyproject.toml (not from the installed metadata, which
 may be another checkout's editable install), with their markers evaluated for the target machine:
 
-- ``edge``: plain onnxruntime (engine ort-plain) and tokenizers; it resolves to binary wheels
+- ``edge``: plain onnxruntime (engine ort-plain) and no tokenizers (the built-in WordPiece
+  tokenizer reads the BERT-family ``tokenizer.json``, ``tests/test_wordpiece.py``, and keeps the
+  Hugging Face Hub stack that tokenizers pulls in off the device); it resolves to binary wheels
   only for Linux aarch64 (Raspberry Pi OS, glibc 2.36) on CPython 3.11 and 3.13, checked with
   pip's resolver against the package registry (skipped, with the reason, where it is unreachable).
 - ``edge-training``: onnxruntime-training on x86_64 with CPython <= 3.11 (engine ort), nothing
@@ -88,7 +90,8 @@ def test_the_edge_extra_pulls_no_torch_and_brings_onnx_runtime_training() -> Non
     # (named before the edge extra moved to plain onnxruntime; edge-training has onnxruntime-training)
     edge = _requirements("edge")
     assert not edge & HEAVY, edge & HEAVY
-    assert {"onnxruntime", "tokenizers", "paho-mqtt", "numpy"} <= edge
+    assert {"onnxruntime", "paho-mqtt", "numpy"} <= edge
+    assert not edge & {"tokenizers", "huggingface-hub"}  # ~35 MB installed: the built-in tokenizer runs
     assert "onnxruntime-training" not in edge  # both provide the onnxruntime module; they would clash
     training = _requirements("edge-training")
     assert {"onnxruntime-training", "tokenizers"} <= training and "onnxruntime" not in training
@@ -134,8 +137,9 @@ def test_the_edge_extra_resolves_to_wheels_for_linux_aarch64(python: str, tmp_pa
         i["metadata"]["name"].lower(): i["download_info"]["url"].rsplit("/", 1)[-1]
         for i in json.loads(report.read_text())["install"]
     }
-    assert {"onnxruntime", "tokenizers", "numpy", "paho-mqtt", "psutil", "tqdm"} <= set(installed)
-    assert not set(installed) & (HEAVY | {"onnxruntime-training"}), sorted(installed)
+    assert {"onnxruntime", "numpy", "paho-mqtt", "psutil", "tqdm"} <= set(installed)
+    unwanted = HEAVY | {"onnxruntime-training", "tokenizers", "huggingface-hub"}
+    assert not set(installed) & unwanted, sorted(installed)
     pins = {
         r.name.lower(): r.specifier for r in _install_requirements("edge", _environment("aarch64", python))
     }

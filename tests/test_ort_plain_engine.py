@@ -184,8 +184,9 @@ def test_folders_are_keyed_by_flavour_and_checked(tiny: Tiny) -> None:
 
 def test_the_engine_trains_with_plain_onnxruntime_only(tiny: Tiny) -> None:
     folders = {kind: str(_artifacts(tiny, kind).folder) for kind in KINDS}
-    blocked = ("torch", "transformers", "peft", "onnxruntime.training")
-    # None in sys.modules makes an import fail, as on a Raspberry Pi with plain onnxruntime
+    blocked = ("torch", "transformers", "peft", "onnxruntime.training", "tokenizers")
+    # None in sys.modules makes an import fail, as on a Raspberry Pi with plain onnxruntime (the
+    # edge extra has no tokenizers either: the built-in WordPiece tokenizes)
     script = textwrap.dedent(
         f"""
         import json, sys
@@ -205,6 +206,7 @@ def test_the_engine_trains_with_plain_onnxruntime_only(tiny: Tiny) -> None:
                               head_lr=5e-2, peft=spec_from_dict(specs[kind]), engine="ort-plain", prox_mu=0.1)
             engine = create_engine(cfg, artifacts=folder, threads=1)
             assert isinstance(engine, OrtStepEngine), type(engine)
+            assert engine._tokenizer.backend == "wordpiece", engine._tokenizer.backend
             before = engine.evaluate(train).loss
             engine.train(train, epochs=2, seed=0)
             after = engine.evaluate(train).loss

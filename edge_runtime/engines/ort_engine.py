@@ -2,14 +2,14 @@
 
 Everything model-specific arrives in one artifact folder built on the server by
 ``broker_server.artifacts.build_artifacts`` (training and eval graphs, checkpoint, optimizer graph,
-``tokenizer.json`` and ``manifest.json``). This module imports numpy, ``tokenizers`` and the
-ONNX Runtime training API only. ``import onnxruntime.training`` would import torch (its ``optim``
-and ``amp`` subpackages do), so :func:`_training_api` loads the ``onnxruntime.training.api``
-modules without running that package's ``__init__`` (on an install without torch, the public
-``from onnxruntime.training.api import Module`` fails for that reason). Where torch *is*
-installed, the onnxruntime-training extension module itself imports it on ``import onnxruntime``
-(for its ORTModule bindings); nothing here does, and the tests run this engine with torch,
-transformers and peft made unimportable.
+``tokenizer.json`` and ``manifest.json``). This module imports numpy, the device tokenizer
+(:mod:`edge_runtime.tokenizer`: ``tokenizers`` if installed) and the ONNX Runtime training API
+only. ``import onnxruntime.training`` would import torch (its ``optim`` and ``amp`` subpackages
+do), so :func:`_training_api` loads the ``onnxruntime.training.api`` modules without running that
+package's ``__init__`` (on an install without torch, the public ``from onnxruntime.training.api
+import Module`` fails for that reason). Where torch *is* installed, the onnxruntime-training
+extension module itself imports it on ``import onnxruntime`` (for its ORTModule bindings); nothing
+here does, and the tests run this engine with torch, transformers and peft made unimportable.
 
 What matches the torch engine, and what does not:
 
@@ -56,6 +56,7 @@ from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
 from edge_runtime.peft_specs import LoraSpec
+from edge_runtime.tokenizer import load_tokenizer
 
 ARTIFACT_FORMAT = 1
 """Version of the artifact folder layout and manifest; bumped when either changes."""
@@ -217,12 +218,11 @@ class OrtEngine:
         self._onnx_names: dict[str, str] = {t["name"]: t["onnx"] for t in manifest["trainable"]}
         shapes = {t["name"]: tuple(int(d) for d in t["shape"]) for t in manifest["trainable"]}
 
+        self._tokenizer = load_tokenizer(folder / TOKENIZER_NAME, config.seq_len)
         import onnxruntime
-        from tokenizers import Tokenizer
 
         checkpoint_state_cls, module_cls = _training_api()
         try:
-            self._tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_NAME))
             self._state = checkpoint_state_cls.load_checkpoint(str(folder / "checkpoint"))
             options = onnxruntime.SessionOptions()
             options.enable_cpu_mem_arena = False  # the arena would keep its high-water mark for good
@@ -238,8 +238,6 @@ class OrtEngine:
             )
         except Exception as exc:  # ORT raises its own runtime errors; all mean the same here
             raise EngineError(f"cannot load ORT artifacts from {folder}: {exc}") from None
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=config.seq_len)
         params = self._state.parameters
         self._values: dict[str, np.ndarray] = {}
         for name, onnx_name in self._onnx_names.items():
@@ -287,7 +285,7 @@ class OrtEngine:
         cached = self._token_cache.get(id(data))
         if cached is not None and cached[0] is data:
             return cached[1]
-        ids = [list(e.ids) for e in self._tokenizer.encode_batch(list(data.texts))]
+        ids = self._tokenizer.encode_batch(data.texts)
         if len(self._token_cache) > 64:
             self._token_cache.clear()
         self._token_cache[id(data)] = (data, ids)

@@ -1,7 +1,8 @@
 """The plain ONNX Runtime training engine: one step graph run for inference, AdamW in numpy.
 
 For devices where onnxruntime-training cannot be installed (its wheels are x86_64 and Python <=
-3.11 only; a Raspberry Pi is aarch64). This module imports numpy, ``tokenizers`` and plain
+3.11 only; a Raspberry Pi is aarch64). This module imports numpy, the device tokenizer
+(:mod:`edge_runtime.tokenizer`: ``tokenizers`` if installed, else the built-in WordPiece) and plain
 ``onnxruntime`` only; the tests run it with torch, transformers, peft and
 ``onnxruntime.training`` made unimportable.
 
@@ -43,6 +44,7 @@ from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro
 from edge_runtime.engines.ort_engine import TOKENIZER_NAME, load_manifest, use_lean_allocator
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec
+from edge_runtime.tokenizer import load_tokenizer
 
 STEP_INPUTS = ("input_ids", "attention_mask", "labels")
 STEP_OUTPUTS = ("loss", "logits", "features")
@@ -118,11 +120,10 @@ class OrtStepEngine:
         shapes = {t["name"]: tuple(int(d) for d in t["shape"]) for t in manifest["trainable"]}
         self._grad_names = {t["name"]: t["grad"] for t in manifest["trainable"]}
 
+        self._tokenizer = load_tokenizer(folder / TOKENIZER_NAME, config.seq_len)
         import onnxruntime
-        from tokenizers import Tokenizer
 
         try:
-            self._tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_NAME))
             options = onnxruntime.SessionOptions()
             options.enable_cpu_mem_arena = False  # the arena would keep its high-water mark for good
             if threads:
@@ -137,8 +138,6 @@ class OrtStepEngine:
             raise EngineError(f"{folder / INITIAL_STATE_NAME} has no tensor {exc}") from None
         except Exception as exc:  # ORT raises its own runtime errors; all mean the same here
             raise EngineError(f"cannot load the ORT step graph from {folder}: {exc}") from None
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=config.seq_len)
         for name, value in values.items():
             if value.shape != shapes[name]:
                 raise EngineError(f"initial value of {name} has shape {value.shape}, not {shapes[name]}")
@@ -180,7 +179,7 @@ class OrtStepEngine:
         cached = self._token_cache.get(id(data))
         if cached is not None and cached[0] is data:
             return cached[1]
-        ids = [list(e.ids) for e in self._tokenizer.encode_batch(list(data.texts))]
+        ids = self._tokenizer.encode_batch(data.texts)
         if len(self._token_cache) > 64:
             self._token_cache.clear()
         self._token_cache[id(data)] = (data, ids)
