@@ -328,12 +328,17 @@ def test_an_ort_device_fetches_its_artifacts_and_trains(
 
 def test_edge_command_takes_engine_and_artifacts_cache() -> None:
     from sdk.cli import build_parser
+    from sdk.commands import edge_config
 
+    # the flags default to None so that a --config file can supply them; the device's settings
+    # (flags over file over defaults) are what the agent runs with
     base = ["edge", "--broker", "mqtt://h:1883", "--fleet", "f", "--device-id", "d", "--data", "x"]
-    args = build_parser().parse_args(base)
-    assert args.engine == "auto" and args.artifacts_cache is None
-    args = build_parser().parse_args([*base, "--engine", "ort", "--artifacts-cache", "/tmp/c"])
-    assert args.engine == "ort" and args.artifacts_cache == "/tmp/c"
+    settings = edge_config(build_parser().parse_args(base))
+    assert settings.engine == "auto" and settings.artifacts_cache is None
+    settings = edge_config(
+        build_parser().parse_args([*base, "--engine", "ort", "--artifacts-cache", "/tmp/c"])
+    )
+    assert settings.engine == "ort" and str(settings.artifacts_cache) == "/tmp/c"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--engine", "tflite"])
 
