@@ -24,12 +24,10 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -325,30 +323,41 @@ def start_mosquitto(folder: Path, binary: str) -> tuple[subprocess.Popen[bytes],
     raise Blocked(f"mosquitto did not listen on {port}: {(folder / 'mosquitto.log').read_text()[-2000:]}")
 
 
-def wait_with_rusage(proc: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
-    """Wait for ``proc``; its exit code and peak RSS in MiB (the qemu process: guest plus emulator)."""
-    result: dict[str, Any] = {}
+def wait_with_peak(proc: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
+    """Wait for ``proc``; its exit code and the largest VmHWM of its image, in MiB.
 
-    def waiter() -> None:
-        _, status, usage = os.wait4(proc.pid, 0)
-        result["rc"] = os.waitstatus_to_exitcode(status)
-        result["maxrss_mb"] = usage.ru_maxrss / 1024.0  # KiB on Linux
-
-    thread = threading.Thread(target=waiter, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        proc.kill()
-        thread.join(10)
-        raise Blocked(f"the device did not finish within {timeout:.0f} s")
-    proc.returncode = result["rc"]
-    return result["rc"], result["maxrss_mb"]
+    VmHWM is the resident high-water mark of the process's current memory map, which exec
+    starts afresh; under emulation the process is qemu, so it counts the guest and the emulator.
+    (``ru_maxrss`` from wait4 is no use here: exec keeps the forking parent's high-water mark.)
+    Sampled every 0.1 s, so a peak in the last 0.1 s before exit can be missed.
+    """
+    status = Path(f"/proc/{proc.pid}/status")
+    peak_kib = 0
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            raise Blocked(f"the device did not finish within {timeout:.0f} s")
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kib = max(peak_kib, int(line.split()[1]))
+        except (OSError, ValueError, IndexError):
+            pass  # exiting between poll() and the read
+        time.sleep(0.1)
+    return int(proc.returncode), peak_kib / 1024.0
 
 
 def federate(
-    root: Path, cpu: str, tools: dict[str, str], work: Path, args: argparse.Namespace
+    root: Path, cpu: str, tools: dict[str, str], work: Path, args: argparse.Namespace, native: bool = False
 ) -> dict[str, Any]:
-    """Mosquitto and ``fedpeft serve`` on the host, ``fedpeft edge`` in the arm64 root, two rounds."""
+    """Mosquitto and ``fedpeft serve`` on the host, ``fedpeft edge`` in the arm64 root, two rounds.
+
+    ``native``: the same federation with the device on the host (x86_64, this checkout, engine
+    ort-plain on this interpreter's onnxruntime), the baseline that the emulation's slowdown is
+    measured against.
+    """
     sys.path.insert(0, str(ROOT))
     from tests.tiny_model import make_tiny_bert
 
@@ -357,8 +366,7 @@ def federate(
     shutil.rmtree(model, ignore_errors=True)
     make_tiny_bert(model, hidden=32, layers=2)
     data = write_data(guest / "data", per_class_train=args.per_class, per_class_test=args.per_class // 2)
-    for name in ("edge-state", "state"):
-        shutil.rmtree(guest / name, ignore_errors=True)
+    shutil.rmtree(guest / "edge-state", ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     broker, port = start_mosquitto(work / "mosquitto", tools["mosquitto"])
@@ -420,6 +428,11 @@ def federate(
         "--resend-after",
         "120",
     ]
+    if native:  # same flags, host paths, and ort-plain named: auto would pick onnxruntime-training here
+        edge_cmd = [sys.executable, "-m", "sdk.cli", *edge_cmd[1:]]
+        edge_cmd[edge_cmd.index("--data") + 1] = str(data)
+        edge_cmd[edge_cmd.index("--engine") + 1] = "ort-plain"
+        edge_cmd[edge_cmd.index("--state") + 1] = str(work / "edge-state")
     t0 = time.monotonic()
     server = subprocess.Popen(
         serve_cmd,
@@ -431,14 +444,15 @@ def federate(
     )
     device_log = open(work / "edge.log", "w")
     device = subprocess.Popen(
-        ["chroot", str(root), *edge_cmd],
-        env=guest_env(cpu),
+        edge_cmd if native else ["chroot", str(root), *edge_cmd],
+        cwd=ROOT,
+        env=env if native else guest_env(cpu),
         stdout=device_log,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        device_rc, device_maxrss = wait_with_rusage(device, args.timeout)
+        device_rc, device_maxrss = wait_with_peak(device, args.timeout)
         t1 = time.monotonic()
         server_rc = server.wait(timeout=300)
         t2 = time.monotonic()
@@ -450,23 +464,25 @@ def federate(
         broker.wait(10)
     edge_log = (work / "edge.log").read_text()
     serve_log = (work / "serve.log").read_text()
-    shutil.copy(work / "edge.log", args.out / "edge.log")
-    shutil.copy(work / "serve.log", args.out / "serve.log")
+    prefix = "native-" if native else ""
+    for name in ("edge.log", "serve.log"):
+        shutil.copy(work / name, args.out / f"{prefix}{name}")
     if device_rc != 0 or server_rc != 0:
         raise Blocked(
             f"device exit {device_rc}, service exit {server_rc}; device log tail:\n{edge_log[-3000:]}\n"
             f"service log tail:\n{serve_log[-3000:]}"
         )
     report = json.loads((work / "serve.json").read_text())
-    shutil.copy(work / "serve.json", args.out / "serve.json")
+    shutil.copy(work / "serve.json", args.out / f"{prefix}serve.json")
     client = next(c for c in report["clients"] if c["id"] == "pi-emu")
     return {
         "serve_command": " ".join(serve_cmd),
-        "edge_command": "chroot ROOT " + " ".join(edge_cmd),
+        "edge_command": ("" if native else "chroot ROOT ") + " ".join(edge_cmd),
         "device_exit": device_rc,
         "device_wall_s": round(t1 - t0, 1),
         "federation_wall_s": round(t2 - t0, 1),
-        "device_peak_rss_mb_qemu_process": round(device_maxrss, 1),
+        # VmHWM of the device's process seen from the host: under emulation, qemu (guest + emulator)
+        "device_peak_rss_mb_process": round(device_maxrss, 1),
         "client": client,
         "rounds": [{k: r.get(k) for k in ("round", "participants", "accuracy")} for r in report["rounds"]],
         "training_rounds_completed": sum(
@@ -494,6 +510,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the device may take")
     parser.add_argument(
         "--keep-mounts", action="store_true", help="leave /proc, /dev, /sys bound in the root"
+    )
+    parser.add_argument(
+        "--native-baseline", action="store_true", help="also run the device natively, for the slowdown"
     )
     args = parser.parse_args()
     tools = need_tools()
@@ -529,6 +548,15 @@ def main() -> int:
         out["profile"] = json.loads(prof.stdout)
         out["profile_stderr"] = [ln for ln in prof.stderr.splitlines() if ln.strip()][:6]
         print(f"profile: {out['profile']}", flush=True)
+        host = subprocess.run(
+            [sys.executable, "-m", "sdk.cli", "profile"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        out["host_profile"] = {k: json.loads(host.stdout)[k] for k in ("ram_mb", "cores", "gflops")}
         print("federating: serve on the host, edge in the arm64 root...", flush=True)
         t0 = time.monotonic()
         out["federation"] = federate(root, args.cpu, tools, Path("/tmp/fedpeft-arm64-run"), args)
@@ -538,6 +566,17 @@ def main() -> int:
         done = out["federation"]["training_rounds_completed"] >= args.rounds
         ok = plain and done and client["updates_accepted"] >= args.rounds
         out["status"] = "ok" if ok else "incomplete"
+        if args.native_baseline:
+            print("baseline: the same federation with the device on the host...", flush=True)
+            native = federate(root, args.cpu, tools, Path("/tmp/fedpeft-arm64-native"), args, native=True)
+            out["native_baseline"] = native
+            emu, nat = out["federation"]["client"]["train_s"], native["client"]["train_s"]
+            out["slowdown"] = {
+                "train_s_emulated": round(emu, 2),
+                "train_s_native": round(nat, 2),
+                "train_x": round(emu / nat, 1) if nat > 0 else None,
+                "device_wall_x": round(out["federation"]["device_wall_s"] / native["device_wall_s"], 1),
+            }
     except (Blocked, subprocess.SubprocessError, OSError, json.JSONDecodeError, StopIteration) as exc:
         out["status"] = "blocked"
         out["error"] = f"{type(exc).__name__}: {exc}"
@@ -545,7 +584,6 @@ def main() -> int:
         if not args.keep_mounts:
             unmount(root)
     timings["total_s"] = round(time.monotonic() - t_all, 1)
-    out["host_maxrss_children_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     (args.out / "report.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out.get(k) for k in ("status", "error", "timings_s")}, indent=1))
     return 0 if out["status"] == "ok" else 1
