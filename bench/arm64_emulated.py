@@ -7,7 +7,8 @@ federation of one: Mosquitto and ``fedpeft serve`` on the host with a tiny rando
 ``fedpeft edge --engine auto`` inside the arm64 root, for two rounds. The chroot shares the host's
 network, so the device reaches the broker on 127.0.0.1. The report (JSON) holds the install's size,
 packages and time, the device profile, its peak memory, rounds, accepted updates, engine and wall
-times.
+times. The device announces a 1024 MB memory cap by default (``--memory-cap-mb``), since it sees
+the host's memory.
 
 The emulated CPU is a Cortex-A76 (Raspberry Pi 5) by default, through ``QEMU_CPU``: qemu's default
 ``max`` CPU has SME, and OpenBLAS (numpy's BLAS) then picks its ``armv9sme`` kernels, whose results
@@ -428,6 +429,8 @@ def federate(
         "--resend-after",
         "120",
     ]
+    if args.memory_cap_mb:  # the guest sees the host's memory: announce a board's cap instead
+        edge_cmd += ["--memory-cap-mb", str(args.memory_cap_mb)]
     if native:  # same flags, host paths, and ort-plain named: auto would pick onnxruntime-training here
         edge_cmd = [sys.executable, "-m", "sdk.cli", *edge_cmd[1:]]
         edge_cmd[edge_cmd.index("--data") + 1] = str(data)
@@ -510,6 +513,12 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the device may take")
     parser.add_argument(
         "--keep-mounts", action="store_true", help="leave /proc, /dev, /sys bound in the root"
+    )
+    parser.add_argument(
+        "--memory-cap-mb",
+        type=int,
+        default=1024,
+        help="the device's memory cap (default 1024, as docs/systemd/edge.toml; 0: none, the host's RAM)",
     )
     parser.add_argument(
         "--native-baseline", action="store_true", help="also run the device natively, for the slowdown"
