@@ -54,7 +54,8 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
-from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
+from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
+from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.tokenizer import load_tokenizer
 
@@ -247,7 +248,7 @@ class OrtEngine:
             if value.shape != shapes[name]:
                 raise EngineError(f"ORT checkpoint's {onnx_name} has shape {value.shape}, not {shapes[name]}")
             self._values[name] = value
-        self._token_cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
+        self._token_cache = TokenCache(self._tokenizer.encode_batch)
 
     @property
     def total_params(self) -> int:
@@ -260,18 +261,7 @@ class OrtEngine:
 
     def load_trainable_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Replace the trainable parameters; names and shapes must match exactly."""
-        missing = set(self._values) - set(state)
-        extra = set(state) - set(self._values)
-        if missing or extra:
-            raise ShapeMismatch(
-                f"module names differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-            )
-        values = {}
-        for name, current in self._values.items():
-            value = np.array(state[name], dtype=np.float32)
-            if value.shape != current.shape:
-                raise ShapeMismatch(f"{name}: shape {value.shape} != {current.shape}")
-            values[name] = value
+        values = checked_state(self._values, state)
         for name, value in values.items():
             self._set(name, value)
 
@@ -282,24 +272,10 @@ class OrtEngine:
         self._values[name] = value
 
     def _tokens(self, data: TextDataset) -> list[list[int]]:
-        cached = self._token_cache.get(id(data))
-        if cached is not None and cached[0] is data:
-            return cached[1]
-        ids = self._tokenizer.encode_batch(data.texts)
-        if len(self._token_cache) > 64:
-            self._token_cache.clear()
-        self._token_cache[id(data)] = (data, ids)
-        return ids
+        return self._token_cache.ids(data)
 
     def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        seqs = [ids[int(i)] for i in rows]
-        width = max(len(s) for s in seqs)
-        input_ids = np.full((len(seqs), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for r, s in enumerate(seqs):
-            input_ids[r, : len(s)] = s
-            mask[r, : len(s)] = 1
-        return input_ids, mask
+        return padded_batch(ids, rows, self._pad_id)
 
     def train(
         self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None

@@ -41,8 +41,9 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
+from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
 from edge_runtime.engines.ort_engine import TOKENIZER_NAME, load_manifest, use_lean_allocator
-from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
+from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec
 from edge_runtime.tokenizer import load_tokenizer
 
@@ -148,7 +149,7 @@ class OrtStepEngine:
         if missing:
             raise EngineError(f"the step graph in {folder} lacks {sorted(missing)[:3]}")
         self._values: dict[str, np.ndarray] = values
-        self._token_cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
+        self._token_cache = TokenCache(self._tokenizer.encode_batch)
 
     @property
     def total_params(self) -> int:
@@ -161,39 +162,14 @@ class OrtStepEngine:
 
     def load_trainable_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Replace the trainable parameters; names and shapes must match exactly."""
-        missing = set(self._values) - set(state)
-        extra = set(state) - set(self._values)
-        if missing or extra:
-            raise ShapeMismatch(
-                f"module names differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-            )
-        values = {}
-        for name, current in self._values.items():
-            value = np.array(state[name], dtype=np.float32)
-            if value.shape != current.shape:
-                raise ShapeMismatch(f"{name}: shape {value.shape} != {current.shape}")
-            values[name] = value
+        values = checked_state(self._values, state)
         self._values = values
 
     def _tokens(self, data: TextDataset) -> list[list[int]]:
-        cached = self._token_cache.get(id(data))
-        if cached is not None and cached[0] is data:
-            return cached[1]
-        ids = self._tokenizer.encode_batch(data.texts)
-        if len(self._token_cache) > 64:
-            self._token_cache.clear()
-        self._token_cache[id(data)] = (data, ids)
-        return ids
+        return self._token_cache.ids(data)
 
     def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        seqs = [ids[int(i)] for i in rows]
-        width = max(len(s) for s in seqs)
-        input_ids = np.full((len(seqs), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for r, s in enumerate(seqs):
-            input_ids[r, : len(s)] = s
-            mask[r, : len(s)] = 1
-        return input_ids, mask
+        return padded_batch(ids, rows, self._pad_id)
 
     def _run(
         self, input_ids: np.ndarray, mask: np.ndarray, labels: np.ndarray, outputs: list[str]
