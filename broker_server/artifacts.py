@@ -315,11 +315,25 @@ def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threa
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
             raise EngineError(f"building the ORT training artifacts failed: {exc}\n{tail}") from None
     onnx_path.unlink()
+    manifest = {
+        **_manifest_head(engine, config, folder, key=key, seed=seed),
+        "trainable": [
+            {"onnx": onnx_name, "name": canonical, "shape": list(trainable[onnx_name[len(prefix) :]].shape)}
+            for onnx_name, canonical in names.items()
+        ],
+        "opset": OPSET,
+        "versions": {p: _version(p) for p in _VERSIONED},
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def _manifest_head(engine: Any, config: TrainConfig, folder: Path, *, key: str, seed: int) -> dict[str, Any]:
+    """Save the model's tokenizer.json into ``folder``; the manifest fields both flavours share."""
     tokenizer: Any = engine.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model {config.model!r} has no fast tokenizer to save as tokenizer.json")
     tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_NAME))
-    manifest = {
+    return {
         "format": ARTIFACT_FORMAT,
         "key": key,
         "seed": seed,
@@ -330,14 +344,7 @@ def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threa
         "hidden": engine.hidden,
         "total_params": engine.total_params,
         "pad_token_id": int(tokenizer.pad_token_id or 0),
-        "trainable": [
-            {"onnx": onnx_name, "name": canonical, "shape": list(trainable[onnx_name[len(prefix) :]].shape)}
-            for onnx_name, canonical in names.items()
-        ],
-        "opset": OPSET,
-        "versions": {p: _version(p) for p in _VERSIONED},
     }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
 
 def _build_step_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threads: int | None) -> None:
@@ -354,22 +361,9 @@ def _build_step_into(folder: Path, config: TrainConfig, *, seed: int, key: str, 
     table = export_step_graph(classifier, config.num_labels, canonical, folder / STEP_MODEL_NAME)
     initial = {canonical[n]: p.detach().cpu().numpy().astype(np.float32) for n, p in trainable.items()}
     np.savez(folder / INITIAL_STATE_NAME, **initial)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only
-    tokenizer: Any = engine.tokenizer
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"model {config.model!r} has no fast tokenizer to save as tokenizer.json")
-    tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_NAME))
     manifest = {
-        "format": ARTIFACT_FORMAT,
+        **_manifest_head(engine, config, folder, key=key, seed=seed),
         "flavour": STEP_FLAVOUR,
-        "key": key,
-        "seed": seed,
-        "model": config.model,
-        "peft": config.peft.to_dict(),
-        "num_labels": config.num_labels,
-        "seq_len": config.seq_len,
-        "hidden": engine.hidden,
-        "total_params": engine.total_params,
-        "pad_token_id": int(tokenizer.pad_token_id or 0),
         "trainable": table,
         "opset": STEP_OPSET,
         "versions": {p: _version(p) for p in _VERSIONED},
