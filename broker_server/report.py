@@ -121,6 +121,8 @@ def allocation_entry(record: Any) -> dict[str, Any] | None:
         return None
     if record.excluded:
         return {"excluded": record.excluded}
-    if record.allocation is None:
+    # a service restarted from its state has the terms it stored with the assignment, not the object
+    terms = record.allocation.terms() if record.allocation is not None else record.allocation_terms
+    if terms is None:
         return None
-    return {"module": peft_key(record.config.peft), **record.allocation.terms()}
+    return {"module": peft_key(record.config.peft), **terms}

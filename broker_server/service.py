@@ -232,6 +232,8 @@ class DeviceRecord:
     hello: wire.Hello
     config: TrainConfig
     allocation: Allocation | None = None
+    # the allocation's utility terms for the report; kept with the assignment across restarts
+    allocation_terms: dict[str, float] | None = None
     excluded: str = ""  # why the allocator left this device out, if it did
     updates_received: int = 0
     updates_accepted: int = 0
@@ -240,6 +242,24 @@ class DeviceRecord:
     train_s: float = 0.0
     samples: int = 0
     online: bool = True
+
+    def counters(self) -> dict[str, Any]:
+        """What the report counts for this device, as the state store keeps it."""
+        return {
+            "updates_received": self.updates_received,
+            "bytes_up": self.bytes_up,
+            "last_metrics": dict(self.last_metrics),
+            "train_s": self.train_s,
+            "samples": self.samples,
+        }
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        """Take back the counters a service counted before a restart (see :meth:`counters`)."""
+        self.updates_received = int(counters.get("updates_received", 0))
+        self.bytes_up = int(counters.get("bytes_up", 0))
+        self.last_metrics = {str(k): float(v) for k, v in dict(counters.get("last_metrics", {})).items()}
+        self.train_s = float(counters.get("train_s", 0.0))
+        self.samples = int(counters.get("samples", 0))
 
 
 @dataclass
@@ -383,6 +403,10 @@ class AggregationService:
         self._stale = 0
         self._round_bytes_up = 0
         self._round_bytes_down = 0
+        # what a restarted service takes back from the store: each device's counters (applied when
+        # its record is made) and the interrupted round's (stale updates, bytes up)
+        self._stored_device_counters: dict[str, dict[str, Any]] = {}
+        self._resumed_round_counters = (0, 0)
         self._stopped = False
         self._started = False
         self._resumed_payload = b""
@@ -464,7 +488,33 @@ class AggregationService:
                 # tell the device, so it stops resending what will never be accepted
                 self._ack(device, round_, "", False, reason)
         log.warning("rejected update from %s (round %s): %s", device, round_, reason)
-        self.rejected.append({"client": device, "round": round_, "reason": reason})
+        self._record_rejection(device, round_, reason)
+
+    def _record_rejection(self, client: str | None, round_: object, reason: str) -> None:
+        """Add a rejection to the report and, with a state store, durably with the counters it
+        changed, so that the report written after a crash still holds it."""
+        # the report's round is an integer or null; a device's status may carry anything there
+        reported = round_ if isinstance(round_, int) and not isinstance(round_, bool) else None
+        self.rejected.append({"client": client, "round": reported, "reason": reason})
+        if self.store is not None:
+            record = None if client is None else self.devices.get(client)
+            self.store.add_rejection(
+                client,
+                reported,
+                reason,
+                time.time(),
+                counters=self._counters(),
+                device_counters=None if record is None else record.counters(),
+            )
+
+    def _counters(self) -> dict[str, Any]:
+        """The service's counters for the state store: bytes up, all and in the current round."""
+        return {
+            "bytes_up_total": self.bytes_up_total,
+            "round": self._round,
+            "round_bytes_up": self._round_bytes_up,
+            "round_stale": self._stale,
+        }
 
     def _pump(self, until: float) -> bool:
         """Handle queued messages until ``until``; True if a message was handled."""
@@ -501,9 +551,7 @@ class AggregationService:
             raise UnknownDevice(f"hello for {hello.device_id!r} published under {device!r}")
         record = self.devices.get(device)
         if record is None:
-            record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
-            self._configure(record)
-            self.devices[device] = record
+            record = self._register(device, hello)
             log.info("device %s registered (%d samples)", device, hello.num_samples)
         else:
             record.hello = hello
@@ -518,6 +566,16 @@ class AggregationService:
             if self._async_active and not busy:  # back (or new): it gets the newest version now
                 self._dispatch(device, self._async_now)
 
+    def _register(self, device: str, hello: wire.Hello) -> DeviceRecord:
+        """A new record for ``device``, configured, with what was counted for it before a restart."""
+        record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
+        self._configure(record)
+        stored = self._stored_device_counters.pop(device, None)
+        if stored is not None:
+            record.restore_counters(stored)
+        self.devices[device] = record
+        return record
+
     def _configure(self, record: DeviceRecord) -> None:
         """Choose the device's configuration: the allocator's pick for its profile, or the fleet's."""
         if self.allocator is None:
@@ -526,6 +584,7 @@ class AggregationService:
         if stored is not None:  # assigned before a restart: keep it, its updates depend on it
             record.config = TrainConfig.from_dict(stored["config"])
             record.excluded = str(stored.get("excluded", ""))
+            record.allocation_terms = stored.get("terms")
             return
         try:
             profile = DeviceProfile.from_dict(dict(record.hello.profile))
@@ -536,6 +595,7 @@ class AggregationService:
             record.excluded = str(exc)
             log.warning("device %s left out: %s", record.device_id, exc)
         else:
+            record.allocation_terms = None if record.allocation is None else record.allocation.terms()
             log.info(
                 "device %s assigned %s on %s, batch %d, %d bits (U=%.3f)",
                 record.device_id,
@@ -548,7 +608,11 @@ class AggregationService:
         if self.store is not None:
             self.store.set_meta(
                 f"assignment/{record.device_id}",
-                {"config": record.config.to_dict(), "excluded": record.excluded},
+                {
+                    "config": record.config.to_dict(),
+                    "excluded": record.excluded,
+                    "terms": record.allocation_terms,
+                },
             )
 
     def _group(self, config: TrainConfig) -> Group:
@@ -761,7 +825,7 @@ class AggregationService:
                 job.answered = True  # asynchronous mode: do not wait for it, do not give it more
                 record.excluded = f"failed job {round_}: {reason}"
             log.warning("device %s failed round %s: %s", device, round_, reason)
-            self.rejected.append({"client": device, "round": round_, "reason": reason})
+            self._record_rejection(device, round_, reason)
 
     def _on_update(self, device: str, payload: bytes) -> None:
         self.bytes_up_total += len(payload)
@@ -809,8 +873,6 @@ class AggregationService:
                 f"claims {update.num_samples} samples, hello said {record.hello.num_samples}",
                 round=update.round,
             )
-        if self.store is not None:
-            self.store.add_update(update.round, device, cid, payload)
         self._pending[device] = PendingUpdate(update, cid, len(payload))
         self._accepted_ids[(device, update.round)] = cid
         record.updates_accepted += 1
@@ -818,6 +880,15 @@ class AggregationService:
         record.train_s += float(update.metrics.get("train_s", 0.0))
         record.samples = update.num_samples
         self._round_bytes_down += int(update.metrics.get("bytes_down", 0))
+        if self.store is not None:  # before the ack: what is acknowledged survives a crash
+            self.store.add_update(
+                update.round,
+                device,
+                cid,
+                payload,
+                counters=self._counters(),
+                device_counters=record.counters(),
+            )
         self._ack(device, update.round, cid, True, "")
         if self.on_accept is not None:
             self.on_accept(device)
@@ -986,6 +1057,8 @@ class AggregationService:
             self._resync_waiting.add(device)
             return
         self.resyncs.append({"client": device, "round": self._round})
+        if self.store is not None:  # the round's record lists them, also after a restart
+            self.store.set_meta("resyncs", self.resyncs)
         payload = self._downlink.full(
             round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
         )
@@ -1254,6 +1327,7 @@ class AggregationService:
         """
         if self.store is None:
             return None
+        counters = self._restore_report_inputs()
         latest = self.store.latest_global()
         if latest is None:
             return None
@@ -1272,10 +1346,7 @@ class AggregationService:
             first = split_state(self._state, len(centroids))[0]
             self._base_shapes = {n: tuple(v.shape) for n, v in first.items()}
         for device, hello_payload in self.store.devices().items():
-            hello = wire.decode_hello(hello_payload)
-            device_record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
-            self._configure(device_record)
-            self.devices[device] = device_record
+            device_record = self._register(device, wire.decode_hello(hello_payload))
             if not device_record.excluded and not self.clustered:
                 self._group(device_record.config)
         if self.allocator is not None:
@@ -1290,7 +1361,8 @@ class AggregationService:
         for record in self.rounds:
             if record.get("accuracy") is not None:
                 self.final_eval = {"accuracy": record["accuracy"], "macro_f1": record["macro_f1"]}
-        self.bytes_up_total = sum(int(r.get("bytes_up_all", 0)) for r in self.rounds)
+        if counters is None:  # a state folder from before the counters were stored
+            self.bytes_up_total = sum(int(r.get("bytes_up_all", 0)) for r in self.rounds)
         if self.config.dp_noise_multiplier is not None:  # the privacy budget spent before the crash
             self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") == TRAIN_PHASE)
         if self.config.strategy == "exact":  # the residual that aggregating this round starts from
@@ -1308,7 +1380,17 @@ class AggregationService:
         for device, ucid, upayload in self.store.updates(round_):
             update = wire.decode_update(upayload)
             self._pending[device] = PendingUpdate(update, ucid, len(upayload))
-            self.bytes_up_total += len(upayload)
+            if counters is None:
+                self.bytes_up_total += len(upayload)
+        accepted_bytes = sum(p.nbytes for p in self._pending.values())
+        if counters is not None and counters.get("round") == round_:
+            self._resumed_round_counters = (int(counters["round_stale"]), int(counters["round_bytes_up"]))
+        else:  # nothing counted in this round yet (or an older state folder)
+            self._resumed_round_counters = (0, accepted_bytes)
+        done = self.config.rounds + 1  # the personalization round, if there is one
+        if self.config.personalize_epochs > 0 and round_ > done:
+            for device, _, upayload in self.store.updates(done):
+                self.personalization[device] = dict(wire.decode_update(upayload).metrics)
         self._resumed_payload = payload
         self._resumed_shared = None
         if self._downlink is not None:
@@ -1331,6 +1413,25 @@ class AggregationService:
         )
         return round_
 
+    def _restore_report_inputs(self) -> dict[str, Any] | None:
+        """Take back what the report counts from the store, fresh start or not: the rejections, the
+        module resyncs, the bytes received and each device's counters. Returns the stored service
+        counters (None if the store has none)."""
+        assert self.store is not None
+        self.rejected = self.store.rejections()
+        self.resyncs = [dict(x) for x in self.store.get_meta("resyncs", [])]
+        self._stored_device_counters = self.store.device_counters()
+        counters = self.store.counters()
+        if counters is not None:
+            self.bytes_up_total = int(counters["bytes_up_total"])
+        return counters
+
+    def _turns_ended(self, round_: int) -> set[str]:
+        """Devices whose turn in ``round_`` a recorded rejection ended (see :meth:`_reject`)."""
+        return {
+            str(x["client"]) for x in self.rejected if x["round"] == round_ and x["client"] in self.devices
+        }
+
     def run(self) -> None:
         """Run every round; returns when the last global module is published or on stop."""
         self._state = self._initial_state()
@@ -1351,12 +1452,19 @@ class AggregationService:
             self._round = r
             self._phase = STATS_PHASE if (r == 0 and self.config.head_init == "ncm") else TRAIN_PHASE
             resuming = r == resume_round
-            self._answered = set()
-            if not resuming:
+            if resuming:
+                # what the interrupted round had counted, and whose turn a rejection had ended
+                self._answered = self._turns_ended(r)
+                self._stale, self._round_bytes_up = self._resumed_round_counters
+                self._round_bytes_down = sum(
+                    int(p.update.metrics.get("bytes_down", 0)) for p in self._pending.values()
+                )
+            else:
+                self._answered = set()
                 self._pending = {}
-            self._stale = 0
-            self._round_bytes_up = sum(p.nbytes for p in self._pending.values())
-            self._round_bytes_down = 0
+                self._stale = 0
+                self._round_bytes_up = 0
+                self._round_bytes_down = 0
             participants = {d for d, rec in self.devices.items() if rec.online and not rec.excluded}
             round_start = self.clock()
             if resuming:
@@ -1478,7 +1586,7 @@ class AggregationService:
                         f"(bound {self.config.max_staleness})"
                     )
                     log.warning("dropped update from %s: %s", device, reason)
-                    self.rejected.append({"client": device, "round": self._round, "reason": reason})
+                    self._record_rejection(device, self._round, reason)
                 else:
                     u = pending.update
                     self._buffer.append(
@@ -1506,9 +1614,7 @@ class AggregationService:
                     )
                     for job in lost:
                         job.answered = True
-                        self.rejected.append(
-                            {"client": job.device, "round": self._round, "reason": "deadline: job unanswered"}
-                        )
+                        self._record_rejection(job.device, self._round, "deadline: job unanswered")
         self._async_active = False
 
     def _async_aggregate(
@@ -1559,7 +1665,7 @@ class AggregationService:
         if resume_round is not None and resume_round > r:
             return  # done before a restart
         self._round, self._phase = r, PERSONALIZE_PHASE
-        self._answered = set()
+        self._answered = self._turns_ended(r) if resume_round == r else set()
         if resume_round == r:
             self._publish_global(self._phase, checkpoint=self._resumed_payload)
             for device, pending in sorted(self._pending.items()):

@@ -3,6 +3,11 @@
 Payloads are stored as the wire bytes they arrived in (never pickle), so a restarted service
 decodes exactly what it accepted. WAL journaling with ``synchronous=FULL`` means a committed
 transaction survives a kill -9 of the service.
+
+What the report counts is stored with the event that changed it, in the same transaction: an
+accepted update or a rejection writes the service's byte counters (meta ``counters``) and the
+device's own counters (table ``device_counters``) as they stand after it, so a restarted service
+reports what the one before it had counted.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,10 @@ CREATE TABLE IF NOT EXISTS carries (
     round INTEGER NOT NULL, name TEXT NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (round, name));
 CREATE TABLE IF NOT EXISTS downlink (
     round INTEGER PRIMARY KEY, payload BLOB NOT NULL, residual BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rejections (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, client TEXT, round INTEGER,
+    reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_counters (device_id TEXT PRIMARY KEY, counters TEXT NOT NULL);
 """
 
 
@@ -97,13 +106,24 @@ class StateStore:
             ).fetchone()
         return None if row is None else (int(row[0]), str(row[1]), bytes(row[2]))
 
-    def add_update(self, round_: int, device_id: str, content_id: str, payload: bytes) -> bool:
-        """Record an accepted update; False if this device already has one for the round."""
+    def add_update(
+        self,
+        round_: int,
+        device_id: str,
+        content_id: str,
+        payload: bytes,
+        *,
+        counters: Mapping[str, Any] | None = None,
+        device_counters: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Record an accepted update, and the counters as they stand after it; False if this device
+        already has one for the round."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?)",
                 (round_, device_id, content_id, payload),
             )
+            _write_counters(db, counters, device_id, device_counters)
             return cur.rowcount == 1
 
     def updates(self, round_: int) -> list[tuple[str, str, bytes]]:
@@ -126,6 +146,41 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT device_id, COUNT(*) FROM updates GROUP BY device_id").fetchall()
         return {d: int(n) for d, n in rows}
+
+    def add_rejection(
+        self,
+        client: str | None,
+        round_: int | None,
+        reason: str,
+        at: float,
+        *,
+        counters: Mapping[str, Any] | None = None,
+        device_counters: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a rejection (``at``: wall-clock seconds), and the counters as they stand after it."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rejections (at, client, round, reason) VALUES (?, ?, ?, ?)",
+                (at, client, round_, reason),
+            )
+            _write_counters(db, counters, client, device_counters)
+
+    def rejections(self) -> list[dict[str, Any]]:
+        """Every recorded rejection as a report entry (client, round, reason), oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT client, round, reason FROM rejections ORDER BY seq").fetchall()
+        return [{"client": c, "round": r, "reason": str(why)} for c, r, why in rows]
+
+    def counters(self) -> dict[str, Any] | None:
+        """The service's counters as the last accepted update or rejection left them (None if none)."""
+        value = self.get_meta("counters")
+        return None if value is None else dict(value)
+
+    def device_counters(self) -> dict[str, dict[str, Any]]:
+        """Each device's counters as its last accepted update or rejection left them."""
+        with self._lock:
+            rows = self._db.execute("SELECT device_id, counters FROM device_counters").fetchall()
+        return {str(d): json.loads(c) for d, c in rows}
 
     def save_round_record(self, round_: int, record: dict[str, Any]) -> None:
         """Keep a finished round's report entry."""
@@ -181,3 +236,19 @@ class StateStore:
         """Close the database."""
         with self._lock:
             self._db.close()
+
+
+def _write_counters(
+    db: sqlite3.Connection,
+    counters: Mapping[str, Any] | None,
+    device_id: str | None,
+    device_counters: Mapping[str, Any] | None,
+) -> None:
+    """Inside a transaction: the service's counters and, for a known device, its own."""
+    if counters is not None:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('counters', ?)", (json.dumps(dict(counters)),))
+    if device_id is not None and device_counters is not None:
+        db.execute(
+            "INSERT OR REPLACE INTO device_counters VALUES (?, ?)",
+            (device_id, json.dumps(dict(device_counters))),
+        )
