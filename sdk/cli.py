@@ -1,6 +1,7 @@
 """The ``fedpeft`` command line: profile, simulate, serve, edge, centralized.
 
-Every subcommand prints ``--help``; bad input exits with status 2 and one clear line.
+Every subcommand prints ``--help``; bad input exits with status 2 and one clear line (after a bad
+flag, one short line of usage before it, not the whole usage block).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines import DEVICE_ENGINE_CHOICES
@@ -22,6 +23,45 @@ from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
 
 DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, worth retrying (the broker cannot be reached)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are two lines: a short usage, then the error itself."""
+
+    def short_usage(self) -> str:
+        """``usage: PROG`` with the required flags, ``[options]`` and the positionals."""
+        required = [
+            f"{a.option_strings[0]} {a.metavar if isinstance(a.metavar, str) else a.dest.upper()}"
+            for a in self._actions
+            if a.option_strings and a.required
+        ]
+        positionals = [
+            (a.metavar if isinstance(a.metavar, str) else a.dest)
+            + (" ..." if a.nargs == argparse.PARSER else "")
+            for a in self._actions
+            if not a.option_strings
+        ]
+        return " ".join(["usage:", self.prog, *required, "[options]", *positionals])
+
+    def error(self, message: str) -> NoReturn:
+        """Print the short usage, where the full one is, and the error; exit 2 as argparse does."""
+        self.exit(2, f"{self.short_usage()} (try '{self.prog} --help')\n{self.prog}: error: {message}\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """Parse ``args``; an unknown flag is reported by the subcommand it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._subcommand_parser(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _subcommand_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen: argparse.ArgumentParser = action.choices.get(getattr(parsed, action.dest, ""), self)
+                return chosen
+        return self
 
 
 def _positive_int(text: str) -> int:
@@ -120,7 +160,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedpeft`` with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedpeft",
         description="Federated parameter-efficient fine-tuning "
         "of foundation models on edge devices, over MQTT.",

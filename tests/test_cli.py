@@ -54,6 +54,41 @@ def test_bad_input_exits_2_with_one_line(
     assert len([line for line in err.splitlines() if "error" in line]) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, usage, error",
+    [
+        (
+            ["simulate", "--data", "x", "--bits", "3"],
+            "fedpeft simulate --data DATA [options]",
+            "argument --bits: invalid choice: 3",
+        ),
+        (
+            ["simulate", "--data", "x", "--bogus", "1"],
+            "fedpeft simulate --data DATA [options]",
+            "unrecognized arguments: --bogus 1",  # named by the subcommand, not by fedpeft
+        ),
+        (
+            ["serve", "--data", "x"],
+            "fedpeft serve --data DATA --broker BROKER --fleet FLEET --state STATE [options]",
+            "required: --broker, --fleet, --state",
+        ),
+        (["edge", "--no-such-flag"], "fedpeft edge [options]", "unrecognized arguments: --no-such-flag"),
+        (["bogus"], "fedpeft [options] COMMAND ...", "invalid choice: 'bogus'"),
+    ],
+)
+def test_a_bad_flag_prints_a_short_usage_not_the_whole_block(
+    argv: list[str], usage: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    prog = "fedpeft" if argv[0] == "bogus" else f"fedpeft {argv[0]}"
+    lines = capsys.readouterr().err.splitlines()  # two lines, not the 30-line usage block
+    assert lines[0] == f"usage: {usage} (try '{prog} --help')"
+    assert lines[1].startswith(f"{prog}: error: ") and error in lines[1]
+    assert len(lines) == 2
+
+
 @pytest.mark.parametrize("command", ["simulate", "centralized"])
 def test_samples_per_client_all_means_the_whole_split(command: str) -> None:
     def parsed(*flags: str) -> int | None:
