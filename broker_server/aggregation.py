@@ -2,6 +2,9 @@
 
 The service around them does the I/O; these functions only do arithmetic, never mutate their
 inputs, and do not depend on the order in which clients are given (up to float rounding).
+This module imports no other module of ``broker_server``: the rules built on it (``exact``,
+``heterogeneous``, ``clustering``, ...) import it, and :mod:`broker_server.strategies` looks every
+rule up by its ``--strategy`` name.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class ClientUpdate:
     num_samples: int
     delta: Mapping[str, np.ndarray]
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+Strategy = Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate]], State]
+"""A stateless rule: (global state, accepted updates) -> the new global state."""
 
 
 def sample_weights(updates: Sequence[ClientUpdate]) -> np.ndarray:
@@ -165,50 +172,6 @@ def layerwise(global_state: Mapping[str, np.ndarray], updates: Sequence[ClientUp
     return new
 
 
-Strategy = Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate]], State]
-
-STRATEGIES: dict[str, Strategy] = {
-    "fedit": fedit,
-    "fedavg": fedit,
-    "median": coordinate_median,
-    "trimmed_mean": trimmed_mean,
-    "layerwise": layerwise,
-}
-"""Strategies by ``--strategy`` name; ``fedavg`` is an alias of ``fedit`` for LoRA."""
-
-
-STATEFUL_STRATEGIES = ("exact", "ffa")
-"""Strategies the service runs itself, since they need to know the module's LoRA pairs
-(``exact``: :func:`broker_server.exact.exact_fedavg`, with its residual in the state store;
-``ffa``: :func:`broker_server.exact.ffa_fedavg`, stateless but for a fleet whose A is frozen)."""
-
-
-HETEROGENEOUS_STRATEGIES = ("hetlora",)
-"""Stateless strategies for modules of different ranks (:mod:`broker_server.heterogeneous`, which
-builds on this module, so they are looked up lazily)."""
-
-
-def check_strategy(name: str) -> None:
-    """Raise :class:`ConfigError` unless ``name`` is a known strategy, stateless or stateful."""
-    if name not in STRATEGIES and name not in STATEFUL_STRATEGIES and name not in HETEROGENEOUS_STRATEGIES:
-        known = ", ".join(sorted([*STRATEGIES, *STATEFUL_STRATEGIES, *HETEROGENEOUS_STRATEGIES]))
-        raise ConfigError(f"unknown strategy {name!r}; known: {known}")
-
-
-def get_strategy(name: str) -> Strategy:
-    """The stateless strategy registered under ``name``."""
-    check_strategy(name)
-    if name == "hetlora":
-        from broker_server.heterogeneous import hetlora_mean
-
-        return hetlora_mean
-    if name not in STRATEGIES:
-        raise ConfigError(
-            f"strategy {name!r} keeps state between rounds or needs the LoRA pairs: the service runs it"
-        )
-    return STRATEGIES[name]
-
-
 def head_from_class_means(sums: np.ndarray, counts: np.ndarray, scale: float) -> dict[str, np.ndarray]:
     """A cosine head whose rows are the scaled unit class means (zero rows for unseen classes).
 
@@ -222,9 +185,6 @@ def head_from_class_means(sums: np.ndarray, counts: np.ndarray, scale: float) ->
         "head.weight": weight.astype(np.float32),
         "head.bias": np.zeros(len(counts), dtype=np.float32),
     }
-
-
-ROBUST_STRATEGIES = ("median", "trimmed_mean")
 
 
 def robust_head_from_statistics(

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from broker_server.aggregation import ClientUpdate, State
+from broker_server.exact import lora_pairs
 from edge_runtime.errors import ConfigError, ShapeMismatch
 
 
@@ -106,8 +107,6 @@ def hetlora_mean(global_state: Mapping[str, np.ndarray], updates: Sequence[Clien
     """
     if not updates:
         raise ConfigError("cannot aggregate zero updates")
-    from broker_server.exact import lora_pairs  # exact imports this module's view
-
     pairs = lora_pairs(global_state)
     factor_names = {n for pair in pairs.values() for n in pair}
     clients = []

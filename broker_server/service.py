@@ -28,12 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from broker_server.aggregation import (
-    ROBUST_STRATEGIES,
-    STATEFUL_STRATEGIES,
     ClientUpdate,
-    check_strategy,
     clip_update,
-    get_strategy,
     head_from_class_means,
     robust_head_from_statistics,
     server_momentum_step,
@@ -57,6 +53,7 @@ from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
 from broker_server.privacy import dp_epsilon, dp_fedavg
 from broker_server.state import StateStore
+from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, check_strategy, get_strategy
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
 from edge_runtime.chunking import ChunkAssembler, is_chunk

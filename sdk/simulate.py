@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from broker_server.aggregation import check_strategy
 from broker_server.allocation import ALLOCATIONS, AllocationConfig, Allocator, build_allocator, peft_key
 from broker_server.asynchronous import OnOffTrace, compute_seconds, link_seconds, parse_staleness, trace_for
 from broker_server.clustering import parse_clusters
@@ -30,6 +29,7 @@ from broker_server.distillation import unlabeled
 from broker_server.evaluation import Evaluator
 from broker_server.report import allocation_entry, build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
+from broker_server.strategies import check_strategy
 from edge_runtime.config import SUPPORTED_BITS, TrainConfig
 from edge_runtime.data import TextDataset, load_folder, resolve_data_dir
 from edge_runtime.engines import artifact_flavour

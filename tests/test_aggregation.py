@@ -12,12 +12,12 @@ from broker_server.aggregation import (
     clip_update,
     coordinate_median,
     fedit,
-    get_strategy,
     head_from_class_means,
     sample_weights,
     sum_class_statistics,
     trimmed_mean,
 )
+from broker_server.strategies import get_strategy
 from edge_runtime.errors import ConfigError
 
 SHAPES = {"l0.lora_A": (2, 5), "l0.lora_B": (5, 2), "head.weight": (3, 5), "head.bias": (3,)}
@@ -84,6 +84,20 @@ def test_zero_updates_and_unknown_strategy_are_errors() -> None:
         fedit({}, [])
     with pytest.raises(ConfigError, match="unknown strategy"):
         get_strategy("nope")
+
+
+def test_the_registry_resolves_every_stateless_name_and_refuses_the_stateful_ones() -> None:
+    from broker_server.heterogeneous import hetlora_mean
+    from broker_server.strategies import STATEFUL_STRATEGIES, STRATEGIES, check_strategy
+
+    assert get_strategy("hetlora") is hetlora_mean
+    assert get_strategy("fedavg") is get_strategy("fedit") is fedit
+    assert get_strategy("median") is coordinate_median and get_strategy("trimmed_mean") is trimmed_mean
+    assert set(STRATEGIES) == {"fedit", "fedavg", "median", "trimmed_mean", "layerwise"}
+    for name in STATEFUL_STRATEGIES:
+        check_strategy(name)
+        with pytest.raises(ConfigError, match="the service runs it"):
+            get_strategy(name)
 
 
 def test_sample_weights_fall_back_to_uniform() -> None:

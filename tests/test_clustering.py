@@ -94,6 +94,32 @@ def test_device_order_does_not_change_the_clusters(seed: int, sizes: list[int]) 
     np.testing.assert_allclose(a.centroids, c.centroids)
 
 
+def test_the_readme_benchmark_fleet_keeps_its_two_clusters() -> None:
+    # the label histograms of bench/results/personalization/dir0.1-clustered.json (20 Newsgroups,
+    # Dirichlet(0.1), seed 0), whose "2 (5 + 3 devices)" the README quotes
+    hists = [
+        [36, 0, 26, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 25, 3, 0, 10, 0, 1, 12],
+        [0, 0, 10, 0, 0, 0, 15, 28, 4, 0, 16, 0, 0, 1, 3, 34, 0, 0, 0, 9],
+        [0, 0, 1, 39, 0, 30, 0, 0, 38, 0, 0, 7, 4, 0, 0, 0, 0, 0, 1, 0],
+        [2, 2, 26, 6, 14, 0, 0, 0, 23, 0, 0, 0, 0, 0, 45, 0, 2, 0, 0, 0],
+        [0, 0, 18, 0, 0, 0, 0, 0, 0, 0, 3, 0, 34, 2, 1, 0, 3, 9, 40, 10],
+        [0, 0, 0, 2, 1, 0, 0, 0, 7, 15, 0, 8, 0, 8, 0, 0, 0, 27, 0, 52],
+        [1, 1, 82, 0, 2, 1, 6, 1, 3, 0, 0, 21, 0, 0, 0, 0, 2, 0, 0, 0],
+        [0, 4, 0, 0, 27, 0, 0, 0, 0, 0, 0, 0, 0, 0, 21, 0, 0, 63, 5, 0],
+    ]
+    result = cluster_clients({f"dev{i:03d}": h for i, h in enumerate(hists)}, None, seed=0)
+    assert [result.members[f"dev{i:03d}"] for i in range(8)] == [0, 0, 0, 0, 1, 1, 0, 1]
+    assert result.silhouette == pytest.approx(0.13335, abs=1e-4)
+
+
+def test_identical_devices_are_never_split() -> None:
+    # two equal starting centres end as one cluster: identical devices are not split to make up k
+    result = cluster_clients({"a": [3.0, 1.0], "b": [3.0, 1.0], "c": [0.0, 2.0]}, 3)
+    assert result.members == {"a": 0, "b": 0, "c": 1} and result.k == 2
+    assert result.silhouette == pytest.approx(2 / 3)  # a and b score 1, c alone scores 0
+    assert cluster_clients({d: [1.0, 1.0] for d in "abcd"}, 2).sizes() == [4]
+
+
 def test_a_late_device_joins_the_nearest_cluster() -> None:
     result = cluster_clients(_groups(np.random.default_rng(4), [2, 2, 2]), 3)
     newcomer = np.zeros(12)

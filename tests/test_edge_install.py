@@ -96,7 +96,10 @@ def test_the_edge_extra_pulls_no_torch_and_brings_onnx_runtime_training() -> Non
     training = _requirements("edge-training")
     assert {"onnxruntime-training", "tokenizers"} <= training and "onnxruntime" not in training
     assert not training & HEAVY
-    assert "torch" in _requirements("server")
+    server = _requirements("server")
+    assert "torch" in server
+    # clustering on the server side only (tests/test_import_graph.py: no device module imports them)
+    assert {"scikit-learn", "scipy"} <= server and not (edge | training) & {"scikit-learn", "scipy"}
 
 
 @pytest.mark.parametrize("python", ["3.11", "3.13"])
@@ -157,7 +160,7 @@ def test_the_device_side_imports_and_starts_with_torch_unimportable() -> None:
     script = textwrap.dedent(
         """
         import sys
-        for name in ("torch", "transformers", "peft"):
+        for name in ("torch", "transformers", "peft", "sklearn", "scipy"):  # none on an edge install
             sys.modules[name] = None
         import edge_runtime.agent, edge_runtime.transport, edge_runtime.wire, edge_runtime.chunking
         import edge_runtime.engines.ort_engine, sdk.edge_client

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_server.aggregation import ClientUpdate, check_strategy, fedit, get_strategy
+from broker_server.aggregation import ClientUpdate, fedit
 from broker_server.evaluation import Evaluator
 from broker_server.exact import exact_fedavg
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.state import StateStore
+from broker_server.strategies import check_strategy, get_strategy
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent
 from edge_runtime.config import TrainConfig

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker_server.aggregation import ClientUpdate, check_strategy, get_strategy
+from broker_server.aggregation import ClientUpdate
 from broker_server.evaluation import Evaluator
 from broker_server.exact import ffa_fedavg
 from broker_server.service import AggregationService, ServiceConfig
+from broker_server.strategies import check_strategy, get_strategy
 from edge_runtime.agent import DeviceAgent
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset, load_folder

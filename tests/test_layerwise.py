@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_server.aggregation import ClientUpdate, fedit, get_strategy, layer_weights, layerwise
+from broker_server.aggregation import ClientUpdate, fedit, layer_weights, layerwise
 from broker_server.evaluation import Evaluator
 from broker_server.service import AggregationService, ServiceConfig
+from broker_server.strategies import get_strategy
 from edge_runtime.agent import DeviceAgent
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import load_folder
