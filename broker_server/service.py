@@ -52,7 +52,7 @@ from broker_server.evaluation import Evaluator
 from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
 from broker_server.privacy import dp_epsilon, dp_fedavg
-from broker_server.state import StateStore
+from broker_server.state import ASSIGNMENT_KEY, TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, check_strategy, get_strategy
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
@@ -577,7 +577,7 @@ class AggregationService:
         """Choose the device's configuration: the allocator's pick for its profile, or the fleet's."""
         if self.allocator is None:
             return
-        stored = None if self.store is None else self.store.get_meta(f"assignment/{record.device_id}")
+        stored = None if self.store is None else self.store.get_meta(ASSIGNMENT_KEY + record.device_id)
         if stored is not None:  # assigned before a restart: keep it, its updates depend on it
             record.config = TrainConfig.from_dict(stored["config"])
             record.excluded = str(stored.get("excluded", ""))
@@ -604,7 +604,7 @@ class AggregationService:
             )
         if self.store is not None:
             self.store.set_meta(
-                f"assignment/{record.device_id}",
+                ASSIGNMENT_KEY + record.device_id,
                 {
                     "config": record.config.to_dict(),
                     "excluded": record.excluded,
@@ -1432,6 +1432,9 @@ class AggregationService:
     def run(self) -> None:
         """Run every round; returns when the last global module is published or on stop."""
         self._state = self._initial_state()
+        if self.store is not None:
+            # what the checkpointed modules belong to: ``fedpeft export`` rebuilds them on this model
+            self.store.set_meta(TRAIN_CONFIG_KEY, self.config.train.to_dict())
         resume_round = self._resume()
         self.start()
         if resume_round is None:

@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# meta keys: the fleet's training configuration (what the checkpointed global modules belong to),
+# and, with a mixed fleet, each device's assigned one under ASSIGNMENT_KEY + device id
+TRAIN_CONFIG_KEY = "train"
+ASSIGNMENT_KEY = "assignment/"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (

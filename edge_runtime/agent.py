@@ -36,6 +36,7 @@ from edge_runtime.engines.base import ProgressFn, TrainingEngine
 from edge_runtime.errors import FedPeftError, MemoryCapExceeded, UpdateRejected
 from edge_runtime.label_prior import label_prior_bias, train_logit_adjusted
 from edge_runtime.memory import MemoryGuard
+from edge_runtime.module_store import GLOBAL_MODULE, PERSONAL_MODULE, ModuleStore
 from edge_runtime.outbox import Outbox
 from edge_runtime.peft_specs import layer_group
 from edge_runtime.transport import Transport
@@ -98,8 +99,11 @@ class DeviceAgent:
         artifacts_cache: str | Path | None = None,
         holdout: TextDataset | None = None,
         mem_cap_mb: float | None = None,
+        modules: ModuleStore | None = None,
     ) -> None:
         self.device_id = device_id
+        # where the final global module and the personal one are kept (``fedpeft export`` reads them)
+        self.modules = modules
         # the device's own cap (its operator's); training stays under it and the assignment's
         self.mem_cap_mb = mem_cap_mb
         self.fleet = fleet
@@ -312,6 +316,7 @@ class DeviceAgent:
         phase = str(module.meta.get("phase", "train"))
         if phase == DONE_PHASE:
             self.final_state = dict(module.tensors)
+            self._keep(GLOBAL_MODULE, self.final_state, module.round)
             self.done.set()
             return True
         if module.round <= self._last_round:
@@ -389,7 +394,7 @@ class DeviceAgent:
             engine.load_trainable_state(module.tensors)
             if phase == PERSONALIZE_PHASE:
                 epochs = int(module.meta.get("epochs", config.local_epochs))
-                metrics = self._personalize(engine, epochs, seed, guard)
+                metrics = self._personalize(engine, epochs, seed, guard, module.round)
                 return {}, metrics
             result = train_logit_adjusted(
                 engine,
@@ -435,9 +440,10 @@ class DeviceAgent:
         return out
 
     def _personalize(
-        self, engine: TrainingEngine, epochs: int, seed: int, guard: MemoryGuard
+        self, engine: TrainingEngine, epochs: int, seed: int, guard: MemoryGuard, round_: int
     ) -> dict[str, float]:
-        """Personalize the final global module on this device's data and keep it here.
+        """Personalize the final global module on this device's data and keep it here (in memory,
+        and in the device's module store when it has one).
 
         Two steps: the head's bias takes the log of this device's own label prior (Laplace
         smoothed: classes the device never sees become unlikely, as they are here), then the module
@@ -459,6 +465,7 @@ class DeviceAgent:
         guard.check()
         after = engine.evaluate(self.holdout)
         self.personal_state = engine.trainable_state()
+        self._keep(PERSONAL_MODULE, self.personal_state, round_)
         self.personalization = {
             "holdout": float(len(self.holdout)),
             "global_own_accuracy": before.accuracy,
@@ -468,6 +475,18 @@ class DeviceAgent:
             "loss": result.loss,
         }
         return dict(self.personalization)
+
+    def _keep(self, name: str, tensors: dict[str, np.ndarray], round_: int) -> None:
+        """Write a module to this device's module store, if it has one; a failure is logged, not fatal."""
+        if self.modules is None or self.config is None:
+            return
+        try:
+            path = self.modules.save(name, tensors, self.config, device_id=self.device_id, round_=round_)
+        except OSError as exc:
+            self.stats.last_error = f"cannot keep the {name} module: {exc}"
+            log.error("device %s: cannot keep the %s module: %s", self.device_id, name, exc)
+        else:
+            log.info("device %s: %s module kept in %s", self.device_id, name, path)
 
     def _train_and_send(self, module: wire.GlobalModule, base_id: str, phase: str) -> None:
         assert self.config is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 from edge_runtime.errors import ConfigError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the hub's name of the bundled copy
 _BUNDLED_ALIASES = {
     "all-minilm-l6-v2",
     "sentence-transformers/all-minilm-l6-v2",
@@ -50,3 +51,9 @@ def resolve_model(name_or_path: str) -> str:
             f"(bundled: {DEFAULT_MODEL})"
         )
     return name_or_path
+
+
+def hub_name(name_or_path: str) -> str:
+    """The name a Hugging Face user knows the model by: the hub id for the bundled MiniLM's names,
+    else the name or path unchanged."""
+    return BUNDLED_HUB_ID if name_or_path.lower() in _BUNDLED_ALIASES else name_or_path

@@ -31,8 +31,8 @@ class Outbox:
         """Keep a payload (on disk first, when durable) before it is published."""
         with self._lock:
             if self.directory is not None:
-                self._write(self.directory / f"update-{round_}.topic", topic.encode())
-                self._write(self.directory / f"update-{round_}.bin", payload)
+                write_atomically(self.directory / f"update-{round_}.topic", topic.encode())
+                write_atomically(self.directory / f"update-{round_}.bin", payload)
             self._items[round_] = (topic, payload)
 
     def ack(self, round_: int) -> bool:
@@ -49,11 +49,12 @@ class Outbox:
         with self._lock:
             return [(r, t, p) for r, (t, p) in sorted(self._items.items())]
 
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

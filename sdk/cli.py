@@ -1,4 +1,4 @@
-"""The ``fedpeft`` command line: profile, simulate, serve, edge, centralized.
+"""The ``fedpeft`` command line: profile, simulate, serve, edge, centralized, export.
 
 Every subcommand prints ``--help``; bad input exits with status 2 and one clear line (after a bad
 flag, one short line of usage before it, not the whole usage block).
@@ -20,6 +20,7 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.engines import DEVICE_ENGINE_CHOICES
 from edge_runtime.errors import ConfigError, FedPeftError, TransportError
 from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
+from sdk.export import EXPORT_FORMATS, MODULE_CHOICES, ONNX_TOLERANCE
 
 DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, worth retrying (the broker cannot be reached)
@@ -367,6 +368,36 @@ def build_parser() -> argparse.ArgumentParser:
     cen.add_argument("--partition", default="dirichlet:0.5")
     cen.add_argument("--rounds", type=_positive_int, default=5, help="epochs = rounds x local epochs")
     cen.add_argument("--report", default="centralized.json")
+
+    exp = sub.add_parser(
+        "export",
+        help="write a trained LoRA module as a peft adapter or an ONNX model",
+        description="Export the module of a service's or a device's state folder. peft: the LoRA "
+        "adapter (PeftModel.save_pretrained), the head and the tokenizer; load it with "
+        "sdk.export.load_exported. onnx: the base model with the LoRA update merged in, pooling and "
+        f"head included, checked in onnxruntime against torch (largest logit difference allowed: "
+        f"{ONNX_TOLERANCE:g}).",
+    )
+    exp.add_argument(
+        "--state",
+        required=True,
+        help="a service's state folder (fedpeft serve --state) or a device's (fedpeft edge --state)",
+    )
+    exp.add_argument(
+        "--device",
+        default=None,
+        metavar="ID",
+        help="from a service's state: the module this device trains (its cluster's, or its assigned "
+        "configuration's); from a device's: checked against the folder's device",
+    )
+    exp.add_argument(
+        "--module",
+        choices=MODULE_CHOICES,
+        default="auto",
+        help="a device's global or personal module (default auto: personal if it has one)",
+    )
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="peft or onnx")
+    exp.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder to write")
     return parser
 
 
@@ -629,7 +660,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     from sdk import commands
 
-    handlers.update(serve=commands.cmd_serve, edge=commands.cmd_edge, centralized=commands.cmd_centralized)
+    handlers.update(
+        serve=commands.cmd_serve,
+        edge=commands.cmd_edge,
+        centralized=commands.cmd_centralized,
+        export=commands.cmd_export,
+    )
     try:
         return int(handlers[args.command](args))
     except TransportError as exc:

@@ -1,4 +1,4 @@
-"""The ``serve``, ``edge`` and ``centralized`` subcommands (kept apart from the parser)."""
+"""The ``serve``, ``edge``, ``centralized`` and ``export`` subcommands (kept apart from the parser)."""
 
 from __future__ import annotations
 
@@ -340,3 +340,23 @@ def _epoch_record(epoch: int, result: Any, start: float) -> dict[str, Any]:
         "bytes_up": 0,
         "bytes_down": 0,
     }
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the module of a state folder as a peft adapter or an ONNX model."""
+    from sdk.export import ONNX_NAME, ONNX_TOLERANCE, export_module, read_module
+
+    source = read_module(args.state, device=args.device, module=args.module)  # before loading any model
+    result = export_module(source, args.out, args.format)
+    if result.format == "onnx":
+        print(
+            f"exported {result.origin} to {result.out / ONNX_NAME} (LoRA merged, head included); "
+            f"onnxruntime's logits within {result.max_abs_diff:.1e} of torch's "
+            f"(tolerance {ONNX_TOLERANCE:g})"
+        )
+    else:
+        print(
+            f"exported {result.origin} as a peft adapter to {result.out} ({result.tensors} tensors, "
+            "head included); load it with sdk.export.load_exported"
+        )
+    return 0

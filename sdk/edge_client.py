@@ -8,7 +8,9 @@ module = client.final_module  # the trained PEFT module, by tensor name
 personal = client.personal_module  # this device's fine-tune of it, if the service asked for one
 
 ``state_dir`` holds the durable outbox: an app restarted there resends the updates the service never
-acknowledged. ``memory_cap_mb`` is announced to the service and enforced while training.
+acknowledged. It also keeps the final global module and the personal one (``modules/``, see
+:mod:`edge_runtime.module_store`), which ``fedpeft export --state STATE_DIR`` turns into a peft
+adapter or an ONNX model. ``memory_cap_mb`` is announced to the service and enforced while training.
 examples/embedded_client.py is a whole app.
 """
 
@@ -24,6 +26,7 @@ from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent, DeviceStats
 from edge_runtime.data import TextDataset, load_folder, load_split, resolve_data_dir
 from edge_runtime.engines import device_engines
+from edge_runtime.module_store import ModuleStore
 from edge_runtime.outbox import Outbox
 from edge_runtime.transport import BrokerUrl, MqttTransport, parse_broker_url
 from hw_profiles import measure
@@ -99,6 +102,7 @@ class EdgeClient:
             artifacts_cache=Path(artifacts_cache) if artifacts_cache is not None else state / "artifacts",
             holdout=self.holdout,
             mem_cap_mb=memory_cap_mb,
+            modules=ModuleStore(state / "modules"),
         )
         self._stop = threading.Event()
 

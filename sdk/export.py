@@ -1,0 +1,669 @@
+"""Export a trained module in the formats users load: a Hugging Face peft adapter, or ONNX.
+
+Only LoRA modules are exported: peft has no format for this project's bottleneck adapters and soft
+prompts, and merging into the base weights is defined for LoRA alone; other kinds raise
+:class:`~edge_runtime.errors.ConfigError` naming what is supported.
+
+The classifier being exported
+-----------------------------
+FedPEFT+ classifies with the base encoder (``transformers.AutoModel``, e.g. ``BertModel``, no task
+head) adapted by the LoRA module, then
+
+    logits = head(normalize(mean of last_hidden_state over attention_mask))
+
+(:class:`~edge_runtime.engines.torch_engine.TextClassifier`): masked mean pooling, L2
+normalisation, a linear head whose rows carry the cosine head's scale. This is not peft's or
+transformers' sequence-classification head (a pooler on the first token), so the head travels in a
+file of its own rather than as a ``modules_to_save`` entry of a model class users would not have.
+
+``--format peft`` (:func:`export_peft`) writes a folder with
+
+- ``adapter_config.json`` and ``adapter_model.safetensors``, written by peft's own
+  ``PeftModel.save_pretrained``: a LoRA adapter for the base encoder. The project's tensor
+  ``encoder.<module path>.lora_A`` (rank x in) is peft's ``base_model.model.<module path>.lora_A.weight``
+  and ``lora_B`` (out x rank) likewise, same orientation; ``r``, ``lora_alpha`` (the update is
+  alpha / r B A) and ``target_modules`` are the module's ``LoraSpec``'s. ``base_model_name_or_path``
+  is the hub id for the bundled MiniLM (``sentence-transformers/all-MiniLM-L6-v2``), else the
+  model's name or path as the run had it;
+- ``head.safetensors``: ``weight`` (labels x hidden) and ``bias`` (labels) of the head;
+- the base model's tokenizer files, and ``fedpeft_export.json``: the training configuration,
+  where the module came from and the line above.
+
+:func:`load_exported` rebuilds the classifier from that folder: the base encoder (eager attention,
+as the engine runs it), ``PeftModel.from_pretrained`` on it, and the head. Its logits equal the
+torch engine's for the same module (``tests/test_export.py`` checks the bundled MiniLM with
+``torch.equal``). Without FedPEFT+, ``PeftModel.from_pretrained(AutoModel.from_pretrained(base),
+folder)`` gives the adapted encoder; the pooling and head above turn its output into the logits.
+
+``--format onnx`` (:func:`export_onnx`) writes ``model.onnx``: the LoRA update merged into the base
+weights (peft's ``merge_and_unload`` with ``safe_merge``), the pooling, normalisation and head
+included. optimum is not a dependency of this project; the graph comes from ``torch.onnx.export``
+(the TorchScript exporter, opset 17). Inputs ``input_ids`` and ``attention_mask`` (int64, batch x
+sequence, both dynamic); outputs ``logits`` (batch x labels) and ``features`` (batch x hidden, the
+unit-norm pooled features). Before the folder is written, the graph runs in an onnxruntime
+``InferenceSession`` on :data:`PROBE_TEXTS` (another batch size and length than it was traced with)
+and its logits are compared with the unmerged torch model's: a largest absolute difference above
+:data:`ONNX_TOLERANCE` fails the export, and the measured one goes into ``fedpeft_export.json``.
+The folder also holds the tokenizer files.
+
+Where modules come from (:func:`read_module`)
+---------------------------------------------
+- a service's state folder (``fedpeft serve --state DIR``: ``DIR/state.sqlite``): the latest
+  checkpointed global module and the fleet's training configuration. With ``--device``, the module
+  that device trains: its cluster's (``--clusters``) or, in a mixed fleet, its assigned
+  configuration's view of the global state. The service never holds personalized modules.
+- a device's state folder (``fedpeft edge --state DIR`` or ``EdgeClient(state_dir=DIR)``):
+  ``DIR/modules/`` (:mod:`edge_runtime.module_store`), the final global module and, when the
+  service ran a personalization phase, the device's personalized one (taken by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_runtime import wire
+from edge_runtime.config import TrainConfig
+from edge_runtime.errors import ConfigError, EngineError, FedPeftError, NonFinite, ShapeMismatch
+from edge_runtime.models import hub_name, resolve_model
+from edge_runtime.module_store import GLOBAL_MODULE, PERSONAL_MODULE, ModuleStore
+from edge_runtime.peft_specs import LoraSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from edge_runtime.engines.torch_engine import TextClassifier
+
+EXPORT_FORMATS = ("peft", "onnx")
+MODULE_CHOICES = ("auto", GLOBAL_MODULE, PERSONAL_MODULE)
+EXPORT_VERSION = 1
+MANIFEST_NAME = "fedpeft_export.json"
+HEAD_NAME = "head.safetensors"
+ONNX_NAME = "model.onnx"
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4  # largest absolute logit difference between onnxruntime and torch
+SERVICE_DB = "state.sqlite"
+DEVICE_MODULES = "modules"
+CLASSIFIER = "logits = head(normalize(mean of last_hidden_state over attention_mask))"
+PROBE_TEXTS = (
+    "A short one.",
+    "The striker scored twice before half time and the league title is within reach.",
+    "Shares fell sharply after the bank reported lower earnings than investors expected this quarter.",
+    "The telescope photographed a galaxy far beyond the orbit of any planet we know, and the launch "
+    "of the next rocket is planned for the spring, weather permitting.",
+    "ok",
+)
+_TRACE_TEXTS = ("a sample", "another sample text")
+_LORA_NAME = re.compile(r"^encoder\.(?P<path>.+)\.(?P<factor>lora_[AB])$")
+_PEFT_PARAM = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_[AB])\.[^.]+\.weight$")
+_HEAD = ("head.weight", "head.bias")
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """A trained module, the training configuration it belongs to, and where it came from."""
+
+    tensors: dict[str, np.ndarray]
+    config: TrainConfig
+    origin: str = field(metadata={"help": "what the module is, for messages and the manifest"})
+    union: bool = field(
+        default=False,
+        metadata={
+            "help": "a mixed fleet's global state: the module is the leading corner of each tensor "
+            "its configuration trains (broker_server.heterogeneous.view)"
+        },
+    )
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    out: Path
+    format: str
+    origin: str
+    tensors: int
+    max_abs_diff: float | None = field(
+        default=None, metadata={"help": "onnx: largest |onnxruntime - torch| logit on PROBE_TEXTS"}
+    )
+
+
+@dataclass
+class ExportedModel:
+    """What :func:`load_exported` returns: the rebuilt classifier, its tokenizer and the manifest.
+
+    ``model(input_ids, attention_mask)`` gives the logits; ``model.encoder`` is the
+    ``PeftModel`` and ``model.head`` the head.
+    """
+
+    model: TextClassifier
+    tokenizer: Any
+    manifest: dict[str, Any]
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask as the engines make them (truncated at the run's seq_len)."""
+        return _encode(self.tokenizer, texts, int(self.manifest["seq_len"]))
+
+    def logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Class logits of ``texts``."""
+        import torch
+
+        input_ids, mask = self.encode(texts)
+        with torch.no_grad():
+            logits: torch.Tensor = self.model(input_ids, mask)
+        return logits
+
+
+# --- where modules come from -----------------------------------------------------------------------
+
+
+def read_module(state: str | Path, *, device: str | None = None, module: str = "auto") -> ModuleSource:
+    """The module to export from a service's or a device's state folder (see the module docstring).
+
+    ``module`` is ``global``, ``personal`` or ``auto`` (a device's personalized module when it has
+    one, else the global module).
+    """
+    if module not in MODULE_CHOICES:
+        raise ConfigError(f"module must be one of {', '.join(MODULE_CHOICES)}, got {module!r}")
+    folder = Path(state).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"state folder {folder} does not exist")
+    if folder.is_file() and folder.suffix == ".sqlite":
+        return _read_service(folder, device, module)
+    if (folder / SERVICE_DB).is_file():
+        return _read_service(folder / SERVICE_DB, device, module)
+    if (folder / DEVICE_MODULES).is_dir() or (folder / "outbox").is_dir():
+        return _read_device(folder, device, module)
+    raise ConfigError(
+        f"{folder} is not a FedPEFT+ state folder: it has neither {SERVICE_DB} (fedpeft serve --state) "
+        f"nor {DEVICE_MODULES}/ (fedpeft edge --state)"
+    )
+
+
+def _read_device(folder: Path, device: str | None, module: str) -> ModuleSource:
+    store = ModuleStore(folder / DEVICE_MODULES)
+    kept = store.names()
+    if not kept:
+        raise ConfigError(
+            f"device state folder {folder} holds no trained module: a device writes {DEVICE_MODULES}/ "
+            "when the service ends the run"
+        )
+    name = (PERSONAL_MODULE if PERSONAL_MODULE in kept else GLOBAL_MODULE) if module == "auto" else module
+    if name not in kept:
+        why = " (the service ran no personalization phase)" if name == PERSONAL_MODULE else ""
+        raise ConfigError(
+            f"device state folder {folder} has no {name} module{why}; it has: {', '.join(kept)}"
+        )
+    stored = store.load(name)
+    assert stored is not None  # listed just above
+    if device is not None and stored.device_id != device:
+        raise ConfigError(f"{folder} holds the modules of device {stored.device_id!r}, not of {device!r}")
+    what = "personalized module" if name == PERSONAL_MODULE else "final global module"
+    return ModuleSource(
+        tensors=stored.tensors,
+        config=stored.config,
+        origin=f"the {what} of device {stored.device_id} (round {stored.round}) from {folder}",
+    )
+
+
+def _read_service(db: Path, device: str | None, module: str) -> ModuleSource:
+    from broker_server.clustering import split_state
+    from broker_server.state import ASSIGNMENT_KEY, TRAIN_CONFIG_KEY, StateStore
+
+    if module == PERSONAL_MODULE:
+        raise ConfigError(
+            "a service never holds personalized modules (they stay on the devices): export one from "
+            "the device's state folder"
+        )
+    store = StateStore(db)
+    try:
+        latest = store.latest_global()
+        if latest is None:
+            raise ConfigError(f"service state {db} holds no global module yet")
+        round_, _, payload = latest
+        try:
+            checkpoint = wire.decode_global(payload, max_bytes=max(len(payload), wire.DEFAULT_MAX_PAYLOAD))
+        except FedPeftError as exc:
+            raise ConfigError(
+                f"service state {db}: the global module of round {round_} is unreadable: {exc}"
+            ) from None
+        devices = sorted(store.devices())
+        assignments = {d: store.get_meta(ASSIGNMENT_KEY + d) for d in devices}
+        assigned = {d: a for d, a in assignments.items() if a is not None}
+        fleet_config = store.get_meta(TRAIN_CONFIG_KEY)
+        clusters = store.get_meta("clusters")
+    finally:
+        store.close()
+    tensors = dict(checkpoint.tensors)
+    clustered = any(name.startswith("cluster") and "/" in name for name in tensors)
+    known = ", ".join(devices) or "none"
+    if device is None:
+        if clustered:
+            raise ConfigError(
+                f"service state {db} keeps one global module per cluster: pass --device ID (devices: {known})"
+            )
+        if assigned:
+            raise ConfigError(
+                f"service state {db} is a mixed fleet's (modules assigned per device): pass --device ID "
+                f"(devices: {known})"
+            )
+        origin = f"the global module of round {round_} from {db}"
+        return ModuleSource(tensors, _stored_config(fleet_config, db), origin)
+    if device not in devices:
+        raise ConfigError(f"unknown device {device!r} in service state {db} (devices: {known})")
+    config_data, union = fleet_config, False
+    if device in assigned:
+        assignment = assigned[device]
+        if assignment.get("excluded"):
+            raise ConfigError(f"device {device!r} was left out of the run: {assignment['excluded']}")
+        config_data, union = assignment.get("config"), True
+    what = "global module"
+    if clustered:
+        members = (clusters or {}).get("members", {})
+        if device not in members:
+            raise ConfigError(f"device {device!r} is in no cluster of service state {db}")
+        cluster = int(members[device])
+        tensors = split_state(tensors, len(clusters["centroids"]))[cluster]  # clusters: members above
+        what = f"cluster {cluster}'s global module"
+    origin = f"the {what} of round {round_} that device {device} trains, from {db}"
+    return ModuleSource(tensors, _stored_config(config_data, db), origin, union=union)
+
+
+def _stored_config(data: Any, db: Path) -> TrainConfig:
+    if data is None:
+        raise ConfigError(
+            f"service state {db} does not record its training configuration (the service of this "
+            "version stores it when it starts): run the service again on this state folder to record it"
+        )
+    return TrainConfig.from_dict(data)
+
+
+# --- the LoRA module in peft's terms ----------------------------------------------------------------
+
+
+def lora_spec(config: TrainConfig) -> LoraSpec:
+    """The module's LoRA spec; any other kind is refused, naming what is supported."""
+    if not isinstance(config.peft, LoraSpec):
+        raise ConfigError(
+            f"only LoRA modules can be exported (to peft or ONNX); this one is a {config.peft.kind!r} "
+            "module (supported: lora)"
+        )
+    return config.peft
+
+
+def lora_config(spec: LoraSpec, *, base_model: str | None = None) -> Any:
+    """peft's ``LoraConfig`` for ``spec``, as the torch engine builds it (scaling alpha / r)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft takes floats; its hint says int
+        target_modules=list(spec.target_modules),
+        lora_dropout=spec.dropout,
+        bias="none",
+        base_model_name_or_path=base_model,
+    )
+
+
+def peft_key(name: str) -> str:
+    """peft's saved key of a module tensor: ``encoder.P.lora_A`` -> ``base_model.model.P.lora_A.weight``.
+
+    ``encoder.`` is the classifier's attribute that holds the base model; peft's key is the path
+    inside that base model, behind ``base_model.model.``, with the factor's ``.weight``.
+    """
+    match = _LORA_NAME.match(name)
+    if match is None:
+        raise ShapeMismatch(f"{name}: not a LoRA tensor of the encoder (encoder.<module>.lora_A or lora_B)")
+    return f"base_model.model.{match['path']}.{match['factor']}.weight"
+
+
+def module_name(peft_param: str) -> str:
+    """The module tensor a ``PeftModel`` parameter holds (``...lora_A.<adapter>.weight``)."""
+    match = _PEFT_PARAM.match(peft_param)
+    if match is None:
+        raise ShapeMismatch(f"{peft_param}: not a LoRA parameter of a PeftModel")
+    return f"encoder.{match['path']}.{match['factor']}"
+
+
+def _module_tensors(
+    source: ModuleSource, expected: Mapping[str, tuple[int, ...]], spec: LoraSpec
+) -> dict[str, np.ndarray]:
+    """The module's tensors by name, exactly the ``expected`` names and shapes (head included)."""
+    if source.union:
+        from broker_server.heterogeneous import view
+
+        tensors = view(source.tensors, expected)
+    else:
+        tensors = dict(source.tensors)
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ShapeMismatch(
+                f"the module does not match LoRA rank {spec.rank} on {', '.join(spec.target_modules)} of "
+                f"{source.config.model}: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+    out: dict[str, np.ndarray] = {}
+    for name, shape in expected.items():
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if tuple(value.shape) != tuple(shape):
+            raise ShapeMismatch(f"{name}: shape {value.shape} != {tuple(shape)}")
+        if not np.isfinite(value).all():
+            raise NonFinite(f"{name} holds NaN or infinity")
+        out[name] = value
+    return out
+
+
+@dataclass
+class _Adapted:
+    """The classifier with the module (a ``PeftModel`` on the base encoder, and the head)."""
+
+    classifier: TextClassifier
+    tokenizer: Any
+    spec: LoraSpec
+    tensors: int  # module tensors loaded, head included
+
+
+def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
+    """Build the base encoder, put the module on it with peft, and add the head."""
+    import torch
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from edge_runtime.engines.torch_engine import TextClassifier
+
+    spec = lora_spec(source.config)
+    hf_logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    path = resolve_model(source.config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModel.from_pretrained(path, attn_implementation="eager")
+    except OSError as exc:
+        raise EngineError(f"cannot load model {source.config.model!r}: {exc}") from None
+    base.requires_grad_(False)
+    try:
+        peft_model = get_peft_model(base, lora_config(spec))
+    except ValueError as exc:
+        raise ConfigError(f"LoRA target modules not found in the model: {exc}") from None
+    hidden, labels = int(base.config.hidden_size), source.config.num_labels
+    expected = {module_name(n): tuple(p.shape) for n, p in peft_model.named_parameters() if ".lora_" in n}
+    tensors = _module_tensors(
+        source, {**expected, "head.weight": (labels, hidden), "head.bias": (labels,)}, spec
+    )
+    state = {peft_key(n): torch.from_numpy(v) for n, v in tensors.items() if n not in _HEAD}
+    result: Any = set_peft_model_state_dict(peft_model, state)  # torch's load_state_dict result
+    if result.unexpected_keys:
+        raise ShapeMismatch(f"peft did not take {sorted(result.unexpected_keys)[:3]}")
+    peft_model.peft_config["default"].base_model_name_or_path = hub_name(source.config.model)
+    classifier = TextClassifier(peft_model, hidden, labels)
+    with torch.no_grad():
+        classifier.head.weight.copy_(torch.from_numpy(tensors["head.weight"]))
+        classifier.head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
+    classifier.eval()
+    return _Adapted(classifier, tokenizer, spec, len(tensors))
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask as the torch engine batches them: truncated at ``seq_len``, padded on the right."""
+    import torch
+
+    if not texts:
+        raise ConfigError("no texts to encode")
+    ids: list[list[int]] = tokenizer(list(texts), truncation=True, max_length=seq_len)["input_ids"]
+    width = max(len(s) for s in ids)
+    pad = int(tokenizer.pad_token_id or 0)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder")
+
+
+def _write_folder(out: Path, fill: Any) -> None:
+    """Fill a temporary sibling of ``out`` with ``fill(folder)``, then rename it into place."""
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fill(work)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _manifest(source: ModuleSource, spec: LoraSpec, kind: str, hidden: int) -> dict[str, Any]:
+    return {
+        "fedpeft_export": EXPORT_VERSION,
+        "format": kind,
+        "origin": source.origin,
+        "model": source.config.model,
+        "base_model": hub_name(source.config.model),
+        "peft": spec.to_dict(),
+        "num_labels": source.config.num_labels,
+        "hidden": hidden,
+        "seq_len": source.config.seq_len,
+        "train": source.config.to_dict(),
+        "classifier": CLASSIFIER,
+    }
+
+
+def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = None) -> ExportResult:
+    """Write the module as a peft LoRA adapter, the head and the tokenizer (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser()
+    _check_out(out)
+    adapted = _adapted(source, threads)
+    classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
+    hidden = int(classifier.head.in_features)
+
+    def fill(folder: Path) -> None:
+        # no embedding layers: LoRA never trains them, and checking would look the base up on the hub
+        classifier.encoder.save_pretrained(str(folder), save_embedding_layers=False)
+        head = {
+            "weight": classifier.head.weight.detach().clone(),
+            "bias": classifier.head.bias.detach().clone(),
+        }
+        save_file(head, str(folder / HEAD_NAME))
+        tokenizer.save_pretrained(str(folder))
+        manifest = _manifest(source, spec, "peft", hidden) | {"head": HEAD_NAME}
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    _write_folder(out, fill)
+    return ExportResult(out=out, format="peft", origin=source.origin, tensors=adapted.tensors)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder} is not a FedPEFT+ export (no {MANIFEST_NAME})") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("fedpeft_export") != EXPORT_VERSION:
+        raise ConfigError(f"{path} is not a version {EXPORT_VERSION} FedPEFT+ export manifest")
+    return manifest
+
+
+def load_exported(
+    path: str | Path, *, base: str | Path | None = None, threads: int | None = None
+) -> ExportedModel:
+    """Rebuild the classifier of a ``--format peft`` export folder.
+
+    The base encoder is the run's model (resolved as the engines do: the bundled MiniLM, a local
+    folder or a hub id), or ``base`` if given; ``PeftModel.from_pretrained`` puts the adapter on
+    it, and the head comes from ``head.safetensors``. The result's logits equal the torch engine's
+    for the module that was exported.
+    """
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from edge_runtime.engines.torch_engine import TextClassifier
+
+    folder = Path(path).expanduser()
+    manifest = _read_manifest(folder)
+    if manifest.get("format") != "peft":
+        raise ConfigError(
+            f"{folder} holds an {manifest.get('format')} export: open {ONNX_NAME} with "
+            "onnxruntime.InferenceSession"
+        )
+    hf_logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    model_path = str(base) if base is not None else resolve_model(str(manifest["model"]))
+    try:
+        encoder = AutoModel.from_pretrained(model_path, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except OSError as exc:
+        raise EngineError(f"cannot load the base model {model_path!r}: {exc}") from None
+    adapted = PeftModel.from_pretrained(encoder, str(folder))
+    head = load_file(str(folder / HEAD_NAME))
+    labels, hidden = (int(n) for n in head["weight"].shape)
+    if labels != manifest.get("num_labels") or hidden != encoder.config.hidden_size:
+        raise ShapeMismatch(
+            f"{HEAD_NAME}: shape {tuple(head['weight'].shape)} does not fit the manifest's model"
+        )
+    classifier = TextClassifier(adapted, hidden, labels)
+    with torch.no_grad():
+        classifier.head.weight.copy_(head["weight"])
+        classifier.head.bias.copy_(head["bias"])
+    classifier.eval()
+    return ExportedModel(model=classifier, tokenizer=tokenizer, manifest=manifest)
+
+
+def export_onnx(
+    source: ModuleSource,
+    out: str | Path,
+    *,
+    threads: int | None = None,
+    texts: Sequence[str] = PROBE_TEXTS,
+) -> ExportResult:
+    """Write the merged classifier as ONNX and check it in onnxruntime (see the module docstring)."""
+    import onnxruntime
+    import torch
+    from torch import nn
+
+    from edge_runtime.engines.torch_engine import TextClassifier
+
+    out = Path(out).expanduser()
+    _check_out(out)
+    adapted = _adapted(source, threads)
+    classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
+    hidden, labels = int(classifier.head.in_features), int(classifier.head.out_features)
+    input_ids, mask = _encode(tokenizer, texts, source.config.seq_len)
+    with torch.no_grad():
+        reference = classifier(input_ids, mask).numpy()
+    try:  # in place: the unmerged classifier is gone after this
+        merged_encoder = classifier.encoder.merge_and_unload(safe_merge=True)
+    except ValueError as exc:  # safe_merge refuses weights that would turn NaN
+        raise NonFinite(f"merging the LoRA module: {exc}") from None
+    merged = TextClassifier(merged_encoder, hidden, labels)
+    merged.head.load_state_dict(classifier.head.state_dict())
+    merged.eval()
+
+    class WithFeatures(nn.Module):
+        """The merged classifier with its unit-norm pooled features as a second output."""
+
+        def __init__(self, inner: TextClassifier) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            features = self.inner.features(input_ids, attention_mask)
+            return self.inner.head(features), features
+
+    measured: dict[str, float] = {}
+
+    def fill(folder: Path) -> None:
+        onnx_path = folder / ONNX_NAME
+        example = _encode(tokenizer, _TRACE_TEXTS, source.config.seq_len)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(
+                WithFeatures(merged),
+                example,
+                str(onnx_path),
+                dynamo=False,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits", "features"],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "logits": {0: "batch"},
+                    "features": {0: "batch"},
+                },
+                opset_version=ONNX_OPSET,
+            )
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+        diff = float(np.abs(np.asarray(logits) - reference).max())
+        if not diff <= ONNX_TOLERANCE:
+            raise EngineError(
+                f"the ONNX model's logits differ from torch's by {diff:.2e} (tolerance {ONNX_TOLERANCE:g})"
+            )
+        measured["max_abs_diff"] = diff
+        tokenizer.save_pretrained(str(folder))
+        manifest = _manifest(source, spec, "onnx", hidden) | {
+            "onnx": {
+                "file": ONNX_NAME,
+                "opset": ONNX_OPSET,
+                "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
+                "lora": "merged into the base weights",
+                "inputs": {"input_ids": "int64 batch x sequence", "attention_mask": "int64 batch x sequence"},
+                "outputs": {"logits": f"float32 batch x {labels}", "features": f"float32 batch x {hidden}"},
+                "checked_texts": len(texts),
+                "max_abs_diff": diff,
+                "tolerance": ONNX_TOLERANCE,
+            }
+        }
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    _write_folder(out, fill)
+    return ExportResult(
+        out=out,
+        format="onnx",
+        origin=source.origin,
+        tensors=adapted.tensors,
+        max_abs_diff=measured["max_abs_diff"],
+    )
+
+
+def export_module(
+    source: ModuleSource, out: str | Path, fmt: str, *, threads: int | None = None
+) -> ExportResult:
+    """Export ``source`` as ``fmt`` (``peft`` or ``onnx``) into the new folder ``out``."""
+    if fmt == "peft":
+        return export_peft(source, out, threads=threads)
+    if fmt == "onnx":
+        return export_onnx(source, out, threads=threads)
+    raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
