@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.ort_engine import (
@@ -70,6 +70,9 @@ from edge_runtime.engines.ort_step_engine import (
 )
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.models import resolve_model
+
+if TYPE_CHECKING:
+    from edge_runtime.engines.torch_engine import TorchEngine
 
 OPSET = 14
 STEP_OPSET = 17  # broker_server.onnx_lowering.OPSET, kept here so the key needs no torch import
@@ -227,8 +230,21 @@ def build_artifacts(
     return ArtifactPaths(final)
 
 
-def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threads: int | None) -> None:
-    """Export the torch model of ``config`` and write every artifact into ``folder``."""
+def _build_into(
+    folder: Path,
+    config: TrainConfig,
+    *,
+    seed: int,
+    key: str,
+    threads: int | None,
+    engine: TorchEngine | None = None,
+) -> None:
+    """Export the torch model of ``config`` and write every artifact into ``folder``.
+
+    ``engine``: the :class:`TorchEngine` to export instead of one built for ``config`` and
+    ``seed``; whatever of its model requires grad is trained (``bench/step_speed.py`` passes one
+    with every weight trainable, to time full fine-tuning).
+    """
     import onnx
     import onnxruntime
     import torch
@@ -237,7 +253,8 @@ def _build_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threa
 
     from edge_runtime.engines.torch_engine import TextClassifier, TorchEngine, _canonical
 
-    engine = TorchEngine(config, seed=seed, threads=threads)
+    if engine is None:
+        engine = TorchEngine(config, seed=seed, threads=threads)
     classifier = engine.model
     classifier.eval()
 
@@ -347,14 +364,26 @@ def _manifest_head(engine: Any, config: TrainConfig, folder: Path, *, key: str, 
     }
 
 
-def _build_step_into(folder: Path, config: TrainConfig, *, seed: int, key: str, threads: int | None) -> None:
-    """Export the torch model of ``config`` as one step graph and write the ``step`` folder."""
+def _build_step_into(
+    folder: Path,
+    config: TrainConfig,
+    *,
+    seed: int,
+    key: str,
+    threads: int | None,
+    engine: TorchEngine | None = None,
+) -> None:
+    """Export the torch model of ``config`` as one step graph and write the ``step`` folder.
+
+    ``engine``: the :class:`TorchEngine` to export instead of one built for ``config`` and ``seed``.
+    """
     import numpy as np
 
     from broker_server.step_graph import export_step_graph
     from edge_runtime.engines.torch_engine import TorchEngine, _canonical
 
-    engine = TorchEngine(config, seed=seed, threads=threads)
+    if engine is None:
+        engine = TorchEngine(config, seed=seed, threads=threads)
     classifier = engine.model
     trainable = {n: p for n, p in classifier.named_parameters() if p.requires_grad}
     canonical = {n: _canonical(n) for n in trainable}

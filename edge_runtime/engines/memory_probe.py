@@ -2,11 +2,13 @@
 
 :func:`measure_training` runs ``python -m edge_runtime.engines.memory_probe`` in a child process,
 so nothing the caller already holds (a test runner, other models, a warm allocator) is counted.
-The child builds the torch engine for the configuration, trains ``steps`` steps on synthetic texts
+The child builds the engine the configuration names, trains ``steps`` steps on synthetic texts
 that fill every batch to exactly ``seq_len`` tokens, and prints one JSON object on stdout: the
 peak resident set size over its whole life (``VmHWM``, so loading the model counts too), the
 resident size after the imports and after loading, and the mean step time
-without the first (warm-up) step.
+without the first (warm-up) step. :func:`measure_in_process` is that measurement on its own, for
+a child process that builds an engine this module does not know (``bench/step_speed.py``'s full
+fine-tuning).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError, EngineError
+
+if TYPE_CHECKING:
+    from edge_runtime.engines.base import TrainingEngine
 
 # Words that MiniLM's (BERT's uncased WordPiece) vocabulary holds whole: one token each.
 _WORDS = (
@@ -128,29 +134,21 @@ def measure_training(
         raise EngineError(f"the memory probe printed no result: {exc}: {done.stdout[-200:]!r}") from None
 
 
-def _probe(
-    config: TrainConfig, steps: int, threads: int | None, artifacts: str | None
+def measure_in_process(
+    build: Callable[[], TrainingEngine], config: TrainConfig, steps: int
 ) -> TrainingMeasurement:
-    """Runs in the child: build the engine, train, measure."""
+    """Build an engine with ``build`` and train ``steps`` synthetic batches of ``config`` here.
+
+    The texts fill every batch to exactly ``config.seq_len`` tokens. Meant for a fresh process
+    (:func:`measure_training` runs one, and so does a benchmark that builds an engine of its own):
+    the peak memory is the whole process's. Resident size is read before and after ``build``.
+    """
     import numpy as np
 
     from edge_runtime.data import TextDataset
-    from edge_runtime.engines.base import TrainingEngine
 
     startup = _rss_now_mb()
-    engine: TrainingEngine
-    if config.engine == "ort":
-        from edge_runtime.engines.ort_engine import OrtEngine
-
-        engine = OrtEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
-    elif config.engine == "ort-plain":
-        from edge_runtime.engines.ort_step_engine import OrtStepEngine
-
-        engine = OrtStepEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
-    else:
-        from edge_runtime.engines.torch_engine import TorchEngine
-
-        engine = TorchEngine(config, seed=0, threads=threads)
+    engine = build()
     loaded = _rss_now_mb()
     rows = steps * config.batch_size
     rng = np.random.default_rng(0)
@@ -173,6 +171,27 @@ def _probe(
         trainable_params=trainable,
         total_params=engine.total_params,
     )
+
+
+def _probe(
+    config: TrainConfig, steps: int, threads: int | None, artifacts: str | None
+) -> TrainingMeasurement:
+    """Runs in the child: build the engine of ``config.engine``, train, measure."""
+
+    def build() -> TrainingEngine:
+        if config.engine == "ort":
+            from edge_runtime.engines.ort_engine import OrtEngine
+
+            return OrtEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
+        if config.engine == "ort-plain":
+            from edge_runtime.engines.ort_step_engine import OrtStepEngine
+
+            return OrtStepEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
+        from edge_runtime.engines.torch_engine import TorchEngine
+
+        return TorchEngine(config, seed=0, threads=threads)
+
+    return measure_in_process(build, config, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
