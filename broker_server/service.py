@@ -51,7 +51,7 @@ from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
 from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
-from broker_server.privacy import dp_epsilon, dp_fedavg
+from broker_server.privacy import DPFedAvg, PoissonSampler, new_key
 from broker_server.state import ASSIGNMENT_KEY, TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, check_strategy, get_strategy
 from edge_runtime import wire
@@ -112,6 +112,13 @@ class ServiceConfig:
         default=None, metadata={"help": "DP-FedAvg noise multiplier z (needs clip_norm); None = no DP"}
     )
     dp_delta: float = 1e-5
+    dp_sample_rate: float = field(
+        default=1.0,
+        metadata={
+            "help": "DP: each round samples every device independently with this probability q; the "
+            "mean's denominator is q times the fleet size (expected_clients, else min_clients)"
+        },
+    )
     down_bits: int = 32
     delta_downlink: bool = field(
         default=True,
@@ -173,6 +180,10 @@ class ServiceConfig:
                 raise ConfigError(f"DP is defined for fedit/fedavg, not {self.strategy!r}")
             if not 0 < self.dp_delta < 1:
                 raise ConfigError(f"ServiceConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
+            if not 0 < self.dp_sample_rate <= 1:
+                raise ConfigError(
+                    f"ServiceConfig.dp_sample_rate must be in (0, 1], got {self.dp_sample_rate}"
+                )
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
         if parse_clusters(self.clusters) != 0:
@@ -205,6 +216,8 @@ class ServiceConfig:
             )
         if self.server_momentum > 0 and (self.mode != "sync" or self.dp_noise_multiplier is not None):
             raise ConfigError("--server-momentum applies to synchronous rounds without DP")
+        if self.dp_noise_multiplier is not None and self.server_lr != 1.0:
+            raise ConfigError("DP-FedAvg publishes its noisy mean as is: no --server-lr with DP")
         if self.down_bits not in (32, 16):
             raise ConfigError("ServiceConfig.down_bits must be 32 or 16")
         check_strategy(self.strategy)
@@ -219,6 +232,18 @@ class ServiceConfig:
                 "--strategy ffa (FFA-LoRA) needs a LoRA module with frozen A factors (train_a=False); "
                 f"the module is {self.train.peft.to_dict()}"
             )
+
+    def dp_mechanism(self) -> DPFedAvg | None:
+        """DP-FedAvg as configured (None without DP); N is the fleet size fixed before any hello."""
+        if self.dp_noise_multiplier is None:
+            return None
+        assert self.clip_norm is not None
+        return DPFedAvg(
+            clip_norm=self.clip_norm,
+            noise_multiplier=self.dp_noise_multiplier,
+            sample_rate=self.dp_sample_rate,
+            fleet_size=self.expected_clients or self.min_clients,
+        )
 
 
 @dataclass
@@ -421,7 +446,12 @@ class AggregationService:
             and parse_clusters(config.clusters) == 0
             else None
         )
+        # DP-FedAvg (broker_server.privacy): the mechanism, its sampler (keyed once the store is
+        # open), the releases made so far and this round's sample
+        self._dp = config.dp_mechanism()
+        self._sampler: PoissonSampler | None = None
         self._dp_rounds = 0
+        self._sampled: set[str] = set()
         self._answered: set[str] = set()
         # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
         self._accepted_ids: dict[tuple[str, int], str] = {}
@@ -437,15 +467,41 @@ class AggregationService:
     # --- inbound -----------------------------------------------------------------------------
 
     def privacy_spent(self) -> float | None:
-        """Epsilon spent so far at ``dp_delta`` (None without DP); full participation is q = 1."""
-        z = self.config.dp_noise_multiplier
-        if z is None:
+        """Epsilon spent so far at ``dp_delta`` (None without DP): one sampled Gaussian mechanism at
+        rate q per release made, round 0's class statistics included."""
+        if self._dp is None:
             return None
-        fleet = max(len(self.devices), 1)
-        q = min(1.0, max(len(self._pending), 1) / fleet)
-        return dp_epsilon(
-            noise_multiplier=z, sampling_rate=q, rounds=self._dp_rounds, delta=self.config.dp_delta
-        )
+        return self._dp.epsilon(self._dp_rounds, self.config.dp_delta)
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        """What the DP guarantee is and covers, for the report (None without DP)."""
+        if self._dp is None:
+            return None
+        return {
+            "epsilon": self.privacy_spent(),
+            "delta": self.config.dp_delta,
+            "noise_multiplier": self._dp.noise_multiplier,
+            "sample_rate": self._dp.sample_rate,
+            "clip_norm": self._dp.clip_norm,
+            "fleet_size": self._dp.fleet_size,
+            "denominator": self._dp.denominator,
+            "releases": self._dp_rounds,
+            "accountant": "dp-accounting RDP, Poisson-sampled Gaussian, composed once per release",
+            "unit": "user: one device with all its data (add/remove)",
+            "covers": "the global modules published each round, the class-mean head of round 0 "
+            "included, and what is computed from them alone; not the report's per-device records",
+        }
+
+    def _dp_key(self) -> bytes:
+        """The secret key of the sampling and noise draws, kept in the store across restarts."""
+        if self.store is None:
+            return new_key()
+        stored = self.store.get_meta("dp_key")
+        if stored is None:
+            key = new_key()
+            self.store.set_meta("dp_key", key.hex())
+            return key
+        return bytes.fromhex(str(stored))
 
     def final_state(self) -> dict[str, np.ndarray]:
         """The current global module (the final one once :meth:`run` has returned); with clusters,
@@ -853,6 +909,15 @@ class AggregationService:
         if self._async_active:
             self._on_async_update(record, update, payload, cid)
             return
+        if self._sampler is not None and not self._sampler.includes(update.round, device):
+            # DP-FedAvg uses sampled devices' updates only; every device trains (see README), so
+            # this is expected, not a fault: it ends the device's turn, late or not
+            if update.round == self._round:
+                self._answered.add(device)
+            self._ack(
+                device, update.round, "", False, "not_sampled: DP-FedAvg did not sample it in that round"
+            )
+            return
         base_id = self._group_of(record).global_id
         if update.round < self._round or (update.round == self._round and update.base_id != base_id):
             self._stale += 1
@@ -1131,15 +1196,18 @@ class AggregationService:
                 f"only {len(able)} devices can train, {self.config.min_clients} needed (left out: {left_out})"
             )
 
-    def _collect(self, participants: set[str]) -> bool:
-        """Handle messages until every participant answered or the deadline; True if enough."""
+    def _collect(self, participants: set[str], enough: int | None = None) -> bool:
+        """Handle messages until every participant answered or the deadline; True if at least
+        ``enough`` (default min_clients) updates came in. With ``enough`` 0 an empty round closes
+        at once."""
+        enough = self.config.min_clients if enough is None else enough
         for attempt in range(self.config.max_round_retries + 1):
             deadline = self.clock() + self.config.round_timeout_s
             while not self._stopped and self.clock() < deadline:
-                if participants and participants <= set(self._pending) | self._answered:
+                if (participants or enough == 0) and participants <= set(self._pending) | self._answered:
                     return True
                 self._pump(min(deadline, self.clock() + 0.5))
-            if len(self._pending) >= self.config.min_clients:
+            if len(self._pending) >= enough:
                 return True
             log.warning(
                 "round %d: %d of %d updates by the deadline (attempt %d); keeping the global module",
@@ -1185,20 +1253,12 @@ class AggregationService:
             ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
             for _, p in sorted(self._pending.items())  # arrival order must not change the floats
         ]
-        if self.clustered:
+        if self._dp is not None:
+            self._aggregate_private(updates)
+        elif self.clustered:
             self._aggregate_clusters(updates)
         elif self._phase == STATS_PHASE:
             self._state = {**self._state, **self._head(updates)}
-        elif self.config.dp_noise_multiplier is not None:
-            assert self.config.clip_norm is not None
-            self._state = dp_fedavg(
-                self._state,
-                updates,
-                clip_norm=self.config.clip_norm,
-                noise_multiplier=self.config.dp_noise_multiplier,
-                rng=np.random.default_rng([self.config.seed, self._round]),
-            )
-            self._dp_rounds += 1
         else:
             if self.config.clip_norm is not None:
                 updates = [clip_update(u, self.config.clip_norm) for u in updates]
@@ -1223,6 +1283,21 @@ class AggregationService:
                 self._server_step(before)
                 if self.config.distill_epochs > 0:
                     self._distill()
+
+    def _aggregate_private(self, updates: list[ClientUpdate]) -> None:
+        """DP-FedAvg's release for this round: the class-mean head in round 0, else the module.
+        Each release, even one with no sampled update, is one step of the accountant."""
+        assert self._dp is not None and self._sampler is not None
+        rng = self._sampler.noise_rng(self._round)
+        if self._phase == STATS_PHASE:
+            c, h = self._state["head.weight"].shape
+            self._state = {
+                **self._state,
+                **self._dp.class_head(updates, (c, h), self.config.head_scale, rng),
+            }
+        else:
+            self._state = self._dp.aggregate(self._state, updates, rng)
+        self._dp_rounds += 1
 
     def _server_step(self, before: dict[str, np.ndarray]) -> None:
         """FedAvgM over the rule's step, with its momentum kept in the state store."""
@@ -1360,8 +1435,8 @@ class AggregationService:
                 self.final_eval = {"accuracy": record["accuracy"], "macro_f1": record["macro_f1"]}
         if counters is None:  # a state folder from before the counters were stored
             self.bytes_up_total = sum(int(r.get("bytes_up_all", 0)) for r in self.rounds)
-        if self.config.dp_noise_multiplier is not None:  # the privacy budget spent before the crash
-            self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") == TRAIN_PHASE)
+        if self._dp is not None:  # the privacy budget spent before the crash: one step a release
+            self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
         if self.config.strategy == "exact":  # the residual that aggregating this round starts from
             saved = self.store.residual_before(round_)
             if saved is not None:
@@ -1435,6 +1510,8 @@ class AggregationService:
         if self.store is not None:
             # what the checkpointed modules belong to: ``fedpeft export`` rebuilds them on this model
             self.store.set_meta(TRAIN_CONFIG_KEY, self.config.train.to_dict())
+        if self._dp is not None:
+            self._sampler = PoissonSampler(self._dp_key(), self._dp.sample_rate)
         resume_round = self._resume()
         self.start()
         if resume_round is None:
@@ -1466,6 +1543,12 @@ class AggregationService:
                 self._round_bytes_up = 0
                 self._round_bytes_down = 0
             participants = {d for d, rec in self.devices.items() if rec.online and not rec.excluded}
+            if self._sampler is not None:
+                # Poisson sampling over every registered device; an offline one sampled is a dropout
+                self._sampled = self._sampler.sample(
+                    r, (d for d, rec in self.devices.items() if not rec.excluded)
+                )
+                participants &= self._sampled
             round_start = self.clock()
             if resuming:
                 # Publish exactly the checkpointed bytes again: same content id, so devices'
@@ -1476,7 +1559,8 @@ class AggregationService:
                     self._ack(device, r, pending.content_id, True, "accepted before a restart")
             else:
                 self._publish_global(self._phase)
-            if not self._collect(participants):
+            # DP: the fixed denominator makes any number of updates (none too) a valid release
+            if not self._collect(participants, 0 if self._dp is not None else None):
                 raise FedPeftError(f"round {r} got too few updates after every retry")
             server_start = self.clock()
             self._aggregate()
@@ -1513,8 +1597,9 @@ class AggregationService:
             if self.clustered:
                 record["accuracy_by_cluster"] = dict(self._by_cluster)
                 record["shared_tensors"] = list(self._shared)
-            if self.config.dp_noise_multiplier is not None:
+            if self._dp is not None:
                 record["dp_epsilon"] = self.privacy_spent()
+                record["dp_sampled"] = len(self._sampled)
             self._learn_rewards(record)
             if result is not None:
                 self.final_eval = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}

@@ -457,10 +457,18 @@ def _add_aggregation_flags(p: argparse.ArgumentParser) -> None:
         "--dp-noise",
         type=_nonneg_float,
         default=None,
-        help="DP-FedAvg noise multiplier z (needs --clip-norm); epsilon goes in the report",
+        help="DP-FedAvg noise multiplier z (needs --clip-norm): noise of std z*C on the sum of "
+        "clipped updates, which is divided by q*N; epsilon goes in the report",
     )
     p.add_argument(
         "--dp-delta", type=_nonneg_float, default=1e-5, help="delta of the reported (epsilon, delta)"
+    )
+    p.add_argument(
+        "--dp-sample-rate",
+        type=_positive_float,
+        default=1.0,
+        help="DP: each round samples every device independently with probability q in (0, 1] "
+        "(default 1: all); N is the fleet size (simulate: --clients; serve: --min-clients)",
     )
     p.add_argument(
         "--clusters",
@@ -590,6 +598,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm,
         dp_noise=args.dp_noise,
         dp_delta=args.dp_delta,
+        dp_sample_rate=args.dp_sample_rate,
         attack=args.attack,
         norm_bound=args.norm_bound,
         max_message_bytes=args.max_message_bytes,

@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         norm_bound=args.norm_bound,
         dp_noise_multiplier=args.dp_noise,
         dp_delta=args.dp_delta,
+        dp_sample_rate=args.dp_sample_rate,
         head_init=args.head_init,
         head_scale=args.head_scale,
         personalize_epochs=args.personalize_epochs,
@@ -169,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0, "evaluated": False}
     final["dp_epsilon"] = service.privacy_spent()
     final["dp_delta"] = args.dp_delta if args.dp_noise is not None else None
+    final["dp"] = service.privacy_report()
     final |= service.personalization_summary()
     final["clusters"] = service.cluster_summary()
     report = build_report(

@@ -73,6 +73,9 @@ class SimulationConfig:
     clip_norm: float | None = None
     dp_noise: float | None = None
     dp_delta: float = 1e-5
+    dp_sample_rate: float = field(
+        default=1.0, metadata={"help": "DP: probability q that a device is sampled in a round"}
+    )
     attack: str | None = field(default=None, metadata={"help": "flip:COUNT or scale=FACTOR:COUNT"})
     norm_bound: float = 1e3
     max_message_bytes: int | None = field(default=None, metadata={"help": "split larger updates into chunks"})
@@ -172,6 +175,8 @@ class SimulationConfig:
         check_strategy(self.strategy)
         if self.broker is not None:
             parse_broker_url(self.broker)
+        if not 0 < self.dp_sample_rate <= 1:
+            raise ConfigError(f"--dp-sample-rate must be in (0, 1], got {self.dp_sample_rate}")
         if self.profiles is not None:
             parse_profile_mix(self.profiles)
         if self.allocation != "auto" and self.allocation not in ALLOCATIONS:
@@ -475,6 +480,7 @@ class Simulation:
             clip_norm=cfg.clip_norm,
             dp_noise_multiplier=cfg.dp_noise,
             dp_delta=cfg.dp_delta,
+            dp_sample_rate=cfg.dp_sample_rate,
             norm_bound=cfg.norm_bound,
             head_init=cfg.head_init,
             head_scale=cfg.head_scale,
@@ -735,6 +741,7 @@ class Simulation:
         final["clusters"] = service.cluster_summary()
         final["dp_epsilon"] = service.privacy_spent()
         final["dp_delta"] = cfg.dp_delta if cfg.dp_noise is not None else None
+        final["dp"] = service.privacy_report()
         return build_report(
             kind="simulate",
             config=run_config,

@@ -151,6 +151,7 @@ def test_profile_probes_a_training_step_of_the_module(tmp_path: Path) -> None:
     "flags, fragment",
     [
         (["--dp-noise", "1.0"], "DP needs --clip-norm"),
+        (["--dp-noise", "1.0", "--clip-norm", "1", "--dp-sample-rate", "1.5"], "dp_sample_rate must be in"),
         (["--strategy", "krum"], "unknown strategy"),
         (["--clip-norm", "0"], "clip_norm must be positive"),
     ],

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from broker_server.evaluation import Evaluator
+from broker_server.privacy import dp_epsilon
 from broker_server.report import validate_report
 from broker_server.service import AggregationService, ServiceConfig
 from edge_runtime import wire
@@ -211,11 +212,18 @@ def test_broker_restart_mid_run_loses_no_update(
 
 
 def test_differential_privacy_reports_its_budget(tiny: tuple[Path, Path]) -> None:
-    report = Simulation(_sim_config(tiny, rounds=2, clip_norm=1.0, dp_noise=1.0)).run()
+    report = Simulation(_sim_config(tiny, rounds=2, clip_norm=1.0, dp_noise=1.0, dp_sample_rate=0.7)).run()
     validate_report(report)
-    eps = [r["dp_epsilon"] for r in report["rounds"] if r["round"] > 0]
-    assert 0 < eps[0] < eps[1] == report["final"]["dp_epsilon"]
+    # round 0's class statistics are a release too: three steps of the accountant
+    eps = [r["dp_epsilon"] for r in report["rounds"]]
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert 0 < eps[0] < eps[1] < eps[2] == report["final"]["dp_epsilon"]
+    assert eps[2] == pytest.approx(dp_epsilon(noise_multiplier=1.0, sampling_rate=0.7, rounds=3, delta=1e-5))
     assert report["final"]["dp_delta"] == 1e-5
+    dp = report["final"]["dp"]
+    assert (dp["sample_rate"], dp["fleet_size"], dp["releases"]) == (0.7, 3, 3)
+    assert dp["denominator"] == pytest.approx(2.1)
+    assert all(r["participants"] == r["dp_sampled"] <= 3 for r in report["rounds"])
 
 
 def test_attackers_are_rejected_or_outvoted_and_rounds_complete(tiny: tuple[Path, Path]) -> None:
