@@ -147,17 +147,19 @@ class DownlinkEncoder:
     ) -> tuple[bytes, dict[str, np.ndarray]]:
         """The message for ``state`` and the state devices will hold after applying it."""
         rng_seed = [int(seed) & 0xFFFFFFFF, int(round_) & 0xFFFFFFFF, 0xD0]
+        # what the caller asks for plus what earlier messages left out: the caller adopted the
+        # state this encoder returned, so the residual is not already inside ``state``
+        target = {
+            name: np.asarray(value, np.float64) + self.residual.get(name, 0.0)
+            for name, value in state.items()
+        }
         if self.held is None:
             bits, tensors, base = self.full_bits, dict(state), None
         else:
             bits, base = self.bits, self.held_id
             tensors = {}
-            for name, value in state.items():
-                d = (
-                    np.asarray(value, np.float64)
-                    - np.asarray(self.held[name], np.float64)
-                    + self.residual.get(name, 0.0)
-                )
+            for name, value in target.items():
+                d = value - np.asarray(self.held[name], np.float64)
                 if np.any(d):
                     tensors[name] = d.astype(np.float32)
         draft = {**meta, **({"base": base} if base is not None else {})}
@@ -178,7 +180,7 @@ class DownlinkEncoder:
             bits=bits,
             rng=np.random.default_rng(rng_seed),
         )
-        self.residual = {k: np.asarray(state[k], np.float64) - np.asarray(new[k], np.float64) for k in state}
+        self.residual = {k: target[k] - np.asarray(new[k], np.float64) for k in state}
         self.held, self.held_id = new, wire.content_id(payload)
         return payload, new
 
