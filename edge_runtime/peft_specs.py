@@ -45,6 +45,11 @@ from edge_runtime.errors import ConfigError
 
 MIB = 1024.0 * 1024.0
 FP32_BYTES = 4
+# model_type values whose config.json ModelDims.from_hf_config reads (the BERT layout)
+BERT_LAYOUT_TYPES = ("bert", "roberta", "xlm-roberta")
+# names of the query, key and value projections across the supported families: LoRA on one of
+# them makes gradients flow into the lowest layer's attention block
+QKV_MODULES = frozenset({"query", "key", "value", "q_lin", "k_lin", "v_lin", "q_proj", "k_proj", "v_proj"})
 ADAMW_COPIES = 4  # weight, gradient and the two AdamW moments, all fp32
 
 # Fitted to peak RSS of fresh single-threaded processes (edge_runtime.engines.memory_probe) training
@@ -110,27 +115,59 @@ def spec_from_dict(data: dict[str, Any]) -> PeftSpec:
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes of a BERT-family encoder that decide what training it costs."""
+    """The sizes of one transformer tower that decide what training it costs.
+
+    The defaults describe a BERT-style layer (Q, K and V as wide as the hidden states, a two-matrix
+    feed-forward block); a LLaMA-style decoder sets ``kv_hidden`` (grouped-query attention) and
+    ``gated_ffn``. :mod:`edge_runtime.families` builds these from a model's configuration.
+    """
 
     hidden: int
     layers: int
     intermediate: int
-    vocab: int
+    vocab: int = field(metadata={"help": "token vocabulary; 0 for a vision tower, which has none"})
     heads: int
     total_params: int = field(metadata={"help": "every parameter of the frozen encoder, pooler included"})
     max_positions: int = 512
+    kv_hidden: int | None = field(
+        default=None, metadata={"help": "width of K and V (grouped-query attention); None: hidden"}
+    )
+    gated_ffn: bool = field(
+        default=False, metadata={"help": "a gated feed-forward block (gate, up, down: LLaMA's SwiGLU)"}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "layers", "intermediate", "vocab", "heads", "total_params", "max_positions"):
+        for name in ("hidden", "layers", "intermediate", "heads", "total_params", "max_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"ModelDims.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.vocab, int) or isinstance(self.vocab, bool) or self.vocab < 0:
+            raise ConfigError(f"ModelDims.vocab must be a non-negative integer, got {self.vocab!r}")
+        if self.kv_hidden is not None and (
+            not isinstance(self.kv_hidden, int) or isinstance(self.kv_hidden, bool) or self.kv_hidden < 1
+        ):
+            raise ConfigError(
+                f"ModelDims.kv_hidden must be a positive integer or None, got {self.kv_hidden!r}"
+            )
+        if not isinstance(self.gated_ffn, bool):
+            raise ConfigError(f"ModelDims.gated_ffn must be a bool, got {self.gated_ffn!r}")
         if self.hidden % self.heads:
             raise ConfigError(f"ModelDims.hidden ({self.hidden}) is not a multiple of heads ({self.heads})")
 
+    @property
+    def kv(self) -> int:
+        """Width of the K and V projections' outputs."""
+        return self.hidden if self.kv_hidden is None else self.kv_hidden
+
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of the feed-forward block: 3 when gated, else 2."""
+        return 3 if self.gated_ffn else 2
+
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelDims:
-        """From a transformers config object or the dict of a ``config.json`` (BERT, RoBERTa)."""
+        """From a transformers config object or the dict of a ``config.json`` of a BERT-layout
+        encoder (BERT, RoBERTa, XLM-RoBERTa); other families: :func:`edge_runtime.families.model_dims`."""
 
         def get(name: str, default: int | None = None) -> int:
             value = (
@@ -140,6 +177,14 @@ class ModelDims:
                 raise ConfigError(f"the model configuration has no {name!r}")
             return int(value)
 
+        model_type = (
+            config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+        )
+        if model_type not in (None, "", *BERT_LAYOUT_TYPES):
+            raise ConfigError(
+                f"ModelDims.from_hf_config reads BERT-layout encoders ({', '.join(BERT_LAYOUT_TYPES)}), "
+                f"not {model_type!r}: use edge_runtime.families.model_dims"
+            )
         hidden, layers = get("hidden_size"), get("num_hidden_layers")
         inter, vocab, positions = get("intermediate_size"), get("vocab_size"), get("max_position_embeddings")
         embeddings = (vocab + positions + get("type_vocab_size", 2)) * hidden + 2 * hidden
@@ -157,7 +202,7 @@ class ModelDims:
 
     @classmethod
     def from_model_dir(cls, folder: str | Path) -> ModelDims:
-        """From the ``config.json`` of a model folder, without importing transformers."""
+        """From the ``config.json`` of a BERT-layout model folder, without importing transformers."""
         path = Path(folder) / "config.json"
         try:
             return cls.from_hf_config(json.loads(path.read_text()))
@@ -170,9 +215,11 @@ class ModelDims:
         """Forward FLOPs of one encoder layer; without the attention block if ``attention`` is off."""
         tokens = batch * seq_len
         h = self.hidden
-        flops = 2.0 * tokens * (h * h + 2 * h * self.intermediate)  # attention output and feed-forward
+        # attention output and feed-forward
+        flops = 2.0 * tokens * (h * h + self.ffn_matrices * h * self.intermediate)
         if attention:
-            flops += 2.0 * tokens * 3 * h * h + 4.0 * batch * seq_len * seq_len * h  # Q, K, V and the map
+            # Q, K, V and the map
+            flops += 2.0 * tokens * (h * h + 2 * h * self.kv) + 4.0 * batch * seq_len * seq_len * h
         return flops
 
     def layer_saved_bytes(self, batch: int, seq_len: int, *, attention: bool = True) -> float:
@@ -180,15 +227,20 @@ class ModelDims:
 
         On CPU, dropout keeps its scaled noise tensor (fp32, not a 1-byte mask). Without
         ``attention`` the self-attention block is left out: nothing below it needs gradients.
+        A gated feed-forward block keeps the gate's output, its activation and the up projection's
+        output instead of one GELU input; a decoder's RMSNorm and its lack of dropout are counted
+        as BERT's LayerNorm and dropout (an over-estimate, fitted on MiniLM only).
         """
         tokens = batch * seq_len
         h = self.hidden
+        ffn_kept = 3 if self.gated_ffn else 1
         # per sublayer: dropout noise, LayerNorm input, LayerNorm mean and rstd; the GELU input
-        saved = tokens * (2 * (2 * FP32_BYTES * h + 2 * FP32_BYTES) + FP32_BYTES * self.intermediate)
+        sublayers = 2 * (2 * FP32_BYTES * h + 2 * FP32_BYTES)
+        saved = tokens * (sublayers + ffn_kept * FP32_BYTES * self.intermediate)
         if attention:
             maps = batch * self.heads * seq_len * seq_len
             # Q, K and V; the softmax output, its dropout noise and the dropped map
-            saved += tokens * 3 * FP32_BYTES * h + 3 * FP32_BYTES * maps
+            saved += tokens * FP32_BYTES * (h + 2 * self.kv) + 3 * FP32_BYTES * maps
         return float(saved)
 
     def backward_transient_bytes(self, batch: int, seq_len: int) -> float:
@@ -335,7 +387,7 @@ class LoraSpec:
         per_layer = FP32_BYTES * tokens * (dims.hidden + modules * self.rank)
         if self.dropout > 0:
             per_layer += modules * tokens * dims.hidden * 2 * FP32_BYTES
-        in_attention = any(m in ("query", "key", "value") for m in self.target_modules)
+        in_attention = any(m in QKV_MODULES for m in self.target_modules)
         return _training_cost(
             dims,
             batch,

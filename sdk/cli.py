@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines import DEVICE_ENGINE_CHOICES
 from edge_runtime.errors import ConfigError, FedPeftError, TransportError
-from edge_runtime.peft_specs import ModelDims, PeftSpec, spec_from_dict
+from edge_runtime.families import dims_of_dir
+from edge_runtime.peft_specs import PeftSpec, spec_from_dict
 from sdk.export import EXPORT_FORMATS, MODULE_CHOICES, ONNX_TOLERANCE
 
 DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
@@ -128,9 +129,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=_nonneg_float, default=8.0, help="LoRA alpha (default 8: scale 2)")
     p.add_argument(
         "--lora-targets",
-        default="query,key,value,attention.output.dense",
-        help="comma-separated module names (default: every attention projection, "
-        "query,key,value,attention.output.dense)",
+        default="attention",
+        help="comma-separated module names, or 'attention' (default: every attention projection of "
+        "the model's family, e.g. BERT's query,key,value,attention.output.dense) or 'default' (its "
+        "query and value projections)",
     )
     p.add_argument(
         "--prox-mu", type=_nonneg_float, default=0.0, help="proximal weight lambda (0 = plain FedAvg)"
@@ -550,7 +552,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
     )
-    dims = ModelDims.from_model_dir(resolve_model(config.model))
+    dims = dims_of_dir(resolve_model(config.model))
     predicted = config.peft.predict_cost(dims, config.batch_size, config.seq_len).memory_mb
     print(
         f"probing 3 training steps of {args.probe} (batch {args.batch_size}, {args.seq_len} tokens)...",

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.config import TrainConfig
+from edge_runtime.families import lora_targets_for
 from edge_runtime.peft_specs import LoraSpec
 
 log = logging.getLogger("fedpeft")
@@ -23,7 +24,9 @@ def _train_config(args: argparse.Namespace, num_labels: int, bits: int = 32) -> 
         peft=LoraSpec(
             rank=args.lora_rank,
             alpha=args.lora_alpha,
-            target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+            target_modules=lora_targets_for(
+                args.model, tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+            ),
             # FFA-LoRA: A stays at its shared initialisation; commands without --strategy train it
             train_a=getattr(args, "strategy", "fedit") != "ffa",
         ),
@@ -68,8 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker_server.state import StateStore
     from edge_runtime.data import load_labels, load_split, resolve_data_dir
     from edge_runtime.errors import ConfigError
+    from edge_runtime.families import dims_of_dir
     from edge_runtime.models import resolve_model
-    from edge_runtime.peft_specs import ModelDims
 
     folder = resolve_data_dir(args.data)
     test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
@@ -104,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     allocator = build_allocator(
         args.allocation,
         train_cfg,
-        ModelDims.from_model_dir(resolve_model(train_cfg.model)),
+        dims_of_dir(resolve_model(train_cfg.model)),
         AllocationConfig(alpha=args.alpha, beta=args.beta, gamma=args.gamma),
     )
     if allocator is not None and (args.strategy not in ("fedit", "hetlora") or args.dp_noise is not None):

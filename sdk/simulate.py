@@ -34,8 +34,9 @@ from edge_runtime.config import SUPPORTED_BITS, TrainConfig
 from edge_runtime.data import TextDataset, load_folder, resolve_data_dir
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.errors import ConfigError, FedPeftError
+from edge_runtime.families import dims_of_dir, lora_targets_for
 from edge_runtime.models import resolve_model
-from edge_runtime.peft_specs import LoraSpec, ModelDims
+from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import MqttTransport, parse_broker_url
 from hw_profiles import DeviceProfile, ProfileError, load_profile, measure
 from sdk.attacks import parse_attack
@@ -100,7 +101,10 @@ class SimulationConfig:
     broker: str | None = None
     lora_rank: int = 4
     lora_alpha: float = 8.0
-    lora_targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")
+    lora_targets: tuple[str, ...] = field(
+        default=("attention",),
+        metadata={"help": "LoRA modules; 'attention': every attention projection of the model's family"},
+    )
     lr: float = 3e-3
     head_lr: float = 2e-3
     batch_size: int = 16
@@ -255,7 +259,7 @@ class SimulationConfig:
             peft=LoraSpec(
                 rank=self.lora_rank,
                 alpha=self.lora_alpha,
-                target_modules=self.lora_targets,
+                target_modules=lora_targets_for(self.model, self.lora_targets),
                 train_a=self.strategy != "ffa",  # FFA-LoRA: A stays at its shared initialisation
             ),
             model=self.model,
@@ -506,7 +510,7 @@ class Simulation:
         allocator = build_allocator(
             cfg.allocation_mode,
             train_cfg,
-            ModelDims.from_model_dir(resolve_model(train_cfg.model)),
+            dims_of_dir(resolve_model(train_cfg.model)),
             AllocationConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma),
         )
         service = AggregationService(
@@ -730,6 +734,7 @@ class Simulation:
             "broker": "embedded" if cfg.broker is None else str(parse_broker_url(url)),
             "broker_kind": "external" if cfg.broker is not None else self.broker_kind,
             "train": train_cfg.to_dict(),
+            "lora_targets": list(getattr(train_cfg.peft, "target_modules", cfg.lora_targets)),
             "host": self.host.to_dict(),
         }
         final: dict[str, Any] = dict(service.final_eval) or {

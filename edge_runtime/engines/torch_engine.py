@@ -1,19 +1,23 @@
-"""The PyTorch training engine: a frozen Hugging Face encoder, a PEFT module and a linear head.
+"""The PyTorch training engine: a frozen Hugging Face model, a PEFT module and a linear head.
 
 torch, transformers and peft are imported here and nowhere else in ``edge_runtime``, so a device
 that runs the ONNX Runtime engine never loads them.
 
-The classifier mean-pools the encoder's last hidden states over real tokens and L2-normalises
-them (as sentence-transformers does for all-MiniLM-L6-v2); the head is linear on that unit
-vector, so a head whose rows are scaled class means is a nearest-normalised-class-mean classifier.
+The model's family (:mod:`edge_runtime.families`, from its ``config.json``) says how features are
+read: encoders (BERT, RoBERTa, DistilBERT) mean-pool the last hidden states over real tokens,
+LLaMA-style decoders take the last real token's (the only one that has seen the whole text).
+Either way the feature is L2-normalised (as sentence-transformers does for all-MiniLM-L6-v2);
+the head is linear on that unit vector, so a head whose rows are scaled class means is a
+nearest-normalised-class-mean classifier. Families the engine does not train yet (ViT, CLIP) are
+refused with the reason.
 
 PEFT kinds:
 
 - ``lora``: the ``peft`` library's LoRA layers, injected into the target linear modules.
-- ``adapter``: a :class:`BottleneckAdapter` after the ``dense`` projection of each chosen layer's
-  attention output and feed-forward output (before dropout, residual and LayerNorm), attached by a
-  forward hook; BERT and RoBERTa share this layout. Trainable names look like
-  ``encoder.encoder.layer.3.attention.output.adapter.down.weight``.
+- ``adapter``: a :class:`BottleneckAdapter` after each chosen layer's attention and feed-forward
+  output projections (the family's ``adapter_sites``; before dropout, residual and LayerNorm),
+  attached by a forward hook and registered on the projection's parent module. For BERT the
+  trainable names look like ``encoder.encoder.layer.3.attention.output.adapter.down.weight``.
 - ``prompt``: a :class:`SoftPrompt` (``prompt.embeddings``, length x hidden) prepended to the word
   embeddings, with the attention mask extended by ones. Pooling skips the prompt positions.
 
@@ -30,6 +34,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,7 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
+from edge_runtime.families import ModelFamily, family_of, family_of_dir
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec, PromptSpec
 
@@ -82,18 +88,30 @@ class SoftPrompt(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """Encoder (with an optional soft prompt), masked mean pooling, L2 normalisation, linear head."""
+    """Encoder (with an optional soft prompt), pooling, L2 normalisation, linear head.
+
+    ``pooling`` is ``mean`` (masked mean over the text's tokens) or ``last_token`` (the hidden
+    state of each row's last real token; rows are right-padded).
+    """
 
     def __init__(
-        self, encoder: nn.Module, hidden: int, num_labels: int, prompt: SoftPrompt | None = None
+        self,
+        encoder: nn.Module,
+        hidden: int,
+        num_labels: int,
+        prompt: SoftPrompt | None = None,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
+        if pooling not in ("mean", "last_token"):
+            raise ConfigError(f"text classification pools by 'mean' or 'last_token', not {pooling!r}")
         self.encoder: Any = encoder  # a transformers PreTrainedModel
         self.prompt = prompt
+        self.pooling = pooling
         self.head = nn.Linear(hidden, num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-norm mean-pooled sentence features over the text's tokens (never the prompt)."""
+        """Unit-norm pooled sentence features over the text's tokens (never the prompt)."""
         if self.prompt is None or not self.prompt.active:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
@@ -103,6 +121,10 @@ class TextClassifier(nn.Module):
             mask = torch.cat([attention_mask.new_ones((rows, length)), attention_mask], dim=1)
             out = self.encoder(inputs_embeds=torch.cat([prompt, words], dim=1), attention_mask=mask)
             hidden = out.last_hidden_state[:, length:]
+        if self.pooling == "last_token":
+            last = (attention_mask.sum(1) - 1).clamp_min(0)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return nn.functional.normalize(pooled, dim=-1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return nn.functional.normalize(pooled, dim=-1)
@@ -110,10 +132,6 @@ class TextClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits."""
         return self.head(self.features(input_ids, attention_mask))
-
-
-# The output projections adapters follow: BertSelfOutput / BertOutput (RoBERTa's are the same).
-_ADAPTER_SITES = re.compile(r"(?:^|\.)layer\.(\d+)\.(?:attention\.output|output)$")
 
 
 def _canonical(torch_name: str) -> str:
@@ -128,7 +146,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, config: TrainConfig, *, seed: int = 0, threads: int | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -136,10 +154,23 @@ class TorchEngine:
             torch.set_num_threads(threads)
         self.config = config
         path = resolve_model(config.model)
+        if Path(path).is_dir():  # a family we do not know is refused before transformers reads it
+            family_of_dir(path)
+        try:
+            model_config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"cannot load model {config.model!r}: {exc}") from None
+        self.family: ModelFamily = family_of(model_config)
+        if "classification" not in self.family.trains:
+            raise ConfigError(
+                f"model {config.model!r} is a {self.family.name} model: the torch engine does not train "
+                f"{self.family.name} yet (its tasks, {', '.join(self.family.tasks)}, need image data); "
+                "text classification trains BERT, RoBERTa, DistilBERT and LLaMA-style models"
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             torch.manual_seed(seed)
-            encoder = AutoModel.from_pretrained(path, attn_implementation="eager")
+            encoder = AutoModel.from_pretrained(path, config=model_config, attn_implementation="eager")
         except OSError as exc:
             raise EngineError(f"cannot load model {config.model!r}: {exc}") from None
         hidden = int(encoder.config.hidden_size)
@@ -148,7 +179,7 @@ class TorchEngine:
         for p in encoder.parameters():
             p.requires_grad_(False)
         prompt = self._attach_peft(encoder)
-        self.model = TextClassifier(encoder, hidden, config.num_labels, prompt)
+        self.model = TextClassifier(encoder, hidden, config.num_labels, prompt, self.family.pooling)
         self.model.eval()  # no dropout in the frozen base; LoRA dropout is in its own module
         self._params: dict[str, nn.Parameter] = {
             _canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad
@@ -171,7 +202,10 @@ class TorchEngine:
             try:
                 inject_adapter_in_model(lora, encoder)
             except ValueError as exc:
-                raise ConfigError(f"LoRA target modules not found in the model: {exc}") from None
+                raise ConfigError(
+                    f"LoRA target modules not found in the {self.family.name} model (its attention "
+                    f"projections: {', '.join(self.family.attention_modules)}): {exc}"
+                ) from None
             return None
         if isinstance(spec, AdapterSpec):
             self._attach_adapters(encoder, spec)
@@ -185,21 +219,22 @@ class TorchEngine:
         beyond = sorted(i for i in wanted if i >= self.num_layers)
         if beyond:
             raise ConfigError(f"AdapterSpec.layers {beyond} are beyond the model's {self.num_layers} layers")
+        modules = dict(encoder.named_modules())
         sites = []
-        for name, module in encoder.named_modules():
-            match = _ADAPTER_SITES.search(name)
-            dense = getattr(module, "dense", None)
-            if match and isinstance(dense, nn.Linear) and int(match.group(1)) in wanted:
-                sites.append((module, dense))
+        for name, module in modules.items():
+            layer = self.family.adapter_site(name)
+            if layer is not None and isinstance(module, nn.Linear) and layer in wanted:
+                sites.append((modules[name.rpartition(".")[0]], module))
         if len(sites) != 2 * len(wanted):
             raise ConfigError(
-                "adapters need BERT-style layers (attention.output.dense and output.dense); "
-                f"found {len(sites)} of {2 * len(wanted)} sites in {type(encoder).__name__}"
+                f"adapters follow the {self.family.name} family's output projections "
+                f"({self.family.adapter_sites}); found {len(sites)} of {2 * len(wanted)} sites in "
+                f"{type(encoder).__name__}"
             )
-        for module, dense in sites:
-            adapter = BottleneckAdapter(dense.out_features, spec.bottleneck, spec.activation)
-            module.add_module("adapter", adapter)  # its parameters are named <module>.adapter.*
-            dense.register_forward_hook(adapter.after)
+        for parent, projection in sites:
+            adapter = BottleneckAdapter(projection.out_features, spec.bottleneck, spec.activation)
+            parent.add_module("adapter", adapter)  # its parameters are named <parent>.adapter.*
+            projection.register_forward_hook(adapter.after)
 
     def _make_prompt(self, encoder: Any, spec: PromptSpec) -> SoftPrompt:
         embeddings = encoder.get_input_embeddings()
