@@ -1702,7 +1702,8 @@ class AggregationService:
             if device in self.devices:
                 self.devices[device].updates_accepted += count
         self._accepted_ids.update(snapshot.accepted_ids)
-        self.rounds = [r for r in self.rounds if r.get("mode") != "async"] + snapshot.records
+        # the class-mean round, if any, was over before version 0 was saved
+        self.rounds = self.store.round_records() + snapshot.records
         for record in self.rounds:
             if record.get("accuracy") is not None:
                 self.final_eval = {"accuracy": record["accuracy"], "macro_f1": record["macro_f1"]}

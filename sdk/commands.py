@@ -257,6 +257,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         f"device {config.device_id}: {s.updates_sent} updates sent, {s.updates_accepted} accepted, "
         f"peak RSS {s.peak_rss_mb:.0f} MiB"
     )
+    print(f"device {config.device_id}: accepted rounds {','.join(map(str, s.rounds_accepted))}", flush=True)
     personal = client.agent.personalization
     if personal.get("holdout"):
         print(
