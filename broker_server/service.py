@@ -36,6 +36,7 @@ from broker_server.aggregation import (
     sum_class_statistics,
 )
 from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
+from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
 from broker_server.asynchronous import Staleness, StaleUpdate, fedbuff_step, parse_staleness
 from broker_server.clustering import (
     Clustering,
@@ -328,7 +329,8 @@ class Job:
     start: float
     content_id: str
     nbytes: int
-    answered: bool = False
+    answered: bool = False  # not waited for any more: its update came, it failed, or it was replaced
+    updated: bool = False  # its update was accepted (a replaced job still takes one)
 
 
 def config_id(config: TrainConfig) -> str:
@@ -357,11 +359,13 @@ class AggregationService:
         unlabeled: TextDataset | None = None,
         event_clock: EventClock | None = None,
     ) -> None:
-        if config.mode == "async" and (allocator is not None or store is not None):
+        if config.mode == "async" and allocator is not None:
             raise ConfigError(
-                "--mode async runs in simulate for now: not with a mixed fleet (allocation) nor with "
-                "a state store (it does not resume after a crash yet)"
+                "--mode async with a mixed fleet (--allocation utility/uniform, --profiles) is not "
+                "supported yet: every device trains the one configured module"
             )
+        # asynchronous mode: versions, jobs and the buffer in the store (None without one)
+        self._ledger = AsyncLedger(store) if store is not None and config.mode == "async" else None
         self.event_clock = event_clock
         self._async_start = 0.0
         self._async_now = 0.0  # the asynchronous clock: the last arrival taken
@@ -370,7 +374,9 @@ class AggregationService:
         self._async_active = False
         # (arrival time, device, job id, update) of accepted updates not yet taken into the buffer
         self._arrivals: list[tuple[float, str, int, PendingUpdate]] = []
-        self._buffer: list[StaleUpdate] = []
+        self._buffer: list[tuple[int, StaleUpdate]] = []  # (job id, update), in order of arrival
+        # accepted updates no version took in before the run ended (asynchronous mode)
+        self.unaggregated: list[dict[str, Any]] = []
         if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
             raise ConfigError(
                 "distillation fuses the modules of different PEFT kinds: it needs a mixed fleet "
@@ -603,6 +609,7 @@ class AggregationService:
         if hello.device_id != device:
             raise UnknownDevice(f"hello for {hello.device_id!r} published under {device!r}")
         record = self.devices.get(device)
+        returning = record is not None and not record.online
         if record is None:
             record = self._register(device, hello)
             log.info("device %s registered (%d samples)", device, hello.num_samples)
@@ -613,11 +620,8 @@ class AggregationService:
             self.store.save_device(device, payload, time.time())
         if not record.excluded:
             self._assign(record)
-            busy = any(j.device == device and not j.answered for j in self._jobs.values()) or any(
-                d == device for _, d, _, _ in self._arrivals
-            )
-            if self._async_active and not busy:  # back (or new): it gets the newest version now
-                self._dispatch(device, self._async_now)
+            if self._async_active:  # back (or new): the newest version, unless it is busy
+                self._offer(device, returning=returning)
 
     def _register(self, device: str, hello: wire.Hello) -> DeviceRecord:
         """A new record for ``device``, configured, with what was counted for it before a restart."""
@@ -874,9 +878,11 @@ class AggregationService:
             if round_ == self._round:
                 self._answered.add(device)
             job = self._jobs.get(round_) if isinstance(round_, int) else None
-            if job is not None and job.device == device:
+            if job is not None and job.device == device and isinstance(round_, int):
                 job.answered = True  # asynchronous mode: do not wait for it, do not give it more
                 record.excluded = f"failed job {round_}: {reason}"
+                if self._ledger is not None:
+                    self._ledger.close_job(round_)
             log.warning("device %s failed round %s: %s", device, round_, reason)
             self._record_rejection(device, round_, reason)
 
@@ -965,7 +971,7 @@ class AggregationService:
             raise StaleRound(f"{device} has no job {update.round}", round=update.round)
         if update.base_id != job.content_id:
             raise StaleRound(f"job {update.round} was trained on another module", round=update.round)
-        if job.answered:
+        if job.updated:
             raise UpdateRejected("a second, different update for the job", round=update.round)
         self._check_tensors(update)
         if update.num_samples > record.hello.num_samples:
@@ -973,21 +979,31 @@ class AggregationService:
                 f"claims {update.num_samples} samples, hello said {record.hello.num_samples}",
                 round=update.round,
             )
-        job.answered = True
+        job.answered = job.updated = True
         train_s = float(update.metrics.get("train_s", 0.0))
         if self.event_clock is not None:
             arrival = self.event_clock.finish(device, job.start, train_s, len(payload), job.nbytes)
         else:
             arrival = self.clock() - self._async_start
-        heapq.heappush(
-            self._arrivals, (arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
-        )
         self._accepted_ids[(device, update.round)] = cid
         record.updates_accepted += 1
         record.last_metrics = dict(update.metrics)
         record.train_s += train_s
         record.samples = update.num_samples
         self._round_bytes_up += len(payload)
+        if self._ledger is not None:  # before the ack: what is acknowledged survives a crash
+            self._ledger.accept(
+                update.round,
+                device,
+                cid,
+                payload,
+                arrival,
+                counters=self._counters(),
+                device_counters=record.counters(),
+            )
+        heapq.heappush(
+            self._arrivals, (arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
+        )
         self._ack(device, update.round, cid, True, "")
         if self.on_accept is not None:
             self.on_accept(device)
@@ -1148,6 +1164,9 @@ class AggregationService:
                     stored = (shared, wire.encode_global(module, bits=32))
                 self.store.save_global(self._round, self._global_id, checkpoint, downlink=stored)
         if self.config.mode == "async":  # every device on its own topic
+            for device_record in self.devices.values():
+                if not device_record.excluded:
+                    self._group_of(device_record)
             for group in self.groups.values():
                 payload = self._encode_global(phase, group.config_id, self._state)
                 group.global_id = wire.content_id(payload)
@@ -1419,7 +1438,7 @@ class AggregationService:
             self._base_shapes = {n: tuple(v.shape) for n, v in first.items()}
         for device, hello_payload in self.store.devices().items():
             device_record = self._register(device, wire.decode_hello(hello_payload))
-            if not device_record.excluded and not self.clustered:
+            if not device_record.excluded and not self.clustered and self.config.mode == "sync":
                 self._group(device_record.config)
         if self.allocator is not None:
             self.allocator.rewards = RewardTable.from_dict(self.store.get_meta("rewards", {}))
@@ -1513,8 +1532,11 @@ class AggregationService:
         if self._dp is not None:
             self._sampler = PoissonSampler(self._dp_key(), self._dp.sample_rate)
         resume_round = self._resume()
+        snapshot = self._ledger.restore() if self._ledger is not None else None
+        if snapshot is not None:  # asynchronous versions had begun: continue them
+            self._take_back_versions(snapshot)
         self.start()
-        if resume_round is None:
+        if resume_round is None and snapshot is None:
             self._wait_for_devices()
             if self.clustered:
                 self._form_clusters()
@@ -1523,6 +1545,8 @@ class AggregationService:
         if resume_round is not None:
             first = resume_round
         last_sync = self.config.rounds if self.config.mode == "sync" else 0
+        if snapshot is not None:
+            first = last_sync + 1
         for r in range(first, last_sync + 1):
             if self._stopped:
                 break
@@ -1609,8 +1633,7 @@ class AggregationService:
             if self.on_round is not None:
                 self.on_round(record)
         if self.config.mode == "async" and not self._stopped:
-            self._round = 0
-            self._run_async(start)
+            self._run_async(start, snapshot)
         if self._stopped:
             return
         if self.config.personalize_epochs > 0:
@@ -1629,8 +1652,28 @@ class AggregationService:
         """No job in flight can land before it started (a device offline until later cannot)."""
         return min((job.start for job in self._jobs.values() if not job.answered), default=float("inf"))
 
+    def _open_jobs(self, device: str) -> list[tuple[int, Job]]:
+        return [(i, j) for i, j in self._jobs.items() if j.device == device and not j.answered]
+
+    def _offer(self, device: str, *, returning: bool = False) -> None:
+        """Give ``device`` the newest version unless an update of its waits for the buffer or it
+        has a job open; a device ``returning`` from offline has its jobs on older versions replaced
+        (an update for a replaced job, should it still come, is taken within the staleness bound,
+        but the service no longer waits for it)."""
+        if any(d == device for _, d, _, _ in self._arrivals):
+            return
+        open_jobs = self._open_jobs(device)
+        if open_jobs and not (returning and all(job.version < self._round for _, job in open_jobs)):
+            return
+        for job_id, job in open_jobs:
+            job.answered = True
+            if self._ledger is not None:
+                self._ledger.close_job(job_id)
+        self._dispatch(device, self._async_now)
+
     def _dispatch(self, device: str, t: float) -> None:
-        """Give ``device`` a job: the current global version, on its own topic (retained)."""
+        """Give ``device`` a job: the current global version, on its own topic (retained); with a
+        store, the job is recorded before its module goes out."""
         record = self.devices[device]
         if not record.online or record.excluded:
             return
@@ -1640,21 +1683,99 @@ class AggregationService:
         payload = self._encode_global(TRAIN_PHASE, group.config_id, self._state, self._job_seq)
         group.global_id = wire.content_id(payload)
         self._jobs[self._job_seq] = Job(device, self._round, start, group.global_id, len(payload))
+        if self._ledger is not None:
+            self._ledger.open_job(self._job_seq, device, self._round, group.global_id, len(payload), start)
         self.transport.publish(group.topic, payload, qos=1, retain=True)
 
-    def _run_async(self, wall_start: float) -> None:
+    def _version_payload(self) -> bytes:
+        """The current version's module as the ledger keeps it: fp32, exact."""
+        return wire.encode_global(wire.GlobalModule(self._round, "async", self._state), bits=32)
+
+    def _take_back_versions(self, snapshot: AsyncSnapshot) -> None:
+        """From a restart's snapshot, what the report counts: the versions' records, the devices
+        (registered from their stored hellos), their accepted updates and those updates' ids."""
+        assert self.store is not None
+        for device, hello_payload in self.store.devices().items():
+            if device not in self.devices:
+                self._register(device, wire.decode_hello(hello_payload))
+        for device, count in snapshot.accepted_counts.items():
+            if device in self.devices:
+                self.devices[device].updates_accepted += count
+        self._accepted_ids.update(snapshot.accepted_ids)
+        # the class-mean round, if any, was over before version 0 was saved
+        self.rounds = self.store.round_records() + snapshot.records
+        for record in self.rounds:
+            if record.get("accuracy") is not None:
+                self.final_eval = {"accuracy": record["accuracy"], "macro_f1": record["macro_f1"]}
+
+    def _restore_async(self, snapshot: AsyncSnapshot) -> float:
+        """Continue from the newest stored version: its module, the jobs, the buffer (acknowledged
+        again: a crash may have eaten those acks), and every open job's module published again,
+        byte for byte, in case a crash came between recording the job and publishing it. Returns
+        the asynchronous clock where the run before stopped."""
+        assert self._ledger is not None
+        big = max(len(snapshot.payload), wire.DEFAULT_MAX_PAYLOAD)
+        self._state = dict(wire.decode_global(snapshot.payload, max_bytes=big).tensors)
+        self._round = snapshot.version
+        for j in snapshot.jobs:
+            self._jobs[j.job] = Job(
+                j.device, j.version, j.start, j.content_id, j.nbytes, j.answered, j.updated
+            )
+        self._job_seq = max(self._jobs, default=0)
+        now = max((j.start for j in snapshot.jobs), default=0.0)
+        for stored in snapshot.waiting:
+            update = wire.decode_update(stored.payload, max_bytes=max(len(stored.payload), big))
+            pending = PendingUpdate(update, stored.content_id, len(stored.payload))
+            heapq.heappush(self._arrivals, (stored.arrival, stored.device, stored.job, pending))
+            self._ack(stored.device, stored.job, stored.content_id, True, "accepted before a restart")
+            now = max(now, stored.arrival)
+        counters = self.store.counters() if self.store is not None else None
+        if counters is not None and counters.get("round") == self._round:
+            self._stale, self._round_bytes_up = int(counters["round_stale"]), int(counters["round_bytes_up"])
+        for job_id, job in sorted(self._jobs.items()):
+            if job.answered or job.device not in self.devices:
+                continue
+            stored_version = self._ledger.version_payload(job.version)
+            group = self._group_of(self.devices[job.device])
+            payload = b""
+            if stored_version is not None:
+                state = wire.decode_global(stored_version, max_bytes=big).tensors
+                payload = self._encode_global(TRAIN_PHASE, group.config_id, dict(state), job_id)
+            if wire.content_id(payload) == job.content_id:
+                group.global_id = job.content_id
+                self.transport.publish(group.topic, payload, qos=1, retain=True)
+            else:  # cannot rebuild it: not waited for; the device gets a new job below
+                job.answered = True
+                self._ledger.close_job(job_id)
+        log.warning(
+            "resumed async version %d from %s: %d updates in the buffer, %d jobs open",
+            self._round,
+            self._ledger.store.path,
+            len(self._arrivals),
+            sum(not j.answered for j in self._jobs.values()),
+        )
+        return now
+
+    def _run_async(self, wall_start: float, snapshot: AsyncSnapshot | None = None) -> None:
         """FedBuff: devices train the newest version whenever they are free; every K updates (in
         order of arrival, on the simulated clock if there is one) make a new version."""
         self._async_active = True
-        self._async_start = self.clock()
         self._phase = TRAIN_PHASE
         staleness = parse_staleness(self.config.staleness)
-        now = 0.0
         self._stale = 0
         self._round_bytes_up = 0
+        if snapshot is None:
+            self._round = 0
+            now = 0.0
+            if self._ledger is not None:  # version 0, what the first jobs train on
+                self._ledger.save_version(0, self._version_payload(), None, [], self._counters())
+        else:
+            now = self._restore_async(snapshot)
+        self._async_now = now
+        self._async_start = self.clock() - now
         round_start = self.clock()
         for device in sorted(self.devices):
-            self._dispatch(device, now)
+            self._offer(device)
         while self._round < self.config.rounds and not self._stopped:
             # with a simulated clock an arrival is final only once no job in flight can land earlier
             if self._arrivals and (
@@ -1665,22 +1786,15 @@ class AggregationService:
                 job = self._jobs[job_id]
                 tau = self._round - job.version
                 if tau > self.config.max_staleness:
-                    self._stale += 1
-                    reason = (
-                        f"stale_round: trained on version {job.version}, now {self._round} "
-                        f"(bound {self.config.max_staleness})"
-                    )
-                    log.warning("dropped update from %s: %s", device, reason)
-                    self._record_rejection(device, self._round, reason)
+                    self._drop(device, job_id, job.version)
                 else:
                     u = pending.update
-                    self._buffer.append(
-                        StaleUpdate(ClientUpdate(device, u.num_samples, u.tensors, u.metrics), tau)
-                    )
+                    update = ClientUpdate(device, u.num_samples, u.tensors, u.metrics)
+                    self._buffer.append((job_id, StaleUpdate(update, tau)))
                 if len(self._buffer) >= self.config.buffer_size:
                     self._async_aggregate(staleness, now, wall_start, round_start)
                     round_start = self.clock()
-                self._dispatch(device, now)
+                self._offer(device)
                 continue
             if not self._in_flight() and not self._arrivals:
                 raise FedPeftError(
@@ -1693,22 +1807,51 @@ class AggregationService:
                     break
             else:
                 if not self._stopped:
-                    lost = [j for j in self._jobs.values() if not j.answered]
+                    lost = [(i, j) for i, j in self._jobs.items() if not j.answered]
                     log.warning(
                         "%d jobs unanswered after %.0f s: given up", len(lost), self.config.round_timeout_s
                     )
-                    for job in lost:
+                    for job_id, job in lost:
                         job.answered = True
+                        if self._ledger is not None:
+                            self._ledger.close_job(job_id)
                         self._record_rejection(job.device, self._round, "deadline: job unanswered")
         self._async_active = False
+        self.unaggregated = [{"client": b.update.device_id, "job": j} for j, b in self._buffer] + [
+            {"client": d, "job": j} for _, d, j, _ in sorted(self._arrivals)
+        ]
+
+    def _drop(self, device: str, job_id: int, version: int) -> None:
+        """An update staler than the bound: rejected with the reason, durably marked dropped."""
+        self._stale += 1
+        reason = (
+            f"stale_round: job {job_id} trained on version {version}, now {self._round} "
+            f"(bound {self.config.max_staleness})"
+        )
+        log.warning("dropped update from %s: %s", device, reason)
+        if self._ledger is None:
+            self._record_rejection(device, self._round, reason)
+            return
+        self.rejected.append({"client": device, "round": self._round, "reason": reason})
+        record = self.devices.get(device)
+        self._ledger.drop(
+            job_id,
+            device,
+            self._round,
+            reason,
+            time.time(),
+            counters=self._counters(),
+            device_counters=None if record is None else record.counters(),
+        )
 
     def _async_aggregate(
         self, staleness: Staleness, now: float, wall_start: float, round_start: float
     ) -> None:
         server_start = self.clock()
         buffer, self._buffer = self._buffer, []
-        ordered = sorted(buffer, key=lambda b: (b.update.device_id, b.staleness))
-        self._state = fedbuff_step(self._state, ordered, staleness, self.config.server_lr)
+        ordered = sorted(buffer, key=lambda b: (b[1].update.device_id, b[1].staleness, b[0]))
+        stale = [b for _, b in ordered]
+        self._state = fedbuff_step(self._state, stale, staleness, self.config.server_lr)
         self._round += 1
         result, _ = self._evaluate()
         record: dict[str, Any] = {
@@ -1724,18 +1867,25 @@ class AggregationService:
             "loss": None if result is None else result.loss,
             "participants": len(buffer),
             "stale_updates": self._stale,
-            "staleness": [b.staleness for b in ordered],
+            "staleness": [b.staleness for b in stale],
+            # s(tau) of each update, in the order of "clients"
+            "staleness_weights": [staleness(b.staleness) for b in stale],
             "bytes_up": self._round_bytes_up,
             "bytes_up_all": self._round_bytes_up,
             # what the devices counted coming in since their previous update (the versions they got)
-            "bytes_down": int(sum(b.update.metrics.get("bytes_down", 0.0) for b in buffer)),
-            "train_loss": _mean([b.update.metrics.get("loss") for b in buffer]),
-            "clients": [b.update.device_id for b in ordered],
+            "bytes_down": int(sum(b.update.metrics.get("bytes_down", 0.0) for b in stale)),
+            "train_loss": _mean([b.update.metrics.get("loss") for b in stale]),
+            "clients": [b.update.device_id for b in stale],
+            "jobs": [job for job, _ in ordered],
             "client_train_s": {},
             "client_bytes": {},
         }
         self._stale = 0
         self._round_bytes_up = 0
+        if self._ledger is not None:  # the version and the buffer it consumed, in one transaction
+            self._ledger.save_version(
+                self._round, self._version_payload(), record, record["jobs"], self._counters()
+            )
         if result is not None:
             self.final_eval = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
         self.rounds.append(record)

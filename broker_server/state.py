@@ -70,6 +70,18 @@ class StateStore:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, for modules that keep tables of their own in this database
+        (``broker_server.async_ledger``): everything inside commits together or not at all."""
+        with self._tx() as db:
+            yield db
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read-only statement."""
+        with self._lock:
+            return [tuple(row) for row in self._db.execute(sql, params).fetchall()]
+
     def get_meta(self, key: str, default: Any = None) -> Any:
         """A JSON value stored under ``key``."""
         with self._lock:
@@ -128,7 +140,7 @@ class StateStore:
                 "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?)",
                 (round_, device_id, content_id, payload),
             )
-            _write_counters(db, counters, device_id, device_counters)
+            write_counters(db, counters, device_id, device_counters)
             return cur.rowcount == 1
 
     def updates(self, round_: int) -> list[tuple[str, str, bytes]]:
@@ -164,11 +176,8 @@ class StateStore:
     ) -> None:
         """Record a rejection (``at``: wall-clock seconds), and the counters as they stand after it."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO rejections (at, client, round, reason) VALUES (?, ?, ?, ?)",
-                (at, client, round_, reason),
-            )
-            _write_counters(db, counters, client, device_counters)
+            insert_rejection(db, client, round_, reason, at)
+            write_counters(db, counters, client, device_counters)
 
     def rejections(self) -> list[dict[str, Any]]:
         """Every recorded rejection as a report entry (client, round, reason), oldest first."""
@@ -243,7 +252,16 @@ class StateStore:
             self._db.close()
 
 
-def _write_counters(
+def insert_rejection(
+    db: sqlite3.Connection, client: str | None, round_: int | None, reason: str, at: float
+) -> None:
+    """Inside a transaction: one rejection for the report."""
+    db.execute(
+        "INSERT INTO rejections (at, client, round, reason) VALUES (?, ?, ?, ?)", (at, client, round_, reason)
+    )
+
+
+def write_counters(
     db: sqlite3.Connection,
     counters: Mapping[str, Any] | None,
     device_id: str | None,

@@ -73,6 +73,7 @@ class DeviceStats:
     train_s: float = 0.0
     peak_rss_mb: float = 0.0
     rounds_trained: list[int] = field(default_factory=list)
+    rounds_accepted: list[int] = field(default_factory=list)  # rounds (async: jobs) acknowledged
     config: dict[str, Any] = field(default_factory=dict)
     last_error: str | None = None
 
@@ -298,6 +299,7 @@ class DeviceAgent:
         if self.outbox.ack(ack.round):
             if ack.accepted:
                 self.stats.updates_accepted += 1
+                self.stats.rounds_accepted.append(ack.round)
             else:
                 self.stats.updates_rejected += 1
                 log.warning("device %s: round %d rejected: %s", self.device_id, ack.round, ack.reason)

@@ -222,17 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the broker's message size limit; larger updates are sent in chunks",
     )
-    sim.add_argument(
-        "--mode",
-        default="sync",
-        choices=("sync", "async"),
-        help="sync rounds (default) or async: FedBuff aggregation of every --buffer-size updates",
-    )
-    sim.add_argument("--buffer-size", type=_positive_int, default=4, help="async: updates per aggregation")
-    sim.add_argument(
-        "--staleness", default="poly:0.5", help="async: staleness weight constant, poly:A or hinge:A:B"
-    )
-    sim.add_argument("--max-staleness", type=int, default=8, help="async: drop updates staler than this")
+    _add_mode_flags(sim)
     sim.add_argument(
         "--stragglers",
         default=None,
@@ -288,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--bits", type=int, default=4, choices=(32, 16, 8, 4, 2))
     _add_aggregation_flags(srv)
     _add_allocation_flags(srv, default="fixed")
+    _add_mode_flags(srv)
     srv.add_argument("--round-timeout", type=_nonneg_float, default=900.0, help="seconds a round waits")
     srv.add_argument("--hello-timeout", type=_nonneg_float, default=600.0, help="seconds to wait for devices")
     srv.add_argument("--report", default="serve.json")
@@ -401,6 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="peft or onnx")
     exp.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder to write")
     return parser
+
+
+def _add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """--mode and the asynchronous (FedBuff) flags, the same for simulate and serve."""
+    p.add_argument(
+        "--mode",
+        default="sync",
+        choices=("sync", "async"),
+        help="sync rounds (default) or async: FedBuff aggregation of every --buffer-size updates",
+    )
+    p.add_argument("--buffer-size", type=_positive_int, default=4, help="async: updates per aggregation")
+    p.add_argument(
+        "--staleness", default="poly:0.5", help="async: staleness weight constant, poly:A or hinge:A:B"
+    )
+    p.add_argument("--max-staleness", type=int, default=8, help="async: drop updates staler than this")
 
 
 def _add_allocation_flags(p: argparse.ArgumentParser, default: str) -> None:

@@ -78,6 +78,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
     labels = load_labels(folder) or test.label_names
     train_cfg = _train_config(args, len(labels), bits=args.bits)
+    if args.mode == "async" and args.allocation != "fixed":
+        raise ConfigError(
+            f"--mode async with --allocation {args.allocation} is not supported yet: every device "
+            "trains the one configured module (--allocation fixed)"
+        )
     config = ServiceConfig(
         fleet=args.fleet,
         rounds=args.rounds,
@@ -102,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         distill_alpha=args.distill_alpha,
         round_timeout_s=args.round_timeout,
         hello_timeout_s=args.hello_timeout,
+        mode=args.mode,
+        buffer_size=args.buffer_size,
+        staleness=args.staleness,
+        max_staleness=args.max_staleness,
         seed=args.seed,
     )
     allocator = build_allocator(
@@ -176,6 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     final["dp"] = service.privacy_report()
     final |= service.personalization_summary()
     final["clusters"] = service.cluster_summary()
+    if args.mode == "async":  # acknowledged, but the run ended before a version took them in
+        final["unaggregated"] = service.unaggregated
     report = build_report(
         kind="serve",
         config={
@@ -187,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "strategy": args.strategy,
             "clusters": args.clusters,
             "min_clients": args.min_clients,
+            "mode": args.mode,
             "train": train_cfg.to_dict(),
         },
         rounds=rounds,
@@ -248,6 +260,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
         f"device {config.device_id}: {s.updates_sent} updates sent, {s.updates_accepted} accepted, "
         f"peak RSS {s.peak_rss_mb:.0f} MiB"
     )
+    print(f"device {config.device_id}: accepted rounds {','.join(map(str, s.rounds_accepted))}", flush=True)
     personal = client.agent.personalization
     if personal.get("holdout"):
         print(
