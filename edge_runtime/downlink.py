@@ -180,7 +180,12 @@ class DownlinkEncoder:
             bits=bits,
             rng=np.random.default_rng(rng_seed),
         )
-        self.residual = {k: target[k] - np.asarray(new[k], np.float64) for k in state}
+        if base is None:
+            # the first module is the start everyone adopts at its 16 bits: nothing is owed on it
+            # (FFA's frozen A, for one, must stay exactly what devices first received)
+            self.residual = {}
+        else:
+            self.residual = {k: target[k] - np.asarray(new[k], np.float64) for k in state}
         self.held, self.held_id = new, wire.content_id(payload)
         return payload, new
 
