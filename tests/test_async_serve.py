@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,16 +32,13 @@ from edge_runtime.outbox import Outbox
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import MqttTransport, parse_broker_url
 from tests.brokers import Mosquitto
+from tests.cli_processes import cli, start_edge
 from tests.helpers import write_text_folder
 from tests.tiny_model import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSIONS = 8
 MAX_STALENESS = 2
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sdk.cli", *args]
 
 
 def _wait_for(log_path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -66,7 +62,7 @@ def test_async_serve_survives_sigkills_and_counts_every_acknowledged_update_once
     data = write_text_folder(tmp_path / "data", per_class_train=10)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     report = tmp_path / "serve.json"
-    serve = _cli(
+    serve = cli(
         "serve", "--broker", mosquitto.url, "--fleet", "acrash", "--state", str(tmp_path / "state"),
         "--data", str(data), "--rounds", str(VERSIONS), "--min-clients", "3", "--report", str(report),
         "--round-timeout", "120", "--hello-timeout", "60", "--model", str(model), "--seq-len", "16",
@@ -76,31 +72,17 @@ def test_async_serve_survives_sigkills_and_counts_every_acknowledged_update_once
     kills = 2
     logs = [open(tmp_path / f"serve{i}.log", "w") for i in range(kills + 1)]
     devices = [
-        subprocess.Popen(
-            _cli(
-                "edge",
-                "--broker",
-                mosquitto.url,
-                "--fleet",
-                "acrash",
-                "--device-id",
-                f"d{i}",
-                "--data",
-                str(data),
-                "--state",
-                str(tmp_path / f"edge{i}"),
-                "--max-samples",
-                "12",
-                "--seed",
-                str(i),
-                "--resend-after",
-                "2",
-            ),
+        start_edge(
+            mosquitto.url,
+            "acrash",
+            f"d{i}",
+            data,
+            tmp_path / f"edge{i}",
+            seed=i,
+            max_samples=12,
             cwd=tmp_path,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            extra=("--resend-after", "2"),
         )
         for i in range(3)
     ]
@@ -174,7 +156,7 @@ def test_serve_refuses_async_with_what_it_cannot_combine(tmp_path: Path) -> None
         (["--staleness", "sometimes"], "--staleness"),
     ):
         run = subprocess.run(
-            _cli(*base, *extra),
+            cli(*base, *extra),
             cwd=tmp_path,
             env=os.environ | {"PYTHONPATH": str(ROOT)},
             capture_output=True,

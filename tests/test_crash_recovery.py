@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,12 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import load_folder
 from edge_runtime.engines.torch_engine import TorchEngine
 from edge_runtime.transport import InMemoryBroker, InMemoryTransport, MqttTransport, parse_broker_url
+from tests.cli_processes import cli, start_edge
 from tests.helpers import write_text_folder
 from tests.tiny_model import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 5
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sdk.cli", *args]
 
 
 def _wait_for(log_path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
@@ -46,7 +42,7 @@ def test_service_survives_three_sigkills(mosquitto: Any, tmp_path: Path) -> None
     data = write_text_folder(tmp_path / "data", per_class_train=10)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     report = tmp_path / "serve.json"
-    serve = _cli(
+    serve = cli(
         "serve",
         "--broker",
         mosquitto.url,
@@ -73,31 +69,17 @@ def test_service_survives_three_sigkills(mosquitto: Any, tmp_path: Path) -> None
     )
     logs = [open(tmp_path / f"serve{i}.log", "w") for i in range(4)]
     devices = [
-        subprocess.Popen(
-            _cli(
-                "edge",
-                "--broker",
-                mosquitto.url,
-                "--fleet",
-                "crash",
-                "--device-id",
-                f"d{i}",
-                "--data",
-                str(data),
-                "--state",
-                str(tmp_path / f"edge{i}"),
-                "--max-samples",
-                "12",
-                "--seed",
-                str(i),
-                "--resend-after",
-                "3",
-            ),
+        start_edge(
+            mosquitto.url,
+            "crash",
+            f"d{i}",
+            data,
+            tmp_path / f"edge{i}",
+            seed=i,
+            max_samples=12,
             cwd=tmp_path,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            extra=("--resend-after", "3"),
         )
         for i in range(2)
     ]
