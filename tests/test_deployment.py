@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker_server.report import validate_report
+from tests.cli_processes import cli, start_edge
 from tests.helpers import write_text_folder
 from tests.tiny_model import make_tiny_bert
 
@@ -25,10 +25,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_tiny_bert(root / "model"), write_text_folder(root / "data", per_class_train=10)
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sdk.cli", *args]
-
-
 def test_serve_and_two_edge_devices_as_processes(
     tiny: tuple[Path, Path], mosquitto: Any, tmp_path: Path
 ) -> None:
@@ -37,7 +33,7 @@ def test_serve_and_two_edge_devices_as_processes(
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     report = tmp_path / "serve.json"
     server = subprocess.Popen(
-        _cli(
+        cli(
             "serve",
             "--broker",
             mosquitto.url,
@@ -66,29 +62,16 @@ def test_serve_and_two_edge_devices_as_processes(
         text=True,
     )
     devices = [
-        subprocess.Popen(
-            _cli(
-                "edge",
-                "--broker",
-                mosquitto.url,
-                "--fleet",
-                "lab",
-                "--device-id",
-                f"pi-{i}",
-                "--data",
-                str(data),
-                "--state",
-                str(tmp_path / f"edge{i}"),
-                "--max-samples",
-                "15",
-                "--seed",
-                str(i),
-            ),
+        start_edge(
+            mosquitto.url,
+            "lab",
+            f"pi-{i}",
+            data,
+            tmp_path / f"edge{i}",
+            seed=i,
+            max_samples=15,
             cwd=tmp_path,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
         )
         for i in range(2)
     ]
@@ -115,7 +98,7 @@ def test_centralized_reference(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = tiny
     report = tmp_path / "c.json"
     subprocess.run(
-        _cli(
+        cli(
             "centralized",
             "--data",
             str(data),
