@@ -1,4 +1,4 @@
-"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``.
+"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``, or image folders.
 
 A data folder holds one file per split, ``{split}.jsonl`` (``{"text": str, "label": int}`` a line)
 or else ``{split}.csv`` (header ``text,label``; a label is an integer or a class name from
@@ -80,6 +80,76 @@ class TextDataset:
         """Samples per class, an int64 array of length ``num_classes``."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
 
+    @property
+    def task(self) -> str:
+        """The task this data trains: ``classification`` (of texts)."""
+        return "classification"
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Images (each ``height x width x 3``, uint8 RGB, at its own size) with integer labels."""
+
+    images: tuple[np.ndarray, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels, dtype=np.int64)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "images", tuple(self.images))
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        if labels.ndim != 1:
+            raise ConfigError(f"ImageDataset.labels must be 1-D, got shape {labels.shape}")
+        if len(self.images) != len(labels):
+            raise ConfigError(f"ImageDataset has {len(self.images)} images but {len(labels)} labels")
+        for i, image in enumerate(self.images):
+            if not (
+                isinstance(image, np.ndarray)
+                and image.dtype == np.uint8
+                and image.ndim == 3
+                and image.shape[2] == 3
+                and image.shape[0] > 0
+                and image.shape[1] > 0
+            ):
+                shape = getattr(image, "shape", None)
+                dtype = getattr(image, "dtype", type(image).__name__)
+                raise ConfigError(
+                    f"ImageDataset.images[{i}] must be a uint8 array of shape (height, width, 3), "
+                    f"got {dtype} {shape}"
+                )
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+            raise ConfigError(
+                f"ImageDataset.labels must lie in [0, {len(self.label_names)}), "
+                f"got {labels.min()}..{labels.max()}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (from the label names, so absent classes count too)."""
+        return len(self.label_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
+        """The rows at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return ImageDataset(tuple(self.images[i] for i in idx), self.labels[idx], self.label_names)
+
+    def label_histogram(self) -> np.ndarray:
+        """Samples per class, an int64 array of length ``num_classes``."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    @property
+    def task(self) -> str:
+        """The task this data trains: ``image-classification``."""
+        return "image-classification"
+
+
+Dataset = TextDataset | ImageDataset
+"""Labelled data of either kind; engines read ``task`` to know which they were given."""
+
 
 # --- where data lives ---------------------------------------------------------------------------
 
@@ -152,6 +222,10 @@ def _derived_names(max_label: int) -> tuple[str, ...]:
 def load_labels(folder: str | Path) -> tuple[str, ...]:
     """Class names from ``labels.txt``, else ``"0".."K-1"`` from the largest label in the splits."""
     folder = Path(folder)
+    if is_image_folder(folder):
+        from edge_runtime.image_data import image_labels
+
+        return image_labels(folder)
     names = _read_labels_file(folder)
     if names is not None:
         return names
@@ -252,7 +326,10 @@ def _split_file(folder: Path, split: str) -> Path:
         path = folder / f"{split}{suffix}"
         if path.is_file():
             return path
-    raise DataFormatError(folder, f"no {split}.jsonl or {split}.csv in this folder")
+    raise DataFormatError(
+        folder,
+        f"no {split}.jsonl or {split}.csv in this folder (nor a {split}/ folder of class folders of images)",
+    )
 
 
 def _check_label(value: int, path: Path, line: int, names: tuple[str, ...] | None, given: object) -> int:
@@ -442,12 +519,35 @@ def _load_split(
     return texts, labels, cleaned
 
 
+def is_image_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is laid out as images: a ``train/`` or ``test/`` folder and no split file.
+
+    A folder with both (``train.jsonl`` and ``train/``) is ambiguous and refused.
+    """
+    folder = Path(folder)
+    dirs = [s for s in ("train", "test") if (folder / s).is_dir()]
+    if not dirs:
+        return False
+    files = [p.name for p in _split_files(folder) if p.stem in ("train", "test")]
+    if files:
+        raise DataFormatError(
+            folder,
+            f"holds both split files ({', '.join(files)}) and split folders "
+            f"({', '.join(d + '/' for d in dirs)}): keep text files or image folders, not both",
+        )
+    return True
+
+
 def load_split(
     folder: str | Path, split: str, *, limit: int | None = None, seed: int = 0, clean: str = "auto"
-) -> TextDataset:
+) -> Dataset:
     """Read one split; with ``limit``, a seeded class-stratified sample of that many rows."""
     _check_options(limit, clean)
     folder = Path(folder)
+    if is_image_folder(folder):
+        from edge_runtime.image_data import load_image_split
+
+        return load_image_split(folder, split, limit=limit, seed=seed)
     names = _read_labels_file(folder)
     texts, labels, _ = _load_split(folder, split, names, limit, seed, clean)
     # Without labels.txt the names come from this split alone; load_folder unifies both splits.
@@ -461,11 +561,15 @@ def load_folder(
     test_limit: int | None = None,
     seed: int = 0,
     clean: str = "auto",
-) -> tuple[TextDataset, TextDataset]:
-    """The train and test splits of a data folder, with the same class names and cleaning."""
+) -> tuple[Dataset, Dataset]:
+    """The train and test splits of a data folder, with the same class names and cleaning (texts)."""
     _check_options(train_limit, clean, "train_limit")
     _check_options(test_limit, clean, "test_limit")
     folder = Path(folder)
+    if is_image_folder(folder):
+        from edge_runtime.image_data import load_image_folder
+
+        return load_image_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
     names = _read_labels_file(folder)
     train_texts, train_labels, cleaned = _load_split(folder, "train", names, train_limit, seed, clean)
     # The test split follows the train split's "auto" decision so both look alike to the model.
