@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
+from edge_runtime.image_data import ImageDataset, image_labels, load_image_folder, load_image_split
+from edge_runtime.labels import read_labels_file as _read_labels_file
+from edge_runtime.labels import stratified_sample as _stratified_sample
 
 CLEAN_MODES = ("auto", "newsgroups", "none")
 EMPTY_TEXT = " "
@@ -86,67 +89,6 @@ class TextDataset:
         return "classification"
 
 
-@dataclass(frozen=True, eq=False)
-class ImageDataset:
-    """Images (each ``height x width x 3``, uint8 RGB, at its own size) with integer labels."""
-
-    images: tuple[np.ndarray, ...]
-    labels: np.ndarray
-    label_names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        labels = np.asarray(self.labels, dtype=np.int64)
-        object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "images", tuple(self.images))
-        object.__setattr__(self, "label_names", tuple(self.label_names))
-        if labels.ndim != 1:
-            raise ConfigError(f"ImageDataset.labels must be 1-D, got shape {labels.shape}")
-        if len(self.images) != len(labels):
-            raise ConfigError(f"ImageDataset has {len(self.images)} images but {len(labels)} labels")
-        for i, image in enumerate(self.images):
-            if not (
-                isinstance(image, np.ndarray)
-                and image.dtype == np.uint8
-                and image.ndim == 3
-                and image.shape[2] == 3
-                and image.shape[0] > 0
-                and image.shape[1] > 0
-            ):
-                shape = getattr(image, "shape", None)
-                dtype = getattr(image, "dtype", type(image).__name__)
-                raise ConfigError(
-                    f"ImageDataset.images[{i}] must be a uint8 array of shape (height, width, 3), "
-                    f"got {dtype} {shape}"
-                )
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
-            raise ConfigError(
-                f"ImageDataset.labels must lie in [0, {len(self.label_names)}), "
-                f"got {labels.min()}..{labels.max()}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (from the label names, so absent classes count too)."""
-        return len(self.label_names)
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
-        """The rows at ``indices``, in that order."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return ImageDataset(tuple(self.images[i] for i in idx), self.labels[idx], self.label_names)
-
-    def label_histogram(self) -> np.ndarray:
-        """Samples per class, an int64 array of length ``num_classes``."""
-        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
-
-    @property
-    def task(self) -> str:
-        """The task this data trains: ``image-classification``."""
-        return "image-classification"
-
-
 Dataset = TextDataset | ImageDataset
 """Labelled data of either kind; engines read ``task`` to know which they were given."""
 
@@ -188,33 +130,6 @@ def resolve_data_dir(spec: str | Path) -> Path:
 # --- labels -------------------------------------------------------------------------------------
 
 
-def _read_labels_file(folder: Path) -> tuple[str, ...] | None:
-    """Class names from ``folder/labels.txt``, or None when there is no such file."""
-    path = folder / "labels.txt"
-    if not path.is_file():
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(path, f"not valid UTF-8 ({exc.reason})") from None
-    while lines and not lines[-1].strip():  # trailing blank lines are harmless
-        lines.pop()
-    if not lines:
-        raise DataFormatError(path, "labels.txt is empty")
-    names: list[str] = []
-    seen: dict[str, int] = {}
-    for n, raw in enumerate(lines, start=1):
-        name = raw.strip()
-        # Line i names label i, so a blank line in the middle would shift every later class.
-        if not name:
-            raise DataFormatError(path, "blank class name (line i names label i-1)", n)
-        if name in seen:
-            raise DataFormatError(path, f"class name {name!r} repeats line {seen[name]}", n)
-        seen[name] = n
-        names.append(name)
-    return tuple(names)
-
-
 def _derived_names(max_label: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(max_label + 1))
 
@@ -223,8 +138,6 @@ def load_labels(folder: str | Path) -> tuple[str, ...]:
     """Class names from ``labels.txt``, else ``"0".."K-1"`` from the largest label in the splits."""
     folder = Path(folder)
     if is_image_folder(folder):
-        from edge_runtime.image_data import image_labels
-
         return image_labels(folder)
     names = _read_labels_file(folder)
     if names is not None:
@@ -461,25 +374,6 @@ def _rows(path: Path, names: tuple[str, ...] | None) -> Iterator[tuple[str, int]
     return _csv_rows(path, names)
 
 
-def _stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """``limit`` row indices, each class in proportion to its size, in file order."""
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    total = len(labels)
-    # Largest-remainder apportionment in exact integers; a random tie-break keeps it unbiased.
-    quota = counts * limit // total
-    remainder = counts * limit % total
-    rest = limit - int(quota.sum())
-    order = np.lexsort((rng.random(len(classes)), -remainder))
-    quota[order[:rest]] += 1
-    picks = [
-        rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False)
-        for c, q in zip(classes, quota, strict=True)
-        if q > 0
-    ]
-    return np.sort(np.concatenate(picks))
-
-
 def _check_options(limit: int | None, clean: str, name: str = "limit") -> None:
     if clean not in CLEAN_MODES:
         raise ConfigError(f"clean must be one of {', '.join(CLEAN_MODES)}; got {clean!r}")
@@ -545,8 +439,6 @@ def load_split(
     _check_options(limit, clean)
     folder = Path(folder)
     if is_image_folder(folder):
-        from edge_runtime.image_data import load_image_split
-
         return load_image_split(folder, split, limit=limit, seed=seed)
     names = _read_labels_file(folder)
     texts, labels, _ = _load_split(folder, split, names, limit, seed, clean)
@@ -567,8 +459,6 @@ def load_folder(
     _check_options(test_limit, clean, "test_limit")
     folder = Path(folder)
     if is_image_folder(folder):
-        from edge_runtime.image_data import load_image_folder
-
         return load_image_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
     names = _read_labels_file(folder)
     train_texts, train_labels, cleaned = _load_split(folder, "train", names, train_limit, seed, clean)

@@ -23,16 +23,79 @@ the path. Names starting with a dot (``.DS_Store``) are skipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.data import ImageDataset, _read_labels_file, _stratified_sample
 from edge_runtime.errors import ConfigError, DataFormatError
+from edge_runtime.labels import read_labels_file, stratified_sample
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp")
 IMAGE_SUFFIXES = (*PILLOW_SUFFIXES, ".npy")
 SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Images (each ``height x width x 3``, uint8 RGB, at its own size) with integer labels."""
+
+    images: tuple[np.ndarray, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels, dtype=np.int64)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "images", tuple(self.images))
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        if labels.ndim != 1:
+            raise ConfigError(f"ImageDataset.labels must be 1-D, got shape {labels.shape}")
+        if len(self.images) != len(labels):
+            raise ConfigError(f"ImageDataset has {len(self.images)} images but {len(labels)} labels")
+        for i, image in enumerate(self.images):
+            if not (
+                isinstance(image, np.ndarray)
+                and image.dtype == np.uint8
+                and image.ndim == 3
+                and image.shape[2] == 3
+                and image.shape[0] > 0
+                and image.shape[1] > 0
+            ):
+                shape = getattr(image, "shape", None)
+                dtype = getattr(image, "dtype", type(image).__name__)
+                raise ConfigError(
+                    f"ImageDataset.images[{i}] must be a uint8 array of shape (height, width, 3), "
+                    f"got {dtype} {shape}"
+                )
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+            raise ConfigError(
+                f"ImageDataset.labels must lie in [0, {len(self.label_names)}), "
+                f"got {labels.min()}..{labels.max()}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (from the label names, so absent classes count too)."""
+        return len(self.label_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageDataset:
+        """The rows at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return ImageDataset(tuple(self.images[i] for i in idx), self.labels[idx], self.label_names)
+
+    def label_histogram(self) -> np.ndarray:
+        """Samples per class, an int64 array of length ``num_classes``."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    @property
+    def task(self) -> str:
+        """The task this data trains: ``image-classification``."""
+        return "image-classification"
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -55,7 +118,7 @@ def _class_folders(split_dir: Path) -> list[Path]:
 def image_labels(folder: str | Path) -> tuple[str, ...]:
     """Class names: ``labels.txt``, else the sorted class folders of ``train/`` and ``test/``."""
     folder = Path(folder)
-    names = _read_labels_file(folder)
+    names = read_labels_file(folder)
     if names is not None:
         return names
     found = {p.name for s in SPLITS if (folder / s).is_dir() for p in _class_folders(folder / s)}
@@ -153,7 +216,7 @@ def _check_limit(limit: int | None, name: str) -> None:
 def _load(folder: Path, split: str, names: tuple[str, ...], limit: int | None, seed: int) -> ImageDataset:
     paths, labels = _split_entries(folder, split, names)
     if limit is not None and limit < len(paths):
-        idx = _stratified_sample(labels, limit, seed)
+        idx = stratified_sample(labels, limit, seed)
         paths = [paths[i] for i in idx]
         labels = labels[idx]
     return ImageDataset(tuple(read_image(p) for p in paths), labels, names)
