@@ -381,3 +381,15 @@ def test_simulate_refuses_a_text_model_for_images(tmp_path: Path, images: Path) 
     config = SimulationConfig(data=str(images), model=str(bert), clients=2, rounds=1, lora_targets=("query",))
     with pytest.raises(ConfigError, match=r"holds images, but model .* is a bert model"):
         Simulation(config).run()
+
+
+def test_export_refuses_an_image_model_with_the_reason(vit: Path, tmp_path: Path) -> None:
+    from edge_runtime.engines.torch_engine import TorchEngine
+    from sdk.export import ModuleSource, export_module
+
+    cfg = _config(vit)
+    source = ModuleSource(TorchEngine(cfg, seed=0, threads=1).trainable_state(), cfg, "a test module")
+    with pytest.raises(
+        ConfigError, match="is an image model: exporting image classifiers is not implemented"
+    ):
+        export_module(source, tmp_path / "out", "peft")
