@@ -398,6 +398,11 @@ class TorchEngine:
         self._token_cache[id(data)] = (data, inputs)
         return inputs
 
+    def _tokens(self, data: Dataset) -> list[list[int]]:
+        """Token ids of every text of ``data`` (cached; a text model's :meth:`_inputs`)."""
+        ids: list[list[int]] = self._inputs(data)
+        return ids
+
     def _pixels(self, data: ImageDataset) -> torch.Tensor:
         """Images as the model reads them: ``N x channels x size x size``, resized and normalised."""
         size = self.image_size
