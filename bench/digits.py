@@ -12,9 +12,12 @@ For each seed, ``fedpeft simulate`` runs 5 devices, a Dirichlet(0.5) label skew 
 train split (``--samples-per-client all``), 6 rounds of 1 local epoch, 4-bit updates and every other
 flag at its default (LoRA rank 4 on every attention projection, the class-mean head at round 0);
 ``fedpeft centralized`` trains the same model, module and recipe on the union of the same devices'
-samples for the same 6 epochs. Reports go to ``--out`` (default ``bench/results/digits``), a
-report that exists is not run again (delete it to rerun), and ``summary.json`` gives per kind the
-mean, standard deviation and range over the seeds of the final test accuracy.
+samples for the same 6 epochs, in a process pinned to one core: its engine otherwise trains with a
+thread per core, and on a shared 2-core machine two threads waiting on each other took 300 s for an
+epoch; the federated devices train with one thread each already. Reports go to ``--out``
+(default ``bench/results/digits``), a report that exists is not run again (delete it to rerun),
+and ``summary.json`` gives per kind the mean, standard deviation and range over the seeds of the
+final test accuracy.
 
     .venv/bin/python bench/digits.py                  # seeds 0 1 2
 """
@@ -81,13 +84,18 @@ def write_vit(folder: Path, seed: int) -> Path:
     return folder
 
 
-def _run(cmd: list[str], report: Path) -> float:
+def _one_core() -> None:
+    """Pin the calling process to one core (run in the child before it starts)."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def _run(cmd: list[str], report: Path, *, one_core: bool = False) -> float:
     if report.exists():
         return float(json.loads(report.read_text()).get("extra", {}).get("bench_wall_s", 0.0))
     print("$", " ".join(cmd), flush=True)
     start = time.monotonic()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=env, preexec_fn=_one_core if one_core else None)
     wall = time.monotonic() - start
     data = json.loads(report.read_text())
     data.setdefault("extra", {})["bench_wall_s"] = wall
@@ -154,7 +162,7 @@ def main() -> int:
                 ("centralized", [*cli, "centralized", *flags]),
             ):
                 report = out / f"{kind}-s{seed}.json"
-                wall = _run([*cmd, "--report", str(report)], report)
+                wall = _run([*cmd, "--report", str(report)], report, one_core=kind == "centralized")
                 runs[kind][0].append(json.loads(report.read_text()))
                 runs[kind][1].append(wall)
     finally:
