@@ -256,6 +256,10 @@ def _build_into(
     if engine is None:
         engine = TorchEngine(config, seed=seed, threads=threads)
     classifier = engine.model
+    if not isinstance(classifier, TextClassifier):  # check_ort_support refuses image models first
+        raise ConfigError(
+            f"ONNX Runtime training artifacts are built for text models; {config.model!r} is not one"
+        )
     classifier.eval()
 
     class WithLoss(nn.Module):

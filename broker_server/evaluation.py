@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edge_runtime.config import TrainConfig
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset
 from edge_runtime.engines.base import EvalResult
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class Evaluator:
     """Holds a torch engine for the assigned configuration (and others on demand) and a test set."""
 
     def __init__(
-        self, config: TrainConfig, test: TextDataset | None, *, seed: int, threads: int | None = None
+        self, config: TrainConfig, test: Dataset | None, *, seed: int, threads: int | None = None
     ) -> None:
         from edge_runtime.engines.torch_engine import TorchEngine
 

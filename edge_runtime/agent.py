@@ -29,7 +29,7 @@ from edge_runtime import wire
 from edge_runtime.artifact_transfer import ArtifactAssembler, ArtifactInfo, cached_folder, unpack
 from edge_runtime.chunking import split_payload
 from edge_runtime.config import TrainConfig
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset
 from edge_runtime.downlink import RESYNC_STATE, ModuleReceiver, Received
 from edge_runtime.engines import artifact_flavour, create_engine
 from edge_runtime.engines.base import ProgressFn, TrainingEngine
@@ -86,7 +86,7 @@ class DeviceAgent:
         device_id: str,
         fleet: str,
         transport: Transport,
-        data: TextDataset,
+        data: Dataset,
         engine_factory: EngineFactory | None = None,
         *,
         profile: dict[str, Any] | None = None,
@@ -98,7 +98,7 @@ class DeviceAgent:
         update_hook: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
         max_message_bytes: int | None = None,
         artifacts_cache: str | Path | None = None,
-        holdout: TextDataset | None = None,
+        holdout: Dataset | None = None,
         mem_cap_mb: float | None = None,
         modules: ModuleStore | None = None,
     ) -> None:

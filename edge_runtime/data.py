@@ -1,4 +1,4 @@
-"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``.
+"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``, or image folders.
 
 A data folder holds one file per split, ``{split}.jsonl`` (``{"text": str, "label": int}`` a line)
 or else ``{split}.csv`` (header ``text,label``; a label is an integer or a class name from
@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
+from edge_runtime.image_data import ImageDataset, image_labels, load_image_folder, load_image_split
+from edge_runtime.labels import read_labels_file as _read_labels_file
+from edge_runtime.labels import stratified_sample as _stratified_sample
 
 CLEAN_MODES = ("auto", "newsgroups", "none")
 EMPTY_TEXT = " "
@@ -80,6 +83,15 @@ class TextDataset:
         """Samples per class, an int64 array of length ``num_classes``."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
 
+    @property
+    def task(self) -> str:
+        """The task this data trains: ``classification`` (of texts)."""
+        return "classification"
+
+
+Dataset = TextDataset | ImageDataset
+"""Labelled data of either kind; engines read ``task`` to know which they were given."""
+
 
 # --- where data lives ---------------------------------------------------------------------------
 
@@ -118,33 +130,6 @@ def resolve_data_dir(spec: str | Path) -> Path:
 # --- labels -------------------------------------------------------------------------------------
 
 
-def _read_labels_file(folder: Path) -> tuple[str, ...] | None:
-    """Class names from ``folder/labels.txt``, or None when there is no such file."""
-    path = folder / "labels.txt"
-    if not path.is_file():
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(path, f"not valid UTF-8 ({exc.reason})") from None
-    while lines and not lines[-1].strip():  # trailing blank lines are harmless
-        lines.pop()
-    if not lines:
-        raise DataFormatError(path, "labels.txt is empty")
-    names: list[str] = []
-    seen: dict[str, int] = {}
-    for n, raw in enumerate(lines, start=1):
-        name = raw.strip()
-        # Line i names label i, so a blank line in the middle would shift every later class.
-        if not name:
-            raise DataFormatError(path, "blank class name (line i names label i-1)", n)
-        if name in seen:
-            raise DataFormatError(path, f"class name {name!r} repeats line {seen[name]}", n)
-        seen[name] = n
-        names.append(name)
-    return tuple(names)
-
-
 def _derived_names(max_label: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(max_label + 1))
 
@@ -152,6 +137,8 @@ def _derived_names(max_label: int) -> tuple[str, ...]:
 def load_labels(folder: str | Path) -> tuple[str, ...]:
     """Class names from ``labels.txt``, else ``"0".."K-1"`` from the largest label in the splits."""
     folder = Path(folder)
+    if is_image_folder(folder):
+        return image_labels(folder)
     names = _read_labels_file(folder)
     if names is not None:
         return names
@@ -252,7 +239,10 @@ def _split_file(folder: Path, split: str) -> Path:
         path = folder / f"{split}{suffix}"
         if path.is_file():
             return path
-    raise DataFormatError(folder, f"no {split}.jsonl or {split}.csv in this folder")
+    raise DataFormatError(
+        folder,
+        f"no {split}.jsonl or {split}.csv in this folder (nor a {split}/ folder of class folders of images)",
+    )
 
 
 def _check_label(value: int, path: Path, line: int, names: tuple[str, ...] | None, given: object) -> int:
@@ -384,25 +374,6 @@ def _rows(path: Path, names: tuple[str, ...] | None) -> Iterator[tuple[str, int]
     return _csv_rows(path, names)
 
 
-def _stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """``limit`` row indices, each class in proportion to its size, in file order."""
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    total = len(labels)
-    # Largest-remainder apportionment in exact integers; a random tie-break keeps it unbiased.
-    quota = counts * limit // total
-    remainder = counts * limit % total
-    rest = limit - int(quota.sum())
-    order = np.lexsort((rng.random(len(classes)), -remainder))
-    quota[order[:rest]] += 1
-    picks = [
-        rng.choice(np.flatnonzero(labels == c), size=int(q), replace=False)
-        for c, q in zip(classes, quota, strict=True)
-        if q > 0
-    ]
-    return np.sort(np.concatenate(picks))
-
-
 def _check_options(limit: int | None, clean: str, name: str = "limit") -> None:
     if clean not in CLEAN_MODES:
         raise ConfigError(f"clean must be one of {', '.join(CLEAN_MODES)}; got {clean!r}")
@@ -442,12 +413,33 @@ def _load_split(
     return texts, labels, cleaned
 
 
+def is_image_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is laid out as images: a ``train/`` or ``test/`` folder and no split file.
+
+    A folder with both (``train.jsonl`` and ``train/``) is ambiguous and refused.
+    """
+    folder = Path(folder)
+    dirs = [s for s in ("train", "test") if (folder / s).is_dir()]
+    if not dirs:
+        return False
+    files = [p.name for p in _split_files(folder) if p.stem in ("train", "test")]
+    if files:
+        raise DataFormatError(
+            folder,
+            f"holds both split files ({', '.join(files)}) and split folders "
+            f"({', '.join(d + '/' for d in dirs)}): keep text files or image folders, not both",
+        )
+    return True
+
+
 def load_split(
     folder: str | Path, split: str, *, limit: int | None = None, seed: int = 0, clean: str = "auto"
-) -> TextDataset:
+) -> Dataset:
     """Read one split; with ``limit``, a seeded class-stratified sample of that many rows."""
     _check_options(limit, clean)
     folder = Path(folder)
+    if is_image_folder(folder):
+        return load_image_split(folder, split, limit=limit, seed=seed)
     names = _read_labels_file(folder)
     texts, labels, _ = _load_split(folder, split, names, limit, seed, clean)
     # Without labels.txt the names come from this split alone; load_folder unifies both splits.
@@ -461,11 +453,13 @@ def load_folder(
     test_limit: int | None = None,
     seed: int = 0,
     clean: str = "auto",
-) -> tuple[TextDataset, TextDataset]:
-    """The train and test splits of a data folder, with the same class names and cleaning."""
+) -> tuple[Dataset, Dataset]:
+    """The train and test splits of a data folder, with the same class names and cleaning (texts)."""
     _check_options(train_limit, clean, "train_limit")
     _check_options(test_limit, clean, "test_limit")
     folder = Path(folder)
+    if is_image_folder(folder):
+        return load_image_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
     names = _read_labels_file(folder)
     train_texts, train_labels, cleaned = _load_split(folder, "train", names, train_limit, seed, clean)
     # The test split follows the train split's "auto" decision so both look alike to the model.

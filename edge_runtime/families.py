@@ -14,9 +14,9 @@ that architecture:
   towers' projections) for CLIP;
 - the shape numbers of each tower for the cost model (:class:`~edge_runtime.peft_specs.ModelDims`).
 
-Only text classification is trained today (``trains``: the torch engine runs it); ViT and CLIP are
-registered with their shapes so that the allocator can size them, and are refused by the engine
-until image tasks exist.
+The torch engine trains text classification (BERT, DistilBERT, LLaMA families) and image
+classification (ViT) (``trains``); CLIP is registered with its shapes so that the allocator can
+size it, and is refused by the engine until its tasks exist.
 
 This module reads plain dicts (a ``config.json``) or transformers config objects (through their
 ``to_dict``) and imports neither torch nor transformers, so the edge install keeps it.
@@ -299,7 +299,7 @@ register_family(
         prompt_site="patch_embeddings",
         pooling="cls",
         tasks=("image-classification",),
-        trains=(),
+        trains=("image-classification",),
         shapes=_vit_shapes,
     )
 )
@@ -331,6 +331,42 @@ def family_of(config: Any) -> ModelFamily:
         if model_type in family.model_types:
             return family
     raise ConfigError(f"model type {model_type!r} is not supported; supported families: {supported()}")
+
+
+TRAINED_TASKS = ("classification", "image-classification")
+"""The tasks the torch engine trains: text classification and image classification."""
+
+
+def trained_task(family: ModelFamily, model: str = "") -> str:
+    """The task a model of ``family`` trains (``classification`` or ``image-classification``);
+    a family that trains neither is refused with the reason."""
+    for task in TRAINED_TASKS:
+        if task in family.trains:
+            return task
+    what = f"model {model!r} is a {family.name} model" if model else f"a {family.name} model"
+    raise ConfigError(
+        f"{what}: the torch engine does not train {family.name} yet (its tasks: "
+        f"{', '.join(family.tasks)}); text classification trains BERT, RoBERTa, DistilBERT and "
+        "LLaMA-style models, image classification trains ViT"
+    )
+
+
+def check_data_task(family: ModelFamily, data_task: str, model: str = "") -> None:
+    """Raise :class:`ConfigError` unless a model of ``family`` trains the task of the data
+    (``classification`` for texts, ``image-classification`` for images)."""
+    task = trained_task(family, model)
+    if task == data_task:
+        return
+    what = f"model {model!r}" if model else "the model"
+    if data_task == "image-classification":
+        raise ConfigError(
+            f"the data folder holds images, but {what} is a {family.name} model for text "
+            "classification: give a ViT model folder with --model"
+        )
+    raise ConfigError(
+        f"the data folder holds texts, but {what} is a {family.name} model for image "
+        "classification: give an image data folder (train/<class>/*.png, test/<class>/*.png)"
+    )
 
 
 def family_named(name: str) -> ModelFamily:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset
 from edge_runtime.engines.base import ProgressFn, TrainingEngine, TrainResult
 
 HEAD_BIAS = "head.bias"
@@ -28,7 +28,7 @@ def label_prior_bias(counts: np.ndarray) -> np.ndarray:
 
 def train_logit_adjusted(
     engine: TrainingEngine,
-    data: TextDataset,
+    data: Dataset,
     *,
     epochs: int,
     seed: int,

@@ -110,13 +110,18 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="data folder (train.jsonl/test.jsonl/labels.txt or CSV), "
-        "or a dataset name under $FEDPEFT_DATASETS (default ../shared/datasets)",
+        help="data folder (train.jsonl/test.jsonl/labels.txt or CSV; images: train/<class>/*.png and "
+        "test/<class>/*.png), or a dataset name under $FEDPEFT_DATASETS (default ../shared/datasets)",
     )
     p.add_argument(
         "--model", default="all-MiniLM-L6-v2", help="model name or local folder (default: bundled MiniLM)"
     )
-    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sample (default 128)")
+    p.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=128,
+        help="tokens per text (default 128); an image is its model's patches",
+    )
     p.add_argument("--local-epochs", type=_positive_int, default=1, help="local epochs per round (default 1)")
     p.add_argument(
         "--lr", type=_nonneg_float, default=3e-3, help="AdamW learning rate of the PEFT module (default 3e-3)"

@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker_server.report import allocation_entry, build_report, communication, peft_entry, write_report
     from broker_server.service import AggregationService, ServiceConfig
     from broker_server.state import StateStore
-    from edge_runtime.data import load_labels, load_split, resolve_data_dir
+    from edge_runtime.data import TextDataset, load_labels, load_split, resolve_data_dir
     from edge_runtime.errors import ConfigError
     from edge_runtime.families import dims_of_dir
     from edge_runtime.models import resolve_model
@@ -130,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.distill_data:
             raise ConfigError("--distill-epochs needs --distill-data (a folder of server-side text)")
         spare = load_split(resolve_data_dir(args.distill_data), "train", limit=256, seed=args.seed)
+        if not isinstance(spare, TextDataset):
+            raise ConfigError("--distill-data must be a folder of texts; image data is not supported")
         texts = unlabeled(spare.texts, labels)
     store = StateStore(Path(args.state) / "state.sqlite")
     evaluator = Evaluator(train_cfg, test, seed=args.seed, threads=len(os.sched_getaffinity(0)))

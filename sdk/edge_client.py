@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent, DeviceStats
-from edge_runtime.data import TextDataset, load_folder, load_split, resolve_data_dir
+from edge_runtime.data import Dataset, ImageDataset, TextDataset, load_folder, load_split, resolve_data_dir
 from edge_runtime.engines import device_engines
 from edge_runtime.module_store import ModuleStore
 from edge_runtime.outbox import Outbox
@@ -41,7 +41,7 @@ class EdgeClient:
         *,
         fleet: str,
         device_id: str,
-        data: str | Path | TextDataset,
+        data: str | Path | Dataset,
         state_dir: str | Path | None = None,
         max_samples: int | None = None,
         seed: int = 0,
@@ -52,16 +52,19 @@ class EdgeClient:
         max_message_bytes: int | None = None,
         engine: str = "auto",
         artifacts_cache: str | Path | None = None,
-        holdout: TextDataset | None = None,
+        holdout: Dataset | None = None,
         memory_cap_mb: float | None = None,
     ) -> None:
         engines = device_engines(engine)  # before connecting: a missing engine is a bad flag
         self.holdout = holdout
-        if isinstance(data, TextDataset):
+        self.data: Dataset
+        if isinstance(data, (TextDataset, ImageDataset)):
             self.data = data
         else:
             folder = resolve_data_dir(data)
-            if holdout is None and any((folder / f"test{s}").is_file() for s in (".jsonl", ".csv")):
+            if holdout is None and (
+                any((folder / f"test{s}").is_file() for s in (".jsonl", ".csv")) or (folder / "test").is_dir()
+            ):
                 # the folder's test split is this device's held-out data (personalization is
                 # measured on it, never trained on)
                 self.data, self.holdout = load_folder(folder, train_limit=max_samples, seed=seed)

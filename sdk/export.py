@@ -75,6 +75,7 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError, EngineError, FedPeftError, NonFinite, ShapeMismatch
+from edge_runtime.families import family_of_dir
 from edge_runtime.models import hub_name, resolve_model
 from edge_runtime.module_store import GLOBAL_MODULE, PERSONAL_MODULE, ModuleStore
 from edge_runtime.peft_specs import LoraSpec
@@ -387,6 +388,11 @@ def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(source.config.model)
+    if Path(path).is_dir() and "image-classification" in family_of_dir(path).trains:
+        raise ConfigError(
+            f"model {source.config.model!r} is an image model: exporting image classifiers is not "
+            "implemented yet (fedpeft export writes text classification models)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = AutoModel.from_pretrained(path, attn_implementation="eager")

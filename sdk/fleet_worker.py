@@ -16,23 +16,19 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from edge_runtime.config import TrainConfig
+from edge_runtime.data import Dataset
 
 
 @dataclass(frozen=True)
 class VirtualDevice:
-    """What a worker needs to run one virtual device."""
+    """What a worker needs to run one virtual device: its data (texts or images) travel pickled."""
 
     device_id: str
-    texts: tuple[str, ...]
-    labels: tuple[int, ...]
-    label_names: tuple[str, ...]
+    data: Dataset
     profile: dict[str, Any]
     attack: str | None = None
-    holdout_texts: tuple[str, ...] = ()  # held out of training, to measure personalization
-    holdout_labels: tuple[int, ...] = ()
+    holdout: Dataset | None = None  # held out of training, to measure personalization
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,6 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from edge_runtime import wire
     from edge_runtime.agent import DeviceAgent, peak_rss_mb
-    from edge_runtime.data import TextDataset
     from edge_runtime.engines.base import TrainingEngine
     from edge_runtime.transport import MqttTransport, parse_broker_url
     from sdk.attacks import attack_hook, parse_attack
@@ -123,14 +118,6 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
     agents: list[DeviceAgent] = []
     transports: list[MqttTransport] = []
     for dev in job.devices:
-        data = TextDataset(
-            texts=dev.texts, labels=np.asarray(dev.labels, dtype=np.int64), label_names=dev.label_names
-        )
-        holdout = TextDataset(
-            texts=dev.holdout_texts,
-            labels=np.asarray(dev.holdout_labels, dtype=np.int64),
-            label_names=dev.label_names,
-        )
         status_topic = wire.topic(job.fleet, "status", dev.device_id)
         offline = wire.encode_status(wire.Status(device_id=dev.device_id, state="offline", detail={}))
         transport = MqttTransport(
@@ -145,7 +132,7 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
             dev.device_id,
             job.fleet,
             transport,
-            data,
+            dev.data,
             factory,
             profile=dev.profile,
             seed=job.seed,
@@ -153,7 +140,7 @@ def _run(job: WorkerJob, results: Any, stop: Any) -> None:
             max_message_bytes=job.max_message_bytes,
             update_hook=attack_hook(parse_attack(dev.attack)) if dev.attack else None,
             engines=(job.engine,),
-            holdout=holdout if len(holdout) else None,
+            holdout=dev.holdout if dev.holdout is not None and len(dev.holdout) else None,
         )
         agents.append(agent)
     for agent in agents:

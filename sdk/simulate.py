@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,11 @@ from broker_server.report import allocation_entry, build_report, communication, 
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.strategies import check_strategy
 from edge_runtime.config import SUPPORTED_BITS, TrainConfig
-from edge_runtime.data import TextDataset, load_folder, resolve_data_dir
+from edge_runtime.data import Dataset, TextDataset, load_folder, resolve_data_dir
 from edge_runtime.engines import artifact_flavour
+from edge_runtime.engines.base import ORT_IMAGE_REFUSAL
 from edge_runtime.errors import ConfigError, FedPeftError
-from edge_runtime.families import dims_of_dir, lora_targets_for
+from edge_runtime.families import check_data_task, dims_of_dir, family_of_dir, lora_targets_for
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import MqttTransport, parse_broker_url
@@ -373,12 +375,12 @@ class Simulation:
         self.server_texts: tuple[str, ...] = ()
         self.broker_kind = "external"
 
-    def _load(self) -> tuple[TextDataset, TextDataset]:
+    def _load(self) -> tuple[Dataset, Dataset]:
         cfg = self.config
         folder = resolve_data_dir(cfg.data)
         return load_folder(folder, test_limit=cfg.test_samples, seed=cfg.seed, clean=cfg.clean)
 
-    def _devices(self, train: TextDataset) -> list[VirtualDevice]:
+    def _devices(self, train: Dataset) -> list[VirtualDevice]:
         cfg = self.config
         parts = partition(
             train.labels,
@@ -396,7 +398,8 @@ class Simulation:
             used[np.asarray(idx, dtype=np.int64)] = True
         spare = np.flatnonzero(~used)
         pick = np.random.default_rng([cfg.seed, 11]).permutation(len(spare))[: cfg.distill_samples]
-        self.server_texts = tuple(train.texts[i] for i in np.sort(spare[pick]))  # labels stay unread
+        if isinstance(train, TextDataset):
+            self.server_texts = tuple(train.texts[i] for i in np.sort(spare[pick]))  # labels stay unread
         slow: set[int] = set()
         if cfg.stragglers:
             fraction, slowdown, availability = parse_stragglers(cfg.stragglers)
@@ -418,16 +421,34 @@ class Simulation:
             devices.append(
                 VirtualDevice(
                     device_id=f"dev{i:03d}",
-                    texts=tuple(sub.texts),
-                    labels=tuple(int(x) for x in sub.labels),
-                    label_names=tuple(train.label_names),
+                    data=sub,
                     profile=profile.to_dict(),
                     attack=cfg.attack if cfg.attack and i < parse_attack(cfg.attack).count else None,
-                    holdout_texts=tuple(hold.texts),
-                    holdout_labels=tuple(int(x) for x in hold.labels),
+                    holdout=hold,
                 )
             )
         return devices
+
+    def _check_task(self, train: Dataset, train_cfg: TrainConfig) -> TrainConfig:
+        """Refuse a model, engine or option that cannot train the data's task, before anything
+        starts; for images, the training configuration's ``seq_len`` becomes the model's token
+        count (patches and class token), which the allocator's cost model reads."""
+        cfg = self.config
+        model = Path(resolve_model(cfg.model))
+        if model.is_dir():
+            check_data_task(family_of_dir(model), train.task, cfg.model)
+        if train.task != "image-classification":
+            return train_cfg
+        if cfg.engine in ("ort", "ort-plain", "mixed"):
+            raise ConfigError(f"--engine {cfg.engine}: {ORT_IMAGE_REFUSAL}")
+        if cfg.distill_epochs > 0:
+            raise ConfigError(
+                "--distill-epochs distills on unlabeled server-side texts; image data is not supported"
+            )
+        if not model.is_dir():
+            return train_cfg
+        positions = dims_of_dir(model).max_positions
+        return replace(train_cfg, seq_len=max(8, positions))
 
     def _hold_out(self, idx: np.ndarray, client: int) -> tuple[np.ndarray, np.ndarray]:
         """Split a client's samples into training and held-out ones (for personalization and
@@ -443,8 +464,8 @@ class Simulation:
         """Run the federation end to end and return its report."""
         cfg = self.config
         train, test = self._load()
+        train_cfg = self._check_task(train, cfg.train_config(len(train.label_names)))
         devices = self._devices(train)
-        train_cfg = cfg.train_config(len(train.label_names))
         cores = len(os.sched_getaffinity(0))
         workers = min(cfg.workers or cores, cores, len(devices))
         if cfg.broker is None:
@@ -467,7 +488,7 @@ class Simulation:
         url: str,
         devices: list[VirtualDevice],
         train_cfg: TrainConfig,
-        test: TextDataset,
+        test: Dataset,
         workers: int,
         cores: int,
     ) -> dict[str, Any]:
@@ -525,7 +546,10 @@ class Simulation:
             event_clock=self.fleet_clock(devices) if cfg.mode == "async" else None,
         )
         service.start()
-        engines = cfg.worker_engines(train_cfg, workers)
+        # images train on torch only (checked in _check_task): auto means torch for them
+        engines = (
+            cfg.worker_engines(train_cfg, workers) if test.task == "classification" else ["torch"] * workers
+        )
         artifacts = {
             engine: self._ort_artifacts(train_cfg, allocator, cores, engine)
             for engine in sorted(set(engines))
@@ -714,16 +738,14 @@ class Simulation:
                     "allocation": allocation_entry(device_record),
                     "peak_rss_mb": float(s.get("peak_rss_mb", 0.0)),
                     "train_s": float(s.get("train_s", 0.0)),
-                    "samples": len(dev.texts),
-                    "label_histogram": np.bincount(
-                        np.asarray(dev.labels, dtype=np.int64), minlength=len(dev.label_names)
-                    ).tolist(),
+                    "samples": len(dev.data),
+                    "label_histogram": dev.data.label_histogram().tolist(),
                     "cluster": service.cluster_of(dev.device_id) if service.clustering else None,
                     "updates_sent": int(s.get("updates_sent", 0)),
                     "updates_accepted": 0 if device_record is None else device_record.updates_accepted,
                     "worker": s.get("worker"),
                     "attacker": dev.attack is not None,
-                    "holdout": len(dev.holdout_texts),
+                    "holdout": 0 if dev.holdout is None else len(dev.holdout),
                     "global_own_accuracy": personal.get("global_own_accuracy"),
                     "prior_accuracy": personal.get("prior_accuracy"),
                     "personalized_accuracy": personal.get("personalized_accuracy"),

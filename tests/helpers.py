@@ -49,3 +49,34 @@ def replace_float(payload: bytes, old: float, new: float) -> bytes:
     body = payload[:-32].replace(struct.pack("<f", old), struct.pack("<f", new))
     assert body != payload[:-32], "sentinel value not found in payload"
     return rehash(body + payload[-32:])
+
+
+IMAGE_CLASSES = ("rows", "columns", "diagonal")
+
+
+def pattern_images(label: int, n: int, *, size: int = 12, seed: int = 0) -> np.ndarray:
+    """``n`` grey ``size x size`` uint8 images of class ``label``: stripes across, stripes down,
+    or a diagonal band, each with a random phase and noise."""
+    rng = np.random.default_rng([seed, label])
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.empty((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        phase = int(rng.integers(0, 4))
+        coord = (yy, xx, yy + xx)[label]
+        base = ((coord + phase) % 4 < 2).astype(np.float64) * 200.0
+        out[i] = np.clip(base + rng.normal(0.0, 25.0, (size, size)) + 20.0, 0, 255).astype(np.uint8)
+    return out
+
+
+def write_image_folder_for_tests(
+    folder: Path, *, per_class_train: int = 12, per_class_test: int = 6, size: int = 12, seed: int = 0
+) -> Path:
+    """A small 3-class image folder (``train/<class>/*.png``, ``test/<class>/*.png``, labels.txt)."""
+    from edge_runtime.image_data import write_image_folder
+
+    splits = {}
+    for split, n, offset in (("train", per_class_train, 0), ("test", per_class_test, 1000)):
+        images = np.concatenate([pattern_images(c, n, size=size, seed=seed + offset) for c in range(3)])
+        labels = np.repeat(np.arange(3), n)
+        splits[split] = (images, labels)
+    return write_image_folder(folder, splits, IMAGE_CLASSES)

@@ -1,7 +1,8 @@
 """The model-family registry: lookup, shapes against real parameter counts, the torch engine on a
 tiny model of every text family, a 2-client federated round per family, and a 7B decoder's memory.
 
-ViT and CLIP are registered (targets, sites, shapes) but not trained: the engine refuses them.
+CLIP is registered (targets, sites, shapes) but not trained: the engine refuses it. ViT trains
+image classification (tests/test_images.py).
 """
 
 from __future__ import annotations
@@ -259,10 +260,10 @@ def test_families_the_engine_does_not_train_are_refused_with_the_reason(tmp_path
 
     from edge_runtime.engines.torch_engine import TorchEngine
 
-    vit = tmp_path / "vit"
-    AutoModel.from_config(_vision_configs()["vit"]).save_pretrained(vit)
-    with pytest.raises(ConfigError, match="does not train vit yet"):
-        TorchEngine(TrainConfig(model=str(vit)))
+    clip = tmp_path / "clip"
+    AutoModel.from_config(_vision_configs()["clip"]).save_pretrained(clip)
+    with pytest.raises(ConfigError, match="does not train clip yet"):
+        TorchEngine(TrainConfig(model=str(clip)))
     unknown = tmp_path / "gpt2"
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))

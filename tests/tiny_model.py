@@ -105,3 +105,33 @@ def make_tiny_model(
     torch.manual_seed(seed)
     AutoModel.from_config(tiny_config(model_type, hidden=hidden, layers=layers)).save_pretrained(folder)
     return folder
+
+
+def make_tiny_vit(
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    image_size: int = 16,
+    patch_size: int = 4,
+    channels: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny ViT with random weights into ``folder`` (no image processor file: the engine
+    then normalises with ViT's mean and std of 0.5)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=channels,
+    )
+    ViTModel(config).save_pretrained(folder)
+    return folder

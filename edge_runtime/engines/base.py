@@ -8,7 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset, TextDataset
+from edge_runtime.errors import ConfigError
 
 ProgressFn = Callable[[int, int], None]
 """Called with (steps done, steps total) during training."""
@@ -54,18 +55,48 @@ class TrainingEngine(Protocol):
         ...
 
     def train(
-        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+        self, data: Dataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
         """Train the module in place for ``epochs`` passes over ``data``."""
         ...
 
-    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
         """Evaluate the current module on ``data``."""
         ...
 
-    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+    def class_feature_sums(self, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Per-class sums of the frozen model's pooled features, and per-class counts."""
         ...
+
+
+ORT_IMAGE_REFUSAL = (
+    "the ONNX Runtime engines (ort, ort-plain) train text classification only; "
+    "image classification trains with --engine torch"
+)
+
+
+def refuse_image_model(model: str) -> None:
+    """Raise :class:`ConfigError` naming ``--engine torch`` if ``model`` is a local folder of an
+    image model (the ONNX Runtime engines' graphs take token ids)."""
+    from pathlib import Path
+
+    from edge_runtime.families import family_of_dir
+    from edge_runtime.models import resolve_model
+
+    try:
+        path = Path(resolve_model(model))
+    except ConfigError:
+        return  # the engine's own loading reports a model it cannot find
+    if path.is_dir() and "image-classification" in family_of_dir(path).trains:
+        raise ConfigError(f"{ORT_IMAGE_REFUSAL} (model {model!r} is an image model)")
+
+
+def require_text(data: Dataset) -> TextDataset:
+    """``data`` if it holds texts; images raise :class:`ConfigError` naming ``--engine torch``
+    (the ONNX Runtime engines' graphs take token ids)."""
+    if not isinstance(data, TextDataset):
+        raise ConfigError(ORT_IMAGE_REFUSAL)
+    return data
 
 
 def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:

@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset, TextDataset
+from edge_runtime.engines.base import require_text
 from edge_runtime.errors import ShapeMismatch
 
 
@@ -36,8 +37,9 @@ class TokenCache:
         self._encode = encode
         self._cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
 
-    def ids(self, data: TextDataset) -> list[list[int]]:
-        """The token ids of every text of ``data`` (computed on first use)."""
+    def ids(self, data: Dataset) -> list[list[int]]:
+        """The token ids of every text of ``data`` (computed on first use); images are refused."""
+        data = require_text(data)
         cached = self._cache.get(id(data))
         if cached is not None and cached[0] is data:
             return cached[1]

@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.config import TrainConfig
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
-from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
+from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1, refuse_image_model
 from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.peft_specs import LoraSpec
@@ -69,6 +69,7 @@ OUTPUT_NAMES = ("loss", "logits", "features")
 
 def check_ort_support(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` if the ORT engine cannot train ``config``'s module as torch would."""
+    refuse_image_model(config.model)
     spec = config.peft
     if not isinstance(spec, LoraSpec):
         raise ConfigError(
@@ -271,14 +272,14 @@ class OrtEngine:
         self._state.parameters[self._onnx_names[name]] = value
         self._values[name] = value
 
-    def _tokens(self, data: TextDataset) -> list[list[int]]:
+    def _tokens(self, data: Dataset) -> list[list[int]]:
         return self._token_cache.ids(data)
 
     def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return padded_batch(ids, rows, self._pad_id)
 
     def train(
-        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+        self, data: Dataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
         """Train the module in place; loss = CE + prox_mu * ||theta - theta0||^2, as the torch engine."""
         cfg = self.config
@@ -354,7 +355,7 @@ class OrtEngine:
         for name, value in stepped.items():
             self._set(name, value)
 
-    def _outputs(self, data: TextDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _outputs(self, data: Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Logits and pooled features of ``data`` from the eval graph, in ``data``'s order."""
         ids = self._tokens(data)
         labels = np.asarray(data.labels, dtype=np.int64)
@@ -375,7 +376,7 @@ class OrtEngine:
             self._module.train()
         return logits, features
 
-    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
@@ -393,7 +394,7 @@ class OrtEngine:
             predictions=pred,
         )
 
-    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+    def class_feature_sums(self, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Per-class sums of the frozen model's pooled features (LoRA bypassed) and per-class counts."""
         saved = {n: v for n, v in self._values.items() if n.endswith(".lora_B")}
         try:

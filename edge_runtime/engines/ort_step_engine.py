@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.config import TrainConfig
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
-from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
+from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1, refuse_image_model
 from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
 from edge_runtime.engines.ort_engine import TOKENIZER_NAME, load_manifest, use_lean_allocator
 from edge_runtime.errors import ConfigError, EngineError
@@ -57,6 +57,7 @@ INITIAL_STATE_NAME = "initial_state.npz"
 
 def check_step_support(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` if the step graph cannot train ``config``'s module as torch would."""
+    refuse_image_model(config.model)
     spec = config.peft
     if isinstance(spec, LoraSpec) and spec.dropout > 0:
         raise ConfigError(
@@ -165,7 +166,7 @@ class OrtStepEngine:
         values = checked_state(self._values, state)
         self._values = values
 
-    def _tokens(self, data: TextDataset) -> list[list[int]]:
+    def _tokens(self, data: Dataset) -> list[list[int]]:
         return self._token_cache.ids(data)
 
     def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +184,7 @@ class OrtStepEngine:
             raise EngineError(f"the ORT step graph failed: {exc}") from None
 
     def train(
-        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+        self, data: Dataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
         """Train the module in place; loss = CE + prox_mu * ||theta - theta0||^2, as the torch engine."""
         cfg = self.config
@@ -240,7 +241,7 @@ class OrtStepEngine:
             seconds=time.perf_counter() - start,
         )
 
-    def _outputs(self, data: TextDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _outputs(self, data: Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Logits and pooled features of ``data``, in ``data``'s order."""
         ids = self._tokens(data)
         labels = np.asarray(data.labels, dtype=np.int64)
@@ -253,7 +254,7 @@ class OrtStepEngine:
             logits[rows], features[rows] = self._run(input_ids, mask, labels[rows], ["logits", "features"])
         return logits, features
 
-    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
@@ -271,7 +272,7 @@ class OrtStepEngine:
             predictions=pred,
         )
 
-    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+    def class_feature_sums(self, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Per-class sums of the frozen model's pooled features (module bypassed) and per-class counts.
 
         LoRA is bypassed by zeroing every ``lora_B``, an adapter by zeroing its up projection

@@ -8,8 +8,11 @@ read: encoders (BERT, RoBERTa, DistilBERT) mean-pool the last hidden states over
 LLaMA-style decoders take the last real token's (the only one that has seen the whole text).
 Either way the feature is L2-normalised (as sentence-transformers does for all-MiniLM-L6-v2);
 the head is linear on that unit vector, so a head whose rows are scaled class means is a
-nearest-normalised-class-mean classifier. Families the engine does not train yet (ViT, CLIP) are
-refused with the reason.
+nearest-normalised-class-mean classifier. ViT classifies images (an :class:`ImageDataset`) by
+its class token's final hidden state, L2-normalised the same way; images are resized to the
+model's ``image_size`` (bilinear, antialiased) and normalised with the ``image_mean`` and
+``image_std`` of the folder's ``preprocessor_config.json`` (0.5 and 0.5, ViT's, without one).
+Families the engine does not train yet (CLIP) are refused with the reason.
 
 PEFT kinds:
 
@@ -19,7 +22,10 @@ PEFT kinds:
   attached by a forward hook and registered on the projection's parent module. For BERT the
   trainable names look like ``encoder.encoder.layer.3.attention.output.adapter.down.weight``.
 - ``prompt``: a :class:`SoftPrompt` (``prompt.embeddings``, length x hidden) prepended to the word
-  embeddings, with the attention mask extended by ones. Pooling skips the prompt positions.
+  embeddings, with the attention mask extended by ones. Pooling skips the prompt positions. On
+  ViT the prompt goes between the class token and the patches, after the position embeddings
+  (shallow visual prompt tuning, Jia et al. 2022); it starts random (N(0, 0.02)), as there is no
+  vocabulary to draw from.
 
 :meth:`TorchEngine.class_feature_sums` reports the *frozen* model's features: every PEFT module is
 bypassed (the soft prompt is left out). For LoRA and adapters at their initial state that is the
@@ -42,10 +48,10 @@ import torch
 from torch import nn
 
 from edge_runtime.config import TrainConfig
-from edge_runtime.data import TextDataset
+from edge_runtime.data import Dataset, ImageDataset
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
-from edge_runtime.families import ModelFamily, family_of, family_of_dir
+from edge_runtime.families import ModelFamily, check_data_task, family_of, family_of_dir, trained_task
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec, PromptSpec
 
@@ -134,6 +140,61 @@ class TextClassifier(nn.Module):
         return self.head(self.features(input_ids, attention_mask))
 
 
+class ImageClassifier(nn.Module):
+    """ViT encoder (with an optional soft prompt), its class token, L2 normalisation, linear head."""
+
+    def __init__(
+        self, encoder: nn.Module, hidden: int, num_labels: int, prompt: SoftPrompt | None = None
+    ) -> None:
+        super().__init__()
+        self.encoder: Any = encoder  # a transformers ViTModel
+        self.prompt = prompt
+        self.pooling = "cls"
+        self.head = nn.Linear(hidden, num_labels)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-norm class-token features of a batch of preprocessed images."""
+        if self.prompt is None or not self.prompt.active:
+            hidden = self.encoder(pixel_values=pixel_values).last_hidden_state
+        else:
+            embedded = self.encoder.embeddings(pixel_values)  # class token first, positions added
+            prompt = self.prompt.embeddings.unsqueeze(0).expand(embedded.shape[0], -1, -1)
+            tokens = torch.cat([embedded[:, :1], prompt, embedded[:, 1:]], dim=1)
+            hidden = self.encoder.layernorm(self.encoder.encoder(tokens).last_hidden_state)
+        return nn.functional.normalize(hidden[:, 0], dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.head(self.features(pixel_values))
+
+
+def _preprocessor_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image_mean`` and ``image_std`` from the model folder's ``preprocessor_config.json``
+    (ViT's 0.5 and 0.5 without one), shaped to broadcast over ``channels x H x W``."""
+    import json
+
+    mean: Any = 0.5
+    std: Any = 0.5
+    config = Path(path) / "preprocessor_config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"cannot read {config}: {exc}") from None
+        mean, std = data.get("image_mean", mean), data.get("image_std", std)
+    values = []
+    for name, value in (("image_mean", mean), ("image_std", std)):
+        t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+        if t.numel() == 1:
+            t = t.repeat(channels)
+        if t.numel() != channels or (name == "image_std" and bool((t <= 0).any())):
+            raise ConfigError(
+                f"{config}: {name} must be one number or {channels} (positive for std), got {value!r}"
+            )
+        values.append(t.reshape(channels, 1, 1))
+    return values[0], values[1]
+
+
 def _canonical(torch_name: str) -> str:
     # peft names adapters "default"; the wire format carries engine-neutral names.
     name = torch_name.replace(".default", "")
@@ -161,14 +222,11 @@ class TorchEngine:
         except (OSError, ValueError) as exc:
             raise EngineError(f"cannot load model {config.model!r}: {exc}") from None
         self.family: ModelFamily = family_of(model_config)
-        if "classification" not in self.family.trains:
-            raise ConfigError(
-                f"model {config.model!r} is a {self.family.name} model: the torch engine does not train "
-                f"{self.family.name} yet (its tasks, {', '.join(self.family.tasks)}, need image data); "
-                "text classification trains BERT, RoBERTa, DistilBERT and LLaMA-style models"
-            )
+        self.task = trained_task(self.family, config.model)
+        self.tokenizer: Any = None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            if self.task == "classification":
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
             torch.manual_seed(seed)
             encoder = AutoModel.from_pretrained(path, config=model_config, attn_implementation="eager")
         except OSError as exc:
@@ -179,12 +237,23 @@ class TorchEngine:
         for p in encoder.parameters():
             p.requires_grad_(False)
         prompt = self._attach_peft(encoder)
-        self.model = TextClassifier(encoder, hidden, config.num_labels, prompt, self.family.pooling)
+        self.model: TextClassifier | ImageClassifier
+        if self.task == "image-classification":
+            self.image_size = int(encoder.config.image_size)
+            self.channels = int(encoder.config.num_channels)
+            if self.channels not in (1, 3):
+                raise ConfigError(
+                    f"model {config.model!r} takes {self.channels}-channel images; 1 or 3 are read"
+                )
+            self._mean, self._std = _preprocessor_stats(path, self.channels)
+            self.model = ImageClassifier(encoder, hidden, config.num_labels, prompt)
+        else:
+            self.model = TextClassifier(encoder, hidden, config.num_labels, prompt, self.family.pooling)
         self.model.eval()  # no dropout in the frozen base; LoRA dropout is in its own module
         self._params: dict[str, nn.Parameter] = {
             _canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad
         }
-        self._token_cache: dict[int, tuple[TextDataset, list[list[int]]]] = {}
+        self._token_cache: dict[int, tuple[Dataset, Any]] = {}
 
     def _attach_peft(self, encoder: nn.Module) -> SoftPrompt | None:
         """Add the spec's trainable module to the frozen encoder; a soft prompt is returned."""
@@ -237,6 +306,8 @@ class TorchEngine:
             projection.register_forward_hook(adapter.after)
 
     def _make_prompt(self, encoder: Any, spec: PromptSpec) -> SoftPrompt:
+        if self.task == "image-classification":  # no vocabulary and no position limit to meet
+            return SoftPrompt(torch.randn(spec.length, int(encoder.config.hidden_size)) * 0.02)
         embeddings = encoder.get_input_embeddings()
         if not isinstance(embeddings, nn.Embedding):
             raise ConfigError(f"soft prompts need a word embedding table; {type(encoder).__name__} has none")
@@ -307,16 +378,52 @@ class TorchEngine:
                     raise ShapeMismatch(f"{name}: shape {value.shape} != {tuple(param.shape)}")
                 param.copy_(torch.from_numpy(value))
 
-    def _tokens(self, data: TextDataset) -> list[list[int]]:
+    def _inputs(self, data: Dataset) -> Any:
+        """The model's inputs for ``data``, computed once per dataset object: token ids of texts,
+        or a tensor of resized, normalised images."""
         cached = self._token_cache.get(id(data))
         if cached is not None and cached[0] is data:
             return cached[1]
-        enc = self.tokenizer(list(data.texts), truncation=True, max_length=self.config.seq_len, padding=False)
-        ids: list[list[int]] = enc["input_ids"]
+        check_data_task(self.family, data.task, self.config.model)
+        inputs: Any
+        if isinstance(data, ImageDataset):
+            inputs = self._pixels(data)
+        else:
+            enc = self.tokenizer(
+                list(data.texts), truncation=True, max_length=self.config.seq_len, padding=False
+            )
+            inputs = enc["input_ids"]
         if len(self._token_cache) > 64:
             self._token_cache.clear()
-        self._token_cache[id(data)] = (data, ids)
+        self._token_cache[id(data)] = (data, inputs)
+        return inputs
+
+    def _tokens(self, data: Dataset) -> list[list[int]]:
+        """Token ids of every text of ``data`` (cached; a text model's :meth:`_inputs`)."""
+        ids: list[list[int]] = self._inputs(data)
         return ids
+
+    def _pixels(self, data: ImageDataset) -> torch.Tensor:
+        """Images as the model reads them: ``N x channels x size x size``, resized and normalised."""
+        size = self.image_size
+        out = torch.empty((len(data), self.channels, size, size))
+        for i, image in enumerate(data.images):
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+            if tuple(x.shape[2:]) != (size, size):
+                x = nn.functional.interpolate(
+                    x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )
+            if self.channels == 1:
+                x = x.mean(dim=1, keepdim=True)
+            out[i] = x[0]
+        return (out - self._mean) / self._std
+
+    def _rows_features(self, inputs: Any, rows: np.ndarray) -> torch.Tensor:
+        """Features of the rows ``rows`` of prepared ``inputs`` (see :meth:`_inputs`)."""
+        if isinstance(self.model, ImageClassifier):
+            return self.model.features(inputs[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
+        input_ids, mask = self._batch(inputs, rows)
+        return self.model.features(input_ids, mask)
 
     def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [ids[int(i)] for i in rows]
@@ -330,13 +437,13 @@ class TorchEngine:
         return input_ids, mask
 
     def train(
-        self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
+        self, data: Dataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
         """Train the module in place; loss = CE + prox_mu * ||theta - theta0||^2."""
         cfg = self.config
         if len(data) == 0:
             raise EngineError("cannot train on an empty dataset")
-        ids = self._tokens(data)
+        inputs = self._inputs(data)
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         # FFA-LoRA: the A factors stay at their shared initial values, out of the optimizer and
         # of autograd, so neither gradients nor weight decay can move them
@@ -372,9 +479,8 @@ class TorchEngine:
                 order = rng.permutation(len(data))
                 for b in range(steps_per_epoch):
                     rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                    input_ids, mask = self._batch(ids, rows)
                     target = labels[torch.from_numpy(rows)]
-                    logits = self.model(input_ids, mask)
+                    logits = self.model.head(self._rows_features(inputs, rows))
                     loss = nn.functional.cross_entropy(logits, target)
                     if anchor:
                         prox = sum(((p - a) ** 2).sum() for p, a in zip(body + head, anchor, strict=True))
@@ -405,7 +511,7 @@ class TorchEngine:
 
     def distill(
         self,
-        texts: TextDataset,
+        texts: Dataset,
         teacher_probs: np.ndarray,
         *,
         alpha: float,
@@ -427,7 +533,7 @@ class TorchEngine:
             raise EngineError(f"teacher probabilities of shape {tuple(probs.shape)} for {len(texts)} texts")
         log_teacher = torch.log(probs.clamp_min(1e-8))
         pseudo = probs.argmax(-1)
-        ids = self._tokens(texts)
+        inputs = self._inputs(texts)
         names = [n for n in self._params if train_head or not n.startswith("head.")]
         if isinstance(cfg.peft, LoraSpec) and not cfg.peft.train_a:
             names = [n for n in names if not n.endswith(".lora_A")]
@@ -450,8 +556,7 @@ class TorchEngine:
                     order = rng.permutation(len(texts))
                     for b in range(steps_per_epoch):
                         rows = torch.from_numpy(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-                        input_ids, mask = self._batch(ids, rows.numpy())
-                        logits = self.model(input_ids, mask)
+                        logits = self.model.head(self._rows_features(inputs, rows.numpy()))
                         log_student = nn.functional.log_softmax(logits, dim=-1)
                         kl = (log_student.exp() * (log_student - log_teacher[rows])).sum(-1).mean()
                         loss = alpha * nn.functional.cross_entropy(logits, pseudo[rows]) + (1 - alpha) * kl
@@ -478,25 +583,27 @@ class TorchEngine:
         )
 
     @torch.no_grad()
-    def predict_proba(self, data: TextDataset, *, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities of the current module for every text of ``data``."""
+    def predict_proba(self, data: Dataset, *, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities of the current module for every sample of ``data``."""
         logits = self.model.head(self._pooled(data, batch_size))
         return np.asarray(torch.softmax(logits, dim=-1).numpy(), dtype=np.float64)
 
     @torch.no_grad()
-    def _pooled(self, data: TextDataset, batch_size: int) -> torch.Tensor:
+    def _pooled(self, data: Dataset, batch_size: int) -> torch.Tensor:
         """Pooled features of ``data`` with the model as it is (callers may bypass the module)."""
-        ids = self._tokens(data)
-        order = np.argsort([len(s) for s in ids], kind="stable")  # similar lengths pad less
+        inputs = self._inputs(data)
+        if isinstance(inputs, torch.Tensor):
+            order = np.arange(len(data))
+        else:  # similar lengths pad less
+            order = np.argsort([len(s) for s in inputs], kind="stable")
         out = torch.empty((len(data), self.hidden))
         for start in range(0, len(data), batch_size):
             rows = order[start : start + batch_size]
-            input_ids, mask = self._batch(ids, rows)
-            out[torch.from_numpy(rows)] = self.model.features(input_ids, mask)
+            out[torch.from_numpy(rows)] = self._rows_features(inputs, rows)
         return out
 
     @torch.no_grad()
-    def evaluate(self, data: TextDataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
@@ -513,7 +620,7 @@ class TorchEngine:
         )
 
     @torch.no_grad()
-    def class_feature_sums(self, data: TextDataset) -> tuple[np.ndarray, np.ndarray]:
+    def class_feature_sums(self, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Per-class sums of the frozen model's pooled features (module bypassed) and per-class counts."""
         with self._frozen_base():
             feats = self._pooled(data, 64).numpy().astype(np.float64)
