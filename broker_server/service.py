@@ -990,7 +990,7 @@ class AggregationService:
         record.last_metrics = dict(update.metrics)
         record.train_s += train_s
         record.samples = update.num_samples
-        self._round_bytes_up += len(payload)
+        # its bytes were counted on arrival (_on_update), with every other payload received
         if self._ledger is not None:  # before the ack: what is acknowledged survives a crash
             self._ledger.accept(
                 update.round,
