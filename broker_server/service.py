@@ -18,7 +18,7 @@ import queue
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ from broker_server.aggregation import (
     server_momentum_step,
     sum_class_statistics,
 )
-from broker_server.allocation import Allocation, Allocator, NoFeasibleConfig, RewardTable, peft_key
+from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
 from broker_server.asynchronous import Staleness, StaleUpdate, fedbuff_step, parse_staleness
 from broker_server.clustering import (
@@ -50,9 +50,11 @@ from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
 from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
+from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
 from broker_server.privacy import PoissonSampler, new_key
-from broker_server.state import ASSIGNMENT_KEY, TRAIN_CONFIG_KEY, StateStore
+from broker_server.registry import DeviceRecord, DeviceRegistry
+from broker_server.state import TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, get_strategy
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
@@ -66,63 +68,14 @@ from edge_runtime.errors import (
     ConfigError,
     DuplicateUpdate,
     FedPeftError,
-    NormTooLarge,
-    ShapeMismatch,
     StaleRound,
     UnknownDevice,
     UpdateRejected,
 )
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import Transport
-from hw_profiles import DeviceProfile, ProfileError
 
 log = logging.getLogger("fedpeft.server")
-
-@dataclass
-class DeviceRecord:
-    """What the service knows of one device."""
-
-    device_id: str
-    hello: wire.Hello
-    config: TrainConfig
-    allocation: Allocation | None = None
-    # the allocation's utility terms for the report; kept with the assignment across restarts
-    allocation_terms: dict[str, float] | None = None
-    excluded: str = ""  # why the allocator left this device out, if it did
-    updates_received: int = 0
-    updates_accepted: int = 0
-    bytes_up: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    train_s: float = 0.0
-    samples: int = 0
-    online: bool = True
-
-    def counters(self) -> dict[str, Any]:
-        """What the report counts for this device, as the state store keeps it."""
-        return {
-            "updates_received": self.updates_received,
-            "bytes_up": self.bytes_up,
-            "last_metrics": dict(self.last_metrics),
-            "train_s": self.train_s,
-            "samples": self.samples,
-        }
-
-    def restore_counters(self, counters: dict[str, Any]) -> None:
-        """Take back the counters a service counted before a restart (see :meth:`counters`)."""
-        self.updates_received = int(counters.get("updates_received", 0))
-        self.bytes_up = int(counters.get("bytes_up", 0))
-        self.last_metrics = {str(k): float(v) for k, v in dict(counters.get("last_metrics", {})).items()}
-        self.train_s = float(counters.get("train_s", 0.0))
-        self.samples = int(counters.get("samples", 0))
-
-
-@dataclass
-class PendingUpdate:
-    """An accepted update waiting for its round's aggregation."""
-
-    update: wire.UpdateMessage
-    content_id: str
-    nbytes: int
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -226,7 +179,7 @@ class AggregationService:
         self._shared: list[str] = []  # tensors the clusters shared in the last round
         self._by_cluster: dict[str, float] = {}
         self._residual: dict[str, np.ndarray] | None = None  # --strategy exact: the fed-back part
-        self.devices: dict[str, DeviceRecord] = {}
+        self.registry = DeviceRegistry(config.train, allocator, store)
         self.rejected: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
         self.final_eval: dict[str, float] = {}
@@ -247,7 +200,6 @@ class AggregationService:
         self._round_bytes_down = 0
         # what a restarted service takes back from the store: each device's counters (applied when
         # its record is made) and the interrupted round's (stale updates, bytes up)
-        self._stored_device_counters: dict[str, dict[str, Any]] = {}
         self._resumed_round_counters = (0, 0)
         self._stopped = False
         self._started = False
@@ -283,6 +235,11 @@ class AggregationService:
         self.artifact_chunk_bytes = artifact_chunk_bytes
         self.artifacts_published: dict[str, ArtifactInfo] = {}  # by artifact key
         self._artifact_of: dict[str, str] = {}  # config id -> artifact key
+
+    @property
+    def devices(self) -> dict[str, DeviceRecord]:
+        """Every device that said hello, by id (see :class:`~broker_server.registry.DeviceRegistry`)."""
+        return self.registry.devices
 
     # --- inbound -----------------------------------------------------------------------------
 
@@ -422,69 +379,11 @@ class AggregationService:
         hello = wire.decode_hello(payload, max_bytes=self.config.max_payload_bytes)
         if hello.device_id != device:
             raise UnknownDevice(f"hello for {hello.device_id!r} published under {device!r}")
-        record = self.devices.get(device)
-        returning = record is not None and not record.online
-        if record is None:
-            record = self._register(device, hello)
-            log.info("device %s registered (%d samples)", device, hello.num_samples)
-        else:
-            record.hello = hello
-            record.online = True
-        if self.store is not None:
-            self.store.save_device(device, payload, time.time())
+        record, returning = self.registry.hello(device, hello, payload)
         if not record.excluded:
             self._assign(record)
             if self._async_active:  # back (or new): the newest version, unless it is busy
                 self._offer(device, returning=returning)
-
-    def _register(self, device: str, hello: wire.Hello) -> DeviceRecord:
-        """A new record for ``device``, configured, with what was counted for it before a restart."""
-        record = DeviceRecord(device_id=device, hello=hello, config=self.config.train)
-        self._configure(record)
-        stored = self._stored_device_counters.pop(device, None)
-        if stored is not None:
-            record.restore_counters(stored)
-        self.devices[device] = record
-        return record
-
-    def _configure(self, record: DeviceRecord) -> None:
-        """Choose the device's configuration: the allocator's pick for its profile, or the fleet's."""
-        if self.allocator is None:
-            return
-        stored = None if self.store is None else self.store.get_meta(ASSIGNMENT_KEY + record.device_id)
-        if stored is not None:  # assigned before a restart: keep it, its updates depend on it
-            record.config = TrainConfig.from_dict(stored["config"])
-            record.excluded = str(stored.get("excluded", ""))
-            record.allocation_terms = stored.get("terms")
-            return
-        try:
-            profile = DeviceProfile.from_dict(dict(record.hello.profile))
-            record.config, record.allocation = self.allocator.assign(
-                self.config.train, profile, record.hello.num_samples, engines=record.hello.engines
-            )
-        except (NoFeasibleConfig, ProfileError) as exc:
-            record.excluded = str(exc)
-            log.warning("device %s left out: %s", record.device_id, exc)
-        else:
-            record.allocation_terms = None if record.allocation is None else record.allocation.terms()
-            log.info(
-                "device %s assigned %s on %s, batch %d, %d bits (U=%.3f)",
-                record.device_id,
-                peft_key(record.config.peft),
-                record.config.engine,
-                record.config.batch_size,
-                record.config.bits,
-                record.allocation.utility if record.allocation else float("nan"),
-            )
-        if self.store is not None:
-            self.store.set_meta(
-                ASSIGNMENT_KEY + record.device_id,
-                {
-                    "config": record.config.to_dict(),
-                    "excluded": record.excluded,
-                    "terms": record.allocation_terms,
-                },
-            )
 
     def _group(self, config: TrainConfig) -> Group:
         cid = config_id(config)
@@ -713,11 +612,7 @@ class AggregationService:
             if whole is None:
                 return
             payload = whole
-        update = wire.decode_update(payload, max_bytes=self.config.max_payload_bytes)
-        if update.device_id != device:
-            raise UnknownDevice(
-                f"update for {update.device_id!r} published under {device!r}", round=update.round
-            )
+        update = decode_update(device, payload, self.config.max_payload_bytes)
         if record is None:
             raise UnknownDevice(f"{device!r} never said hello", round=update.round)
         record.updates_received += 1
@@ -750,17 +645,10 @@ class AggregationService:
         self._check_tensors(update)
         if previous is not None:
             raise UpdateRejected("a second, different update for the round", round=update.round)
-        if update.num_samples > record.hello.num_samples:
-            raise UpdateRejected(
-                f"claims {update.num_samples} samples, hello said {record.hello.num_samples}",
-                round=update.round,
-            )
+        check_samples(update, record.hello)
         self._pending[device] = PendingUpdate(update, cid, len(payload))
         self._accepted_ids[(device, update.round)] = cid
-        record.updates_accepted += 1
-        record.last_metrics = dict(update.metrics)
-        record.train_s += float(update.metrics.get("train_s", 0.0))
-        record.samples = update.num_samples
+        record.took(update)
         self._round_bytes_down += int(update.metrics.get("bytes_down", 0))
         if self.store is not None:  # before the ack: what is acknowledged survives a crash
             self.store.add_update(
@@ -788,11 +676,7 @@ class AggregationService:
         if job.updated:
             raise UpdateRejected("a second, different update for the job", round=update.round)
         self._check_tensors(update)
-        if update.num_samples > record.hello.num_samples:
-            raise UpdateRejected(
-                f"claims {update.num_samples} samples, hello said {record.hello.num_samples}",
-                round=update.round,
-            )
+        check_samples(update, record.hello)
         job.answered = job.updated = True
         train_s = float(update.metrics.get("train_s", 0.0))
         if self.event_clock is not None:
@@ -800,10 +684,7 @@ class AggregationService:
         else:
             arrival = self.clock() - self._async_start
         self._accepted_ids[(device, update.round)] = cid
-        record.updates_accepted += 1
-        record.last_metrics = dict(update.metrics)
-        record.train_s += train_s
-        record.samples = update.num_samples
+        record.took(update)
         # its bytes were counted on arrival (_on_update), with every other payload received
         if self._ledger is not None:  # before the ack: what is acknowledged survives a crash
             self._ledger.accept(
@@ -823,64 +704,9 @@ class AggregationService:
             self.on_accept(device)
 
     def _check_tensors(self, update: wire.UpdateMessage) -> None:
-        expected = self._expected_shapes(self.devices[update.device_id])
-        got = {k: tuple(v.shape) for k, v in update.tensors.items()}
-        if set(got) != set(expected):
-            missing = sorted(set(expected) - set(got))[:3]
-            extra = sorted(set(got) - set(expected))[:3]
-            raise ShapeMismatch(f"tensors differ: missing {missing}, unexpected {extra}", round=update.round)
-        for name, shape in expected.items():
-            if got[name] != shape:
-                raise ShapeMismatch(f"{name}: shape {got[name]} != {shape}", round=update.round)
-        if self._phase == STATS_PHASE:
-            self._check_statistics(update)
-        if self._phase == PERSONALIZE_PHASE:
-            m = update.metrics
-            keys = ("global_own_accuracy", "personalized_accuracy")
-            if (
-                not m.get("holdout", -1) >= 0
-                or (m["holdout"] > 0 and not all(0 <= m.get(k, -1) <= 1 for k in keys))
-                or not 0 <= m.get("prior_accuracy", 0) <= 1
-            ):
-                raise UpdateRejected(
-                    "personalization metrics need holdout >= 0 and, with held-out samples, "
-                    "both accuracies in [0, 1]",
-                    round=update.round,
-                )
-        if self._phase == TRAIN_PHASE:
-            norm = float(
-                np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.tensors.values()))
-            )
-            if norm > self.config.norm_bound:
-                raise NormTooLarge(
-                    f"update norm {norm:.3g} exceeds {self.config.norm_bound:.3g}", round=update.round
-                )
-
-    @staticmethod
-    def _check_statistics(update: wire.UpdateMessage) -> None:
-        """Class statistics must be consistent: features are unit vectors, counts add up."""
-        sums = update.tensors["stats.class_sums"].astype(np.float64)
-        counts = update.tensors["stats.class_counts"].astype(np.float64)
-        if np.any(counts < 0) or np.any(counts != np.round(counts)):
-            raise UpdateRejected("class counts must be non-negative integers", round=update.round)
-        if int(counts.sum()) != update.num_samples:
-            raise UpdateRejected(
-                f"class counts add up to {int(counts.sum())}, the update claims {update.num_samples}",
-                round=update.round,
-            )
-        # the sum of n unit vectors has a norm of at most n
-        if np.any(np.linalg.norm(sums, axis=1) > counts * (1 + 1e-3) + 1e-3):
-            raise NormTooLarge(
-                "a class sum is longer than its count of unit features allows", round=update.round
-            )
-
-    def _expected_shapes(self, record: DeviceRecord) -> dict[str, tuple[int, ...]]:
-        if self._phase == STATS_PHASE:
-            c, h = self._group_of(record).shapes["head.weight"]
-            return {"stats.class_sums": (c, h), "stats.class_counts": (c,)}
-        if self._phase == PERSONALIZE_PHASE:
-            return {}  # only measurements come back: the personal modules stay on the devices
-        return dict(self._group_of(record).shapes)
+        record = self.devices[update.device_id]
+        expected = expected_shapes(self._phase, self._group_of(record).shapes)
+        check_update(update, expected, self._phase, self.config.norm_bound)
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
         ack = wire.Ack(device_id=device, round=round_, content_id=cid, accepted=accepted, reason=reason)
@@ -1013,18 +839,18 @@ class AggregationService:
         want = self.config.expected_clients or self.config.min_clients
         deadline = self.clock() + self.config.hello_timeout_s
         # every device counts as here once it said hello, even one the allocator left out
-        while sum(r.online for r in self.devices.values()) < want and not self._stopped:
+        while self.registry.online_count() < want and not self._stopped:
             if self.clock() >= deadline:
-                if sum(not r.excluded for r in self.devices.values()) >= self.config.min_clients:
+                if len(self.registry.able()) >= self.config.min_clients:
                     break
                 raise FedPeftError(
                     f"only {len(self.devices)} of {want} devices said hello within "
                     f"{self.config.hello_timeout_s:.0f} s"
                 )
             self._pump(min(deadline, self.clock() + 0.5))
-        able = [r for r in self.devices.values() if not r.excluded]
+        able = self.registry.able()
         if len(able) < self.config.min_clients and not self._stopped:
-            left_out = "; ".join(f"{r.device_id}: {r.excluded}" for r in self.devices.values() if r.excluded)
+            left_out = self.registry.left_out()
             raise FedPeftError(
                 f"only {len(able)} devices can train, {self.config.min_clients} needed (left out: {left_out})"
             )
@@ -1251,7 +1077,7 @@ class AggregationService:
             first = split_state(self._state, len(centroids))[0]
             self._base_shapes = {n: tuple(v.shape) for n, v in first.items()}
         for device, hello_payload in self.store.devices().items():
-            device_record = self._register(device, wire.decode_hello(hello_payload))
+            device_record = self.registry.register(device, wire.decode_hello(hello_payload))
             if not device_record.excluded and not self.clustered and self.config.mode == "sync":
                 self._group(device_record.config)
         if self.allocator is not None:
@@ -1325,7 +1151,7 @@ class AggregationService:
         assert self.store is not None
         self.rejected = self.store.rejections()
         self.resyncs = [dict(x) for x in self.store.get_meta("resyncs", [])]
-        self._stored_device_counters = self.store.device_counters()
+        self.registry.stored_counters = self.store.device_counters()
         counters = self.store.counters()
         if counters is not None:
             self.bytes_up_total = int(counters["bytes_up_total"])
@@ -1380,7 +1206,7 @@ class AggregationService:
                 self._stale = 0
                 self._round_bytes_up = 0
                 self._round_bytes_down = 0
-            participants = {d for d, rec in self.devices.items() if rec.online and not rec.excluded}
+            participants = self.registry.participants()
             if self._sampler is not None:
                 # Poisson sampling over every registered device; an offline one sampled is a dropout
                 self._sampled = self._sampler.sample(
@@ -1511,7 +1337,7 @@ class AggregationService:
         assert self.store is not None
         for device, hello_payload in self.store.devices().items():
             if device not in self.devices:
-                self._register(device, wire.decode_hello(hello_payload))
+                self.registry.register(device, wire.decode_hello(hello_payload))
         for device, count in snapshot.accepted_counts.items():
             if device in self.devices:
                 self.devices[device].updates_accepted += count
@@ -1722,7 +1548,7 @@ class AggregationService:
         else:
             self._pending = {}
             self._publish_global(self._phase)
-        participants = {d for d, rec in self.devices.items() if rec.online and not rec.excluded}
+        participants = self.registry.participants()
         if not self._collect(participants):
             log.warning("personalization: %d devices reported by the deadline", len(self._pending))
         for device, pending in sorted(self._pending.items()):
