@@ -53,7 +53,9 @@ from broker_server.heterogeneous import coverage_mean, view
 from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
 from broker_server.privacy import PoissonSampler, new_key
+from broker_server.records import DeviceSummary, FleetSummary, final_figures, mean_of, weighted
 from broker_server.registry import DeviceRecord, DeviceRegistry
+from broker_server.report import allocation_entry
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, get_strategy
 from edge_runtime import wire
@@ -1013,7 +1015,7 @@ class AggregationService:
                 return None, {}
             results.append((size, res))
             by_cluster[str(cluster)] = res.accuracy
-        return _weighted(results), by_cluster
+        return weighted(results), by_cluster
 
     def _evaluate(self) -> tuple[EvalResult | None, dict[str, float]]:
         """The global model's test figures; in a mixed fleet, per kind, weighted by its devices."""
@@ -1036,7 +1038,7 @@ class AggregationService:
                 return None, {}
             results.append((members[cfg.peft.kind], res))
             by_kind[cfg.peft.kind] = res.accuracy
-        return _weighted(results), by_kind
+        return weighted(results), by_kind
 
     def _learn_rewards(self, record: dict[str, Any]) -> None:
         """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
@@ -1245,7 +1247,7 @@ class AggregationService:
                 "bytes_up": sum(p.nbytes for p in self._pending.values()),
                 "bytes_up_all": self._round_bytes_up,
                 "bytes_down": self._round_bytes_down,
-                "train_loss": _mean([p.update.metrics.get("loss") for p in self._pending.values()]),
+                "train_loss": mean_of([p.update.metrics.get("loss") for p in self._pending.values()]),
                 "clients": sorted(self._pending),
                 "client_train_s": {
                     d: float(p.update.metrics.get("train_s", 0.0)) for d, p in self._pending.items()
@@ -1514,7 +1516,7 @@ class AggregationService:
             "bytes_up_all": self._round_bytes_up,
             # what the devices counted coming in since their previous update (the versions they got)
             "bytes_down": int(sum(b.update.metrics.get("bytes_down", 0.0) for b in stale)),
-            "train_loss": _mean([b.update.metrics.get("loss") for b in stale]),
+            "train_loss": mean_of([b.update.metrics.get("loss") for b in stale]),
             "clients": [b.update.device_id for b in stale],
             "jobs": [job for job, _ in ordered],
             "client_train_s": {},
@@ -1554,6 +1556,43 @@ class AggregationService:
         for device, pending in sorted(self._pending.items()):
             self.personalization[device] = dict(pending.update.metrics)
 
+    def fleet_summary(self) -> FleetSummary:
+        """The run as every report reads it (:mod:`broker_server.records`)."""
+        devices = {
+            d: DeviceSummary(
+                device_id=d,
+                profile=str(r.hello.profile.get("name", "unknown")),
+                config=r.config,
+                trainable_params=self.module_params(r.config),
+                allocation=allocation_entry(r),
+                cluster=self.cluster_of(d) if self.clustering else None,
+                updates_received=r.updates_received,
+                updates_accepted=r.updates_accepted,
+                train_s=r.train_s,
+                samples=r.samples,
+                last_metrics=dict(r.last_metrics),
+                personalization=dict(self.personalization.get(d, {})),
+            )
+            for d, r in self.devices.items()
+        }
+        final = final_figures(
+            self.final_eval,
+            self.personalization_summary(),
+            self.cluster_summary(),
+            self.privacy_spent(),
+            self.config.dp_delta if self._dp is not None else None,
+            self.privacy_report(),
+        )
+        return FleetSummary(
+            rounds=[dict(r) for r in self.rounds],
+            final=final,
+            devices=devices,
+            bytes_up_total=self.bytes_up_total,
+            rejected=[dict(r) for r in self.rejected],
+            unaggregated=list(self.unaggregated),
+            fleet_params=self.module_params(self.config.train),
+        )
+
     def personalization_summary(self) -> dict[str, float | None]:
         """Means over the devices that measured on held-out samples (None without any)."""
         measured = [m for m in self.personalization.values() if m.get("holdout", 0) > 0]
@@ -1564,21 +1603,3 @@ class AggregationService:
             else None
             for k in keys
         }
-
-
-def _weighted(results: list[tuple[int, EvalResult]]) -> EvalResult | None:
-    """Test figures of several modules, weighted by their devices (None without any)."""
-    if not results:
-        return None
-    total = sum(n for n, _ in results)
-    return EvalResult(
-        accuracy=sum(n * r.accuracy for n, r in results) / total,
-        macro_f1=sum(n * r.macro_f1 for n, r in results) / total,
-        loss=sum(n * r.loss for n, r in results) / total,
-        predictions=results[0][1].predictions,
-    )
-
-
-def _mean(values: list[Any]) -> float | None:
-    nums = [float(v) for v in values if isinstance(v, (int, float))]
-    return float(np.mean(nums)) if nums else None
