@@ -35,6 +35,7 @@ from broker_server.aggregation import (
 from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
 from broker_server.asynchronous import Staleness, StaleUpdate, fedbuff_step, parse_staleness
+from broker_server.checkpoint import encode_carry, read_report_inputs, read_round_checkpoint
 from broker_server.clustering import (
     Clustering,
     cluster_clients,
@@ -930,8 +931,8 @@ class AggregationService:
                     self._state, updates, spec.alpha / spec.rank, self._residual
                 )
                 if self.store is not None:
-                    module = wire.GlobalModule(self._round, "residual", dict(self._residual))
-                    self.store.save_residual(self._round, wire.encode_global(module, bits=32))
+                    carry = encode_carry(self._round, "residual", self._residual)
+                    self.store.save_residual(self._round, carry)
             elif self.config.strategy == "ffa":
                 self._state = ffa_fedavg(self._state, updates)
             else:
@@ -969,10 +970,9 @@ class AggregationService:
             before, self._state, self._server_m, lr=lr, beta=beta
         )
         if self.store is not None and beta > 0:
-            module = wire.GlobalModule(
-                self._round, "server-momentum", {k: v.astype(np.float32) for k, v in self._server_m.items()}
-            )
-            self.store.save_carry(self._round, "server_momentum", wire.encode_global(module, bits=32))
+            momentum = {k: v.astype(np.float32) for k, v in self._server_m.items()}
+            carry = encode_carry(self._round, "server-momentum", momentum)
+            self.store.save_carry(self._round, "server_momentum", carry)
 
     def _distill(self) -> None:
         """Let knowledge flow across the PEFT kinds of the fleet (:mod:`broker_server.distillation`)."""
@@ -1053,90 +1053,69 @@ class AggregationService:
             self.store.set_meta("rewards", self.allocator.rewards.to_dict())
 
     def _resume(self) -> int | None:
-        """Restore the last checkpoint from the store; the round to continue, or None if fresh.
-
-        Everything acknowledged is in the store (it is written before the ack), so the restored
-        pending updates are exactly the acknowledged ones of the interrupted round.
-        """
+        """Restore the last checkpoint from the store (:mod:`broker_server.checkpoint`); the round
+        to continue, or None if fresh."""
         if self.store is None:
             return None
-        counters = self._restore_report_inputs()
-        latest = self.store.latest_global()
-        if latest is None:
+        inputs = read_report_inputs(self.store)
+        self.rejected = inputs.rejected
+        self.resyncs = inputs.resyncs
+        self.registry.stored_counters = inputs.device_counters
+        if inputs.counters is not None:
+            self.bytes_up_total = int(inputs.counters["bytes_up_total"])
+        carries = (("residual",) if self.config.strategy == "exact" else ()) + (
+            ("server_momentum",) if self.config.server_momentum > 0 else ()
+        )
+        ckpt = read_round_checkpoint(
+            self.store,
+            inputs.counters,
+            clustered=self.clustered,
+            carries=carries,
+            personalize_round=self.config.rounds + 1 if self.config.personalize_epochs > 0 else None,
+            downlink=self._downlink is not None,
+        )
+        if ckpt is None:
             return None
-        round_, cid, payload = latest
-        module = wire.decode_global(payload)
-        self._state = dict(module.tensors)
+        round_ = ckpt.round
+        self._state = ckpt.state
         self._round = round_
-        saved_clusters = self.store.get_meta("clusters") if self.clustered else None
-        if saved_clusters is not None:
-            centroids = np.asarray(saved_clusters["centroids"], dtype=np.float64)
-            self.clustering = Clustering(
-                {str(d): int(c) for d, c in saved_clusters["members"].items()},
-                centroids,
-                float(saved_clusters["silhouette"]),
-            )
-            first = split_state(self._state, len(centroids))[0]
+        if ckpt.clustering is not None:
+            self.clustering = ckpt.clustering
+            first = split_state(self._state, len(ckpt.clustering.centroids))[0]
             self._base_shapes = {n: tuple(v.shape) for n, v in first.items()}
-        for device, hello_payload in self.store.devices().items():
-            device_record = self.registry.register(device, wire.decode_hello(hello_payload))
+        for device, hello in ckpt.hellos.items():
+            device_record = self.registry.register(device, hello)
             if not device_record.excluded and not self.clustered and self.config.mode == "sync":
                 self._group(device_record.config)
         if self.allocator is not None:
-            self.allocator.rewards = RewardTable.from_dict(self.store.get_meta("rewards", {}))
-        self._global_id = cid  # after the groups exist: they are published by run(), in the right phase
-        for device, count in self.store.accepted_counts().items():
+            self.allocator.rewards = RewardTable.from_dict(ckpt.rewards)
+        self._global_id = ckpt.global_id  # after the groups exist: run() publishes them, in phase
+        for device, count in ckpt.accepted_counts.items():
             if device in self.devices:
                 self.devices[device].updates_accepted = count
-        # A crash after a round's record was written but before the next global went out redoes
-        # that round from the same stored updates (summed in device order: the same floats).
-        self.rounds = [rec for rec in self.store.round_records() if int(rec["round"]) < round_]
+        self.rounds = ckpt.records
         for record in self.rounds:
             if record.get("accuracy") is not None:
                 self.final_eval = {"accuracy": record["accuracy"], "macro_f1": record["macro_f1"]}
-        if counters is None:  # a state folder from before the counters were stored
-            self.bytes_up_total = sum(int(r.get("bytes_up_all", 0)) for r in self.rounds)
+        if ckpt.legacy_bytes_up is not None:
+            self.bytes_up_total = ckpt.legacy_bytes_up
         if self._dp is not None:  # the privacy budget spent before the crash: one step a release
             self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
-        if self.config.strategy == "exact":  # the residual that aggregating this round starts from
-            saved = self.store.residual_before(round_)
-            if saved is not None:
-                module = wire.decode_global(saved, max_bytes=max(len(saved), wire.DEFAULT_MAX_PAYLOAD))
-                self._residual = {k: np.asarray(v, dtype=np.float64) for k, v in module.tensors.items()}
-        if self.config.server_momentum > 0:  # the momentum that aggregating this round starts from
-            carried = self.store.carry_before(round_, "server_momentum")
-            if carried is not None:
-                module = wire.decode_global(carried, max_bytes=max(len(carried), wire.DEFAULT_MAX_PAYLOAD))
-                self._server_m = {k: np.asarray(v, dtype=np.float64) for k, v in module.tensors.items()}
-        self._accepted_ids = self.store.accepted_ids()
-        self._pending = {}
-        for device, ucid, upayload in self.store.updates(round_):
-            update = wire.decode_update(upayload)
-            self._pending[device] = PendingUpdate(update, ucid, len(upayload))
-            if counters is None:
-                self.bytes_up_total += len(upayload)
-        accepted_bytes = sum(p.nbytes for p in self._pending.values())
-        if counters is not None and counters.get("round") == round_:
-            self._resumed_round_counters = (int(counters["round_stale"]), int(counters["round_bytes_up"]))
-        else:  # nothing counted in this round yet (or an older state folder)
-            self._resumed_round_counters = (0, accepted_bytes)
-        done = self.config.rounds + 1  # the personalization round, if there is one
-        if self.config.personalize_epochs > 0 and round_ > done:
-            for device, _, upayload in self.store.updates(done):
-                self.personalization[device] = dict(wire.decode_update(upayload).metrics)
-        self._resumed_payload = payload
+        if "residual" in ckpt.carries:
+            self._residual = ckpt.carries["residual"]
+        if "server_momentum" in ckpt.carries:
+            self._server_m = ckpt.carries["server_momentum"]
+        self._accepted_ids = ckpt.accepted_ids
+        self._pending = ckpt.pending
+        self._resumed_round_counters = ckpt.round_counters
+        self.personalization.update(ckpt.personalization)
+        self._resumed_payload = ckpt.payload
         self._resumed_shared = None
-        if self._downlink is not None:
-            stored = self.store.downlink(round_)
-            if stored is not None:
-                shared, residual_payload = stored
-                residual = wire.decode_global(
-                    residual_payload, max_bytes=max(len(residual_payload), wire.DEFAULT_MAX_PAYLOAD)
-                )
-                sent = wire.decode_global(shared)
-                if sent.tensors or "base" in sent.meta:  # not the statistics round's empty message
-                    self._downlink.restore(self._state, wire.content_id(shared), residual.tensors)
-                self._resumed_shared = shared
+        if self._downlink is not None and ckpt.downlink is not None:
+            shared, residual = ckpt.downlink
+            if residual is not None:
+                self._downlink.restore(self._state, wire.content_id(shared), residual)
+            self._resumed_shared = shared
             # without a stored delta (a statistics round) devices get the checkpoint itself
         log.warning(
             "resumed round %d from %s with %d acknowledged updates",
@@ -1145,19 +1124,6 @@ class AggregationService:
             len(self._pending),
         )
         return round_
-
-    def _restore_report_inputs(self) -> dict[str, Any] | None:
-        """Take back what the report counts from the store, fresh start or not: the rejections, the
-        module resyncs, the bytes received and each device's counters. Returns the stored service
-        counters (None if the store has none)."""
-        assert self.store is not None
-        self.rejected = self.store.rejections()
-        self.resyncs = [dict(x) for x in self.store.get_meta("resyncs", [])]
-        self.registry.stored_counters = self.store.device_counters()
-        counters = self.store.counters()
-        if counters is not None:
-            self.bytes_up_total = int(counters["bytes_up_total"])
-        return counters
 
     def _turns_ended(self, round_: int) -> set[str]:
         """Devices whose turn in ``round_`` a recorded rejection ended (see :meth:`_reject`)."""
