@@ -49,7 +49,6 @@ from broker_server.clustering import (
 from broker_server.config import ServiceConfig
 from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
-from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import coverage_mean, view
 from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
@@ -58,7 +57,7 @@ from broker_server.records import DeviceSummary, FleetSummary, final_figures, me
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
-from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, get_strategy
+from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, build_strategy, get_strategy
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
 from edge_runtime.chunking import ChunkAssembler, is_chunk
@@ -75,7 +74,6 @@ from edge_runtime.errors import (
     UnknownDevice,
     UpdateRejected,
 )
-from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import Transport
 
 log = logging.getLogger("fedpeft.server")
@@ -181,7 +179,10 @@ class AggregationService:
         self._base_shapes: dict[str, tuple[int, ...]] = {}  # one cluster's module
         self._shared: list[str] = []  # tensors the clusters shared in the last round
         self._by_cluster: dict[str, float] = {}
-        self._residual: dict[str, np.ndarray] | None = None  # --strategy exact: the fed-back part
+        # exact and ffa (broker_server.strategies): the rule and its carry (exact: the fed-back part)
+        stateful = config.strategy in STATEFUL_STRATEGIES
+        self._rule = build_strategy(config.strategy, config.train.peft) if stateful else None
+        self._carry: dict[str, np.ndarray] = {}
         self.registry = DeviceRegistry(config.train, allocator, store)
         self.rejected: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
@@ -924,17 +925,10 @@ class AggregationService:
         else:
             if self.config.clip_norm is not None:
                 updates = [clip_update(u, self.config.clip_norm) for u in updates]
-            if self.config.strategy == "exact":
-                spec = self.config.train.peft
-                assert isinstance(spec, LoraSpec)
-                self._state, self._residual = exact_fedavg(
-                    self._state, updates, spec.alpha / spec.rank, self._residual
-                )
-                if self.store is not None:
-                    carry = encode_carry(self._round, "residual", self._residual)
-                    self.store.save_residual(self._round, carry)
-            elif self.config.strategy == "ffa":
-                self._state = ffa_fedavg(self._state, updates)
+            if self._rule is not None:  # a registered rule that needs the LoRA pairs, with its carry
+                self._state, self._carry = self._rule.aggregate(self._state, updates, self._carry)
+                if self._rule.keeps_carry and self.store is not None:
+                    self.store.save_residual(self._round, encode_carry(self._round, "residual", self._carry))
             else:
                 # a mixed fleet: zero-pad and average each element over the clients that trained it
                 # (hetlora pads and weighs ranks itself)
@@ -1102,7 +1096,7 @@ class AggregationService:
         if self._dp is not None:  # the privacy budget spent before the crash: one step a release
             self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
         if "residual" in ckpt.carries:
-            self._residual = ckpt.carries["residual"]
+            self._carry = ckpt.carries["residual"]
         if "server_momentum" in ckpt.carries:
             self._server_m = ckpt.carries["server_momentum"]
         self._accepted_ids = ckpt.accepted_ids
