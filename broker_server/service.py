@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import logging
 import queue
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,13 +52,14 @@ from broker_server.heterogeneous import coverage_mean, view
 from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
 from broker_server.privacy import PoissonSampler, new_key
+from broker_server.publisher import Publisher
 from broker_server.records import DeviceSummary, FleetSummary, final_figures, mean_of, weighted
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, build_strategy, get_strategy
 from edge_runtime import wire
-from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo, iter_chunks, pack_folder
+from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
@@ -235,10 +235,9 @@ class AggregationService:
         # ORT training artifacts: whether devices fetch them from here (the simulator hands its
         # workers a local folder instead), where they are built, and what this process published
         self.serve_artifacts = serve_artifacts
-        self.artifacts_cache = artifacts_cache  # None: broker_server.artifacts.default_cache_dir()
-        self.artifact_chunk_bytes = artifact_chunk_bytes
-        self.artifacts_published: dict[str, ArtifactInfo] = {}  # by artifact key
-        self._artifact_of: dict[str, str] = {}  # config id -> artifact key
+        self.publisher = Publisher(
+            transport, config, artifacts_cache=artifacts_cache, artifact_chunk_bytes=artifact_chunk_bytes
+        )
 
     @property
     def devices(self) -> dict[str, DeviceRecord]:
@@ -398,8 +397,7 @@ class AggregationService:
             self.groups[cid] = group
             if self.allocator is not None and self._global_id:  # a newcomer joins the current round
                 payload = self._encode_global(self._phase, cid, view(self._state, shapes))
-                group.global_id = wire.content_id(payload)
-                self.transport.publish(group.topic, payload, qos=1, retain=True)
+                self.publisher.publish_group(group, payload)
         return group
 
     def module_params(self, config: TrainConfig) -> int:
@@ -508,52 +506,13 @@ class AggregationService:
         }
 
     def artifact_for(self, config: TrainConfig) -> ArtifactInfo:
-        """Build ``config``'s ORT artifacts if missing and publish them (once per key).
+        """Build and publish ``config``'s ORT artifacts (see :meth:`Publisher.artifact_for`)."""
+        return self.publisher.artifact_for(config)
 
-        The flavour is the one ``config.engine`` trains from: onnxruntime-training's graphs for
-        ``ort``, the step graph for ``ort-plain``. The chunks go out retained, so a device that
-        joins later (or after a restart of this service, which publishes them again on its first
-        assignment) still finds them.
-        """
-        flavour = artifact_flavour(config.engine)
-        if flavour is None:
-            raise ConfigError(f"engine {config.engine!r} trains without ORT artifacts")
-        cid = config_id(config)  # the engine is part of it, so each flavour has its own entry
-        key = self._artifact_of.get(cid)
-        if key is not None and key in self.artifacts_published:
-            return self.artifacts_published[key]
-        # imported here: building needs torch, transformers and onnx, which only ORT fleets use
-        from broker_server.artifacts import build_artifacts
-
-        start = time.perf_counter()
-        folder = build_artifacts(
-            config, seed=self.config.seed, cache_dir=self.artifacts_cache, flavour=flavour
-        ).folder
-        key = folder.name  # build_artifacts names the folder by its artifact_key
-        self._artifact_of[cid] = key
-        info = self.artifacts_published.get(key)
-        if info is None:
-            info = self._publish_artifact(key, folder)
-            log.info(
-                "published ORT artifacts %s (%s): %.1f MB in %d chunks (%.1f s)",
-                key,
-                flavour,
-                info.size / 1e6,
-                info.chunks,
-                time.perf_counter() - start,
-            )
-        return info
-
-    def _publish_artifact(self, key: str, folder: Path) -> ArtifactInfo:
-        with tempfile.TemporaryFile() as spool:
-            pack_folder(folder, spool)
-            info, chunks = iter_chunks(key, spool, chunk_bytes=self.artifact_chunk_bytes)
-            for index, chunk in enumerate(chunks):
-                self.transport.publish(
-                    wire.artifact_topic(self.config.fleet, key, index), chunk, qos=1, retain=True
-                )
-        self.artifacts_published[key] = info
-        return info
+    @property
+    def artifacts_published(self) -> dict[str, ArtifactInfo]:
+        """The ORT artifacts this process published, by artifact key."""
+        return self.publisher.artifacts_published
 
     def _assign(self, record: DeviceRecord) -> None:
         if self.clustered and self.cluster_of(record.device_id) is None:
@@ -574,9 +533,7 @@ class AggregationService:
             global_topic=self._group_of(record).topic,
             artifact=None if artifact is None else artifact.to_dict(),
         )
-        self.transport.publish(
-            wire.topic(self.config.fleet, "assign", record.device_id), wire.encode_assignment(msg), qos=1
-        )
+        self.publisher.assign(msg)
 
     def _on_status(self, device: str, payload: bytes) -> None:
         if not payload:
@@ -713,29 +670,17 @@ class AggregationService:
         check_update(update, expected, self._phase, self.config.norm_bound)
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
-        ack = wire.Ack(device_id=device, round=round_, content_id=cid, accepted=accepted, reason=reason)
-        self.transport.publish(wire.topic(self.config.fleet, "ack", device), wire.encode_ack(ack), qos=1)
+        self.publisher.ack(device, round_, cid, accepted, reason)
 
     # --- rounds ------------------------------------------------------------------------------
 
     def _meta(self, phase: str) -> dict[str, Any]:
-        return (
-            {"phase": phase, "fleet": self.config.fleet, "rounds": self.config.rounds}
-            | ({"epochs": self.config.personalize_epochs} if phase == PERSONALIZE_PHASE else {})
-            # layer-wise weighting: devices measure each layer's effect on their held-out samples
-            | ({"importance": 1} if phase == TRAIN_PHASE and self.config.strategy == "layerwise" else {})
-        )
+        return self.publisher.meta(phase)
 
     def _encode_global(
         self, phase: str, cid: str, tensors: dict[str, np.ndarray], round_: int | None = None
     ) -> bytes:
-        msg = wire.GlobalModule(
-            round=self._round if round_ is None else round_,
-            config_id=cid,
-            tensors=tensors,
-            meta=self._meta(phase),
-        )
-        return wire.encode_global(msg, bits=self.config.down_bits)
+        return self.publisher.encode_global(phase, cid, tensors, self._round if round_ is None else round_)
 
     def _encode_shared(self, phase: str, round_: int) -> bytes:
         """The downlink message of a version; the state becomes what devices rebuild from it."""
@@ -784,7 +729,7 @@ class AggregationService:
         payload = self._downlink.full(
             round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
         )
-        self.transport.publish(wire.topic(self.config.fleet, "global", device), payload, qos=1)
+        self.publisher.send_full(device, payload)
         log.info("device %s asked for the full module: sent %d bytes", device, len(payload))
 
     def _publish_global(self, phase: str, checkpoint: bytes | None = None) -> None:
@@ -813,8 +758,7 @@ class AggregationService:
                     self._group_of(device_record)
             for group in self.groups.values():
                 payload = self._encode_global(phase, group.config_id, self._state)
-                group.global_id = wire.content_id(payload)
-                self.transport.publish(group.topic, payload, qos=1, retain=True)
+                self.publisher.publish_group(group, payload)
             return
         if self.clustered:
             assert self.clustering is not None
@@ -822,22 +766,20 @@ class AggregationService:
             for cluster, state in states.items():
                 group = self._cluster_group(cluster)
                 payload = self._encode_global(phase, group.config_id, state)
-                group.global_id = wire.content_id(payload)
-                self.transport.publish(group.topic, payload, qos=1, retain=True)
+                self.publisher.publish_group(group, payload)
             return
         if self.allocator is None:
             payload = checkpoint if shared is None else shared
             # messages on the shared topic never name another module: their id is their content's
             self._group(self.config.train).global_id = wire.content_id(payload)
-            self.transport.publish(self.global_topic, payload, qos=1, retain=True)
+            self.publisher.publish_retained(self.global_topic, payload)
             waiting, self._resync_waiting = self._resync_waiting, set()
             for device in sorted(waiting):
                 self._send_full(device)
             return
         for group in self.groups.values():
             payload = self._encode_global(phase, group.config_id, view(self._state, group.shapes))
-            group.global_id = wire.content_id(payload)
-            self.transport.publish(group.topic, payload, qos=1, retain=True)
+            self.publisher.publish_group(group, payload)
 
     def _wait_for_devices(self) -> None:
         want = self.config.expected_clients or self.config.min_clients
@@ -1287,7 +1229,7 @@ class AggregationService:
         self._jobs[self._job_seq] = Job(device, self._round, start, group.global_id, len(payload))
         if self._ledger is not None:
             self._ledger.open_job(self._job_seq, device, self._round, group.global_id, len(payload), start)
-        self.transport.publish(group.topic, payload, qos=1, retain=True)
+        self.publisher.publish_retained(group.topic, payload)
 
     def _version_payload(self) -> bytes:
         """The current version's module as the ledger keeps it: fp32, exact."""
@@ -1345,7 +1287,7 @@ class AggregationService:
                 payload = self._encode_global(TRAIN_PHASE, group.config_id, dict(state), job_id)
             if wire.content_id(payload) == job.content_id:
                 group.global_id = job.content_id
-                self.transport.publish(group.topic, payload, qos=1, retain=True)
+                self.publisher.publish_retained(group.topic, payload)
             else:  # cannot rebuild it: not waited for; the device gets a new job below
                 job.answered = True
                 self._ledger.close_job(job_id)
