@@ -12,14 +12,12 @@ sums of the frozen model instead of trained deltas.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +31,7 @@ from broker_server.aggregation import (
 )
 from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
-from broker_server.asynchronous import Staleness, StaleUpdate, fedbuff_step, parse_staleness
+from broker_server.asynchronous import Staleness, fedbuff_step, parse_staleness
 from broker_server.checkpoint import encode_carry, read_report_inputs, read_round_checkpoint
 from broker_server.clustering import (
     Clustering,
@@ -56,6 +54,7 @@ from broker_server.publisher import Publisher
 from broker_server.records import DeviceSummary, FleetSummary, final_figures, mean_of, weighted
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
+from broker_server.rounds.buffered import EventClock, JobBoard
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, build_strategy, get_strategy
 from edge_runtime import wire
@@ -80,31 +79,6 @@ log = logging.getLogger("fedpeft.server")
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
-
-
-class EventClock(Protocol):
-    """A simulated clock for asynchronous runs: when devices can start and when their work lands."""
-
-    def start(self, device: str, t: float) -> float:
-        """The first time at or after ``t`` at which ``device`` can start a job (it may be offline)."""
-        ...
-
-    def finish(self, device: str, start: float, train_s: float, bytes_up: int, bytes_down: int) -> float:
-        """When a job started at ``start`` has arrived at the service, given what it measured."""
-        ...
-
-
-@dataclass
-class Job:
-    """One asynchronous assignment of the current global version to one device."""
-
-    device: str
-    version: int
-    start: float
-    content_id: str
-    nbytes: int
-    answered: bool = False  # not waited for any more: its update came, it failed, or it was replaced
-    updated: bool = False  # its update was accepted (a replaced job still takes one)
 
 
 class AggregationService:
@@ -137,12 +111,8 @@ class AggregationService:
         self.event_clock = event_clock
         self._async_start = 0.0
         self._async_now = 0.0  # the asynchronous clock: the last arrival taken
-        self._jobs: dict[int, Job] = {}
-        self._job_seq = 0
+        self.jobs = JobBoard()  # jobs, arrivals and the buffer (broker_server.rounds.buffered)
         self._async_active = False
-        # (arrival time, device, job id, update) of accepted updates not yet taken into the buffer
-        self._arrivals: list[tuple[float, str, int, PendingUpdate]] = []
-        self._buffer: list[tuple[int, StaleUpdate]] = []  # (job id, update), in order of arrival
         # accepted updates no version took in before the run ended (asynchronous mode)
         self.unaggregated: list[dict[str, Any]] = []
         if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
@@ -551,9 +521,8 @@ class AggregationService:
             reason = f"device_failed: {status.detail.get('reason', 'no reason given')}"
             if round_ == self._round:
                 self._answered.add(device)
-            job = self._jobs.get(round_) if isinstance(round_, int) else None
-            if job is not None and job.device == device and isinstance(round_, int):
-                job.answered = True  # asynchronous mode: do not wait for it, do not give it more
+            if self.jobs.fail(round_, device) and isinstance(round_, int):
+                # asynchronous mode: do not wait for it, do not give it more
                 record.excluded = f"failed job {round_}: {reason}"
                 if self._ledger is not None:
                     self._ledger.close_job(round_)
@@ -629,16 +598,9 @@ class AggregationService:
     ) -> None:
         """Accept an update for one of this device's jobs; it joins the buffer in arrival order."""
         device = record.device_id
-        job = self._jobs.get(update.round)
-        if job is None or job.device != device:
-            raise StaleRound(f"{device} has no job {update.round}", round=update.round)
-        if update.base_id != job.content_id:
-            raise StaleRound(f"job {update.round} was trained on another module", round=update.round)
-        if job.updated:
-            raise UpdateRejected("a second, different update for the job", round=update.round)
+        job = self.jobs.job_for(update.round, device, update.base_id)
         self._check_tensors(update)
         check_samples(update, record.hello)
-        job.answered = job.updated = True
         train_s = float(update.metrics.get("train_s", 0.0))
         if self.event_clock is not None:
             arrival = self.event_clock.finish(device, job.start, train_s, len(payload), job.nbytes)
@@ -657,9 +619,7 @@ class AggregationService:
                 counters=self._counters(),
                 device_counters=record.counters(),
             )
-        heapq.heappush(
-            self._arrivals, (arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
-        )
+        self.jobs.arrive(arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
         self._ack(device, update.round, cid, True, "")
         if self.on_accept is not None:
             self.on_accept(device)
@@ -1189,28 +1149,13 @@ class AggregationService:
 
     # --- asynchronous mode --------------------------------------------------------------------
 
-    def _in_flight(self) -> bool:
-        return any(not job.answered for job in self._jobs.values())
-
-    def _earliest_in_flight(self) -> float:
-        """No job in flight can land before it started (a device offline until later cannot)."""
-        return min((job.start for job in self._jobs.values() if not job.answered), default=float("inf"))
-
-    def _open_jobs(self, device: str) -> list[tuple[int, Job]]:
-        return [(i, j) for i, j in self._jobs.items() if j.device == device and not j.answered]
-
     def _offer(self, device: str, *, returning: bool = False) -> None:
-        """Give ``device`` the newest version unless an update of its waits for the buffer or it
-        has a job open; a device ``returning`` from offline has its jobs on older versions replaced
-        (an update for a replaced job, should it still come, is taken within the staleness bound,
-        but the service no longer waits for it)."""
-        if any(d == device for _, d, _, _ in self._arrivals):
+        """Give ``device`` the newest version unless the job board says it must wait
+        (:meth:`JobBoard.replace_for`); the jobs a returning device's new one replaces are closed."""
+        replaced = self.jobs.replace_for(device, self._round, returning=returning)
+        if replaced is None:
             return
-        open_jobs = self._open_jobs(device)
-        if open_jobs and not (returning and all(job.version < self._round for _, job in open_jobs)):
-            return
-        for job_id, job in open_jobs:
-            job.answered = True
+        for job_id in replaced:
             if self._ledger is not None:
                 self._ledger.close_job(job_id)
         self._dispatch(device, self._async_now)
@@ -1222,13 +1167,12 @@ class AggregationService:
         if not record.online or record.excluded:
             return
         start = self.event_clock.start(device, t) if self.event_clock is not None else t
-        self._job_seq += 1
         group = self._group_of(record)
-        payload = self._encode_global(TRAIN_PHASE, group.config_id, self._state, self._job_seq)
+        payload = self._encode_global(TRAIN_PHASE, group.config_id, self._state, self.jobs.next_id())
         group.global_id = wire.content_id(payload)
-        self._jobs[self._job_seq] = Job(device, self._round, start, group.global_id, len(payload))
+        job_id = self.jobs.open(device, self._round, start, group.global_id, len(payload))
         if self._ledger is not None:
-            self._ledger.open_job(self._job_seq, device, self._round, group.global_id, len(payload), start)
+            self._ledger.open_job(job_id, device, self._round, group.global_id, len(payload), start)
         self.publisher.publish_retained(group.topic, payload)
 
     def _version_payload(self) -> bytes:
@@ -1261,22 +1205,18 @@ class AggregationService:
         big = max(len(snapshot.payload), wire.DEFAULT_MAX_PAYLOAD)
         self._state = dict(wire.decode_global(snapshot.payload, max_bytes=big).tensors)
         self._round = snapshot.version
-        for j in snapshot.jobs:
-            self._jobs[j.job] = Job(
-                j.device, j.version, j.start, j.content_id, j.nbytes, j.answered, j.updated
-            )
-        self._job_seq = max(self._jobs, default=0)
+        self.jobs.restore(snapshot.jobs)
         now = max((j.start for j in snapshot.jobs), default=0.0)
         for stored in snapshot.waiting:
             update = wire.decode_update(stored.payload, max_bytes=max(len(stored.payload), big))
             pending = PendingUpdate(update, stored.content_id, len(stored.payload))
-            heapq.heappush(self._arrivals, (stored.arrival, stored.device, stored.job, pending))
+            self.jobs.requeue((stored.arrival, stored.device, stored.job, pending))
             self._ack(stored.device, stored.job, stored.content_id, True, "accepted before a restart")
             now = max(now, stored.arrival)
         counters = self.store.counters() if self.store is not None else None
         if counters is not None and counters.get("round") == self._round:
             self._stale, self._round_bytes_up = int(counters["round_stale"]), int(counters["round_bytes_up"])
-        for job_id, job in sorted(self._jobs.items()):
+        for job_id, job in sorted(self.jobs.jobs.items()):
             if job.answered or job.device not in self.devices:
                 continue
             stored_version = self._ledger.version_payload(job.version)
@@ -1295,8 +1235,8 @@ class AggregationService:
             "resumed async version %d from %s: %d updates in the buffer, %d jobs open",
             self._round,
             self._ledger.store.path,
-            len(self._arrivals),
-            sum(not j.answered for j in self._jobs.values()),
+            len(self.jobs.arrivals),
+            len(self.jobs.unanswered()),
         )
         return now
 
@@ -1322,28 +1262,21 @@ class AggregationService:
             self._offer(device)
         while self._round < self.config.rounds and not self._stopped:
             # with a simulated clock an arrival is final only once no job in flight can land earlier
-            if self._arrivals and (
-                self.event_clock is None or self._arrivals[0][0] <= self._earliest_in_flight()
-            ):
-                arrival, device, job_id, pending = heapq.heappop(self._arrivals)
+            taken = self.jobs.next_arrival(simulated=self.event_clock is not None)
+            if taken is not None:
+                arrival, device, job_id, _ = taken
                 now = self._async_now = max(now, arrival)
-                job = self._jobs[job_id]
-                tau = self._round - job.version
-                if tau > self.config.max_staleness:
-                    self._drop(device, job_id, job.version)
-                else:
-                    u = pending.update
-                    update = ClientUpdate(device, u.num_samples, u.tensors, u.metrics)
-                    self._buffer.append((job_id, StaleUpdate(update, tau)))
-                if len(self._buffer) >= self.config.buffer_size:
+                if self.jobs.take(taken, self._round, self.config.max_staleness) is None:
+                    self._drop(device, job_id, self.jobs.jobs[job_id].version)
+                if len(self.jobs.buffer) >= self.config.buffer_size:
                     self._async_aggregate(staleness, now, wall_start, round_start)
                     round_start = self.clock()
                 self._offer(device)
                 continue
-            if not self._in_flight() and not self._arrivals:
+            if not self.jobs.in_flight() and not self.jobs.arrivals:
                 raise FedPeftError(
                     f"version {self._round}: no device is training and the buffer holds "
-                    f"{len(self._buffer)} of {self.config.buffer_size} updates"
+                    f"{len(self.jobs.buffer)} of {self.config.buffer_size} updates"
                 )
             deadline = self.clock() + self.config.round_timeout_s
             while not self._stopped and self.clock() < deadline:
@@ -1351,7 +1284,7 @@ class AggregationService:
                     break
             else:
                 if not self._stopped:
-                    lost = [(i, j) for i, j in self._jobs.items() if not j.answered]
+                    lost = self.jobs.unanswered()
                     log.warning(
                         "%d jobs unanswered after %.0f s: given up", len(lost), self.config.round_timeout_s
                     )
@@ -1361,9 +1294,7 @@ class AggregationService:
                             self._ledger.close_job(job_id)
                         self._record_rejection(job.device, self._round, "deadline: job unanswered")
         self._async_active = False
-        self.unaggregated = [{"client": b.update.device_id, "job": j} for j, b in self._buffer] + [
-            {"client": d, "job": j} for _, d, j, _ in sorted(self._arrivals)
-        ]
+        self.unaggregated = self.jobs.unaggregated()
 
     def _drop(self, device: str, job_id: int, version: int) -> None:
         """An update staler than the bound: rejected with the reason, durably marked dropped."""
@@ -1392,8 +1323,7 @@ class AggregationService:
         self, staleness: Staleness, now: float, wall_start: float, round_start: float
     ) -> None:
         server_start = self.clock()
-        buffer, self._buffer = self._buffer, []
-        ordered = sorted(buffer, key=lambda b: (b[1].update.device_id, b[1].staleness, b[0]))
+        ordered = self.jobs.drain()
         stale = [b for _, b in ordered]
         self._state = fedbuff_step(self._state, stale, staleness, self.config.server_lr)
         self._round += 1
@@ -1409,7 +1339,7 @@ class AggregationService:
             "accuracy": None if result is None else result.accuracy,
             "macro_f1": None if result is None else result.macro_f1,
             "loss": None if result is None else result.loss,
-            "participants": len(buffer),
+            "participants": len(ordered),
             "stale_updates": self._stale,
             "staleness": [b.staleness for b in stale],
             # s(tau) of each update, in the order of "clients"

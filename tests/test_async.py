@@ -269,10 +269,10 @@ def test_a_device_that_comes_back_gets_the_newest_version_at_once(tiny: tuple[Pa
     service.devices["pi"].online = False  # its last will said offline
     service._on_hello("pi", hello)  # ... and it is back
     job = wire.decode_global(broker.retained[topic])
-    assert job.meta["phase"] == "train" and service._jobs[job.round].device == "pi"
-    assert service._jobs[job.round].start == 42.0 and service.devices["pi"].online
+    assert job.meta["phase"] == "train" and service.jobs.jobs[job.round].device == "pi"
+    assert service.jobs.jobs[job.round].start == 42.0 and service.devices["pi"].online
     service._on_hello("pi", hello)  # a repeated hello while it trains gets no second job
-    assert sum(1 for j in service._jobs.values() if j.device == "pi") == 1
+    assert sum(1 for j in service.jobs.jobs.values() if j.device == "pi") == 1
 
 
 def test_async_versions_count_each_accepted_update_s_bytes_once(tiny: tuple[Path, Path]) -> None:
