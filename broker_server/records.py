@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from broker_server.asynchronous import Staleness, StaleUpdate
+from broker_server.intake import PendingUpdate
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult
 
@@ -64,6 +66,100 @@ class FleetSummary:
     def reported_rounds(self) -> list[dict[str, Any]]:
         """The round records as the report holds them (the per-client timing left out)."""
         return [{k: v for k, v in r.items() if k not in PER_CLIENT_KEYS} for r in self.rounds]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When a round ended: since the run started, since the round started, on the simulated clock
+    (the wall clock outside simulation), and the server's own share."""
+
+    wall_s: float
+    round_wall_s: float
+    virtual_s: float
+    server_s: float
+
+
+def _evaluated(result: EvalResult | None) -> dict[str, float | None]:
+    return {
+        "accuracy": None if result is None else result.accuracy,
+        "macro_f1": None if result is None else result.macro_f1,
+        "loss": None if result is None else result.loss,
+    }
+
+
+def round_record(
+    round_: int,
+    phase: str,
+    timing: Timing,
+    result: EvalResult | None,
+    pending: Mapping[str, PendingUpdate],
+    *,
+    stale: int,
+    bytes_up_all: int,
+    bytes_down: int,
+    resyncs: Sequence[str],
+) -> dict[str, Any]:
+    """The record of a synchronous round that aggregated ``pending`` (device -> accepted update)."""
+    return {
+        "round": round_,
+        "phase": phase,
+        "wall_s": timing.wall_s,
+        "round_wall_s": timing.round_wall_s,
+        "virtual_s": timing.virtual_s,
+        "server_s": timing.server_s,
+        **_evaluated(result),
+        "participants": len(pending),
+        "stale_updates": stale,
+        "bytes_up": sum(p.nbytes for p in pending.values()),
+        "bytes_up_all": bytes_up_all,
+        "bytes_down": bytes_down,
+        "train_loss": mean_of([p.update.metrics.get("loss") for p in pending.values()]),
+        "clients": sorted(pending),
+        "client_train_s": {d: float(p.update.metrics.get("train_s", 0.0)) for d, p in pending.items()},
+        "client_bytes": {d: p.nbytes for d, p in pending.items()},
+        # devices that could not apply this round's delta and got the module whole
+        "resyncs": sorted(resyncs),
+    }
+
+
+def version_record(
+    version: int,
+    phase: str,
+    timing: Timing,
+    result: EvalResult | None,
+    ordered: Sequence[tuple[int, StaleUpdate]],
+    staleness: Staleness,
+    *,
+    stale: int,
+    bytes_up: int,
+) -> dict[str, Any]:
+    """The record of an asynchronous version made from ``ordered`` (job id, update) of the buffer;
+    ``bytes_up`` is every payload received since the version before, each counted once."""
+    updates = [b for _, b in ordered]
+    return {
+        "round": version,
+        "phase": phase,
+        "mode": "async",
+        "wall_s": timing.wall_s,
+        "round_wall_s": timing.round_wall_s,
+        "virtual_s": timing.virtual_s,
+        "server_s": timing.server_s,
+        **_evaluated(result),
+        "participants": len(ordered),
+        "stale_updates": stale,
+        "staleness": [b.staleness for b in updates],
+        # s(tau) of each update, in the order of "clients"
+        "staleness_weights": [staleness(b.staleness) for b in updates],
+        "bytes_up": bytes_up,
+        "bytes_up_all": bytes_up,
+        # what the devices counted coming in since their previous update (the versions they got)
+        "bytes_down": int(sum(b.update.metrics.get("bytes_down", 0.0) for b in updates)),
+        "train_loss": mean_of([b.update.metrics.get("loss") for b in updates]),
+        "clients": [b.update.device_id for b in updates],
+        "jobs": [job for job, _ in ordered],
+        "client_train_s": {},
+        "client_bytes": {},
+    }
 
 
 def final_figures(

@@ -51,7 +51,15 @@ from broker_server.intake import PendingUpdate, check_samples, check_update, dec
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
 from broker_server.privacy import PoissonSampler, new_key
 from broker_server.publisher import Publisher
-from broker_server.records import DeviceSummary, FleetSummary, final_figures, mean_of, weighted
+from broker_server.records import (
+    DeviceSummary,
+    FleetSummary,
+    Timing,
+    final_figures,
+    round_record,
+    version_record,
+    weighted,
+)
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
 from broker_server.rounds.buffered import EventClock, JobBoard
@@ -1094,30 +1102,19 @@ class AggregationService:
             self._aggregate()
             self._prepare_shared(r)
             result, by_kind = self._evaluate()
-            record: dict[str, Any] = {
-                "round": r,
-                "phase": self._phase,
-                "wall_s": self.clock() - start,
-                "round_wall_s": self.clock() - round_start,
-                "virtual_s": self.clock() - start,
-                "server_s": self.clock() - server_start,
-                "accuracy": None if result is None else result.accuracy,
-                "macro_f1": None if result is None else result.macro_f1,
-                "loss": None if result is None else result.loss,
-                "participants": len(self._pending),
-                "stale_updates": self._stale,
-                "bytes_up": sum(p.nbytes for p in self._pending.values()),
-                "bytes_up_all": self._round_bytes_up,
-                "bytes_down": self._round_bytes_down,
-                "train_loss": mean_of([p.update.metrics.get("loss") for p in self._pending.values()]),
-                "clients": sorted(self._pending),
-                "client_train_s": {
-                    d: float(p.update.metrics.get("train_s", 0.0)) for d, p in self._pending.items()
-                },
-                "client_bytes": {d: p.nbytes for d, p in self._pending.items()},
-                # devices that could not apply this round's delta and got the module whole
-                "resyncs": sorted(x["client"] for x in self.resyncs if x["round"] == r),
-            }
+            now = self.clock()
+            timing = Timing(now - start, now - round_start, now - start, now - server_start)
+            record = round_record(
+                r,
+                self._phase,
+                timing,
+                result,
+                self._pending,
+                stale=self._stale,
+                bytes_up_all=self._round_bytes_up,
+                bytes_down=self._round_bytes_down,
+                resyncs=[x["client"] for x in self.resyncs if x["round"] == r],
+            )
             if by_kind:
                 record["accuracy_by_kind"] = by_kind
             if self.distilled and self._phase == TRAIN_PHASE:
@@ -1324,36 +1321,21 @@ class AggregationService:
     ) -> None:
         server_start = self.clock()
         ordered = self.jobs.drain()
-        stale = [b for _, b in ordered]
-        self._state = fedbuff_step(self._state, stale, staleness, self.config.server_lr)
+        self._state = fedbuff_step(self._state, [b for _, b in ordered], staleness, self.config.server_lr)
         self._round += 1
         result, _ = self._evaluate()
-        record: dict[str, Any] = {
-            "round": self._round,
-            "phase": TRAIN_PHASE,
-            "mode": "async",
-            "wall_s": self.clock() - wall_start,
-            "round_wall_s": self.clock() - round_start,
-            "virtual_s": now,
-            "server_s": self.clock() - server_start,
-            "accuracy": None if result is None else result.accuracy,
-            "macro_f1": None if result is None else result.macro_f1,
-            "loss": None if result is None else result.loss,
-            "participants": len(ordered),
-            "stale_updates": self._stale,
-            "staleness": [b.staleness for b in stale],
-            # s(tau) of each update, in the order of "clients"
-            "staleness_weights": [staleness(b.staleness) for b in stale],
-            "bytes_up": self._round_bytes_up,
-            "bytes_up_all": self._round_bytes_up,
-            # what the devices counted coming in since their previous update (the versions they got)
-            "bytes_down": int(sum(b.update.metrics.get("bytes_down", 0.0) for b in stale)),
-            "train_loss": mean_of([b.update.metrics.get("loss") for b in stale]),
-            "clients": [b.update.device_id for b in stale],
-            "jobs": [job for job, _ in ordered],
-            "client_train_s": {},
-            "client_bytes": {},
-        }
+        end = self.clock()
+        timing = Timing(end - wall_start, end - round_start, now, end - server_start)
+        record = version_record(
+            self._round,
+            TRAIN_PHASE,
+            timing,
+            result,
+            ordered,
+            staleness,
+            stale=self._stale,
+            bytes_up=self._round_bytes_up,
+        )
         self._stale = 0
         self._round_bytes_up = 0
         if self._ledger is not None:  # the version and the buffer it consumed, in one transaction
