@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,9 @@ from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
 from broker_server.asynchronous import Staleness, fedbuff_step, parse_staleness
 from broker_server.checkpoint import encode_carry, read_report_inputs, read_round_checkpoint
+from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import (
     Clustering,
-    cluster_clients,
-    cluster_heads,
-    clustered_step,
-    join_states,
-    nearest_cluster,
     parse_clusters,
     split_state,
 )
@@ -153,10 +149,10 @@ class AggregationService:
         self.clustered = config.clusters != "off"
         if allocator is not None and self.clustered:
             raise ConfigError("--clusters with a mixed fleet (allocation) is not supported yet")
-        self.clustering: Clustering | None = None  # formed once the expected devices said hello
-        self._base_shapes: dict[str, tuple[int, ...]] = {}  # one cluster's module
-        self._shared: list[str] = []  # tensors the clusters shared in the last round
-        self._by_cluster: dict[str, float] = {}
+        # formed once the expected devices said hello (broker_server.cluster_groups)
+        self.clusters = ClusterGroups(
+            parse_clusters(config.clusters), seed=config.seed, share=config.cluster_share, store=store
+        )
         # exact and ffa (broker_server.strategies): the rule and its carry (exact: the fed-back part)
         stateful = config.strategy in STATEFUL_STRATEGIES
         self._rule = build_strategy(config.strategy, config.train.peft) if stateful else None
@@ -385,8 +381,8 @@ class AggregationService:
         return int(sum(int(np.prod(shape)) for shape in self._shapes_for(config).values()))
 
     def _shapes_for(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
-        if self.clustered and self._base_shapes:
-            return dict(self._base_shapes)
+        if self.clustered and self.clusters.base_shapes:
+            return dict(self.clusters.base_shapes)
         group = self.groups.get(config_id(config))
         if group is not None:
             return group.shapes
@@ -396,54 +392,23 @@ class AggregationService:
 
     # --- clusters ----------------------------------------------------------------------------
 
+    @property
+    def clustering(self) -> Clustering | None:
+        """The fleet's clusters (None without ``--clusters`` or before they are formed)."""
+        return self.clusters.clustering
+
     def cluster_of(self, device: str) -> int | None:
         """The device's cluster; a device that joins after clustering goes to the nearest one."""
-        if self.clustering is None:
-            return None
-        cluster = self.clustering.members.get(device)
         record = self.devices.get(device)
-        if cluster is None and record is not None:
-            cluster = nearest_cluster(self._histogram(record), self.clustering.centroids)
-            self.clustering.members[device] = cluster
-            self._save_clustering()
-            log.info("device %s joins cluster %d", device, cluster)
-        return cluster
-
-    def _histogram(self, record: DeviceRecord) -> np.ndarray:
-        classes = int(self._base_shapes["head.weight"][0])
-        hist = np.zeros(classes)
-        given = np.asarray(record.hello.label_histogram[:classes], dtype=np.float64)
-        hist[: len(given)] = given
-        return hist
+        return self.clusters.member(device, None if record is None else record.hello)
 
     def _form_clusters(self) -> None:
         """Group the devices that said hello by their label histograms; one module per cluster."""
-        self._base_shapes = {n: tuple(v.shape) for n, v in self._state.items()}
-        able = {d: self._histogram(r) for d, r in self.devices.items() if not r.excluded}
-        self.clustering = cluster_clients(able, parse_clusters(self.config.clusters), seed=self.config.seed)
-        self._state = join_states({c: dict(self._state) for c in range(self.clustering.k)})
-        self._save_clustering()
-        log.info(
-            "%d clusters of %s devices (silhouette %.2f)",
-            self.clustering.k,
-            self.clustering.sizes(),
-            self.clustering.silhouette,
-        )
+        able = {d: r.hello for d, r in self.devices.items() if not r.excluded}
+        self._state = self.clusters.form(self._state, able)
         for record in self.devices.values():
             if not record.excluded:
                 self._assign(record)
-
-    def _save_clustering(self) -> None:
-        if self.store is None or self.clustering is None:
-            return
-        self.store.set_meta(
-            "clusters",
-            {
-                "members": self.clustering.members,
-                "centroids": self.clustering.centroids.tolist(),
-                "silhouette": self.clustering.silhouette,
-            },
-        )
 
     def _group_of(self, record: DeviceRecord) -> Group:
         """The group whose global module this device trains: its configuration's, its cluster's, or
@@ -468,20 +433,13 @@ class AggregationService:
         group = self.groups.get(key)
         if group is None:
             topic = wire.topic(self.config.fleet, "global", key)
-            group = Group(self.config.train, key, topic, dict(self._base_shapes))
+            group = Group(self.config.train, key, topic, dict(self.clusters.base_shapes))
             self.groups[key] = group
         return group
 
     def cluster_summary(self) -> dict[str, Any] | None:
         """Clusters for the report: how many, their sizes and the silhouette (None when off)."""
-        if self.clustering is None:
-            return None
-        return {
-            "k": self.clustering.k,
-            "sizes": self.clustering.sizes(),
-            "silhouette": self.clustering.silhouette,
-            "share_cosine": self.config.cluster_share,
-        }
+        return self.clusters.summary()
 
     def artifact_for(self, config: TrainConfig) -> ArtifactInfo:
         """Build and publish ``config``'s ORT artifacts (see :meth:`Publisher.artifact_for`)."""
@@ -793,7 +751,7 @@ class AggregationService:
                 return False
         return False
 
-    def _head(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+    def _head(self, updates: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
         """The class-mean head from a statistics round's updates (screened under robust rules)."""
         if self.config.strategy in ROBUST_STRATEGIES:
             return robust_head_from_statistics(updates, self.config.head_scale, self.config.strategy)
@@ -802,24 +760,10 @@ class AggregationService:
 
     def _aggregate_clusters(self, updates: list[ClientUpdate]) -> None:
         """Each cluster aggregates its own devices; tensors the clusters agree on are shared."""
-        assert self.clustering is not None
-        by_cluster: dict[int, list[ClientUpdate]] = {}
-        for u in updates:
-            by_cluster.setdefault(self.clustering.members[u.device_id], []).append(u)
-        states = split_state(self._state, self.clustering.k)
         if self._phase == STATS_PHASE:
-            heads = cluster_heads(
-                self._head(updates), {c: self._head(us) for c, us in by_cluster.items()}, self.clustering.k
-            )
-            self._state = join_states({c: {**states[c], **heads[c]} for c in states})
-            self._shared = []
-            return
-        if self.config.clip_norm is not None:
-            by_cluster = {
-                c: [clip_update(u, self.config.clip_norm) for u in us] for c, us in by_cluster.items()
-            }
-        new, self._shared = clustered_step(states, by_cluster, self.strategy, self.config.cluster_share)
-        self._state = join_states(new)
+            self._state = self.clusters.heads(self._state, updates, self._head)
+        else:
+            self._state = self.clusters.step(self._state, updates, self.strategy, self.config.clip_norm)
 
     def _aggregate(self) -> None:
         updates = [
@@ -905,27 +849,10 @@ class AggregationService:
                 state.setdefault(name, value)
         return state
 
-    def _evaluate_clusters(self) -> tuple[EvalResult | None, dict[str, float]]:
-        """Each cluster's module on the test set; the mean weighted by the clusters' devices."""
-        assert self.clustering is not None
-        states = split_state(self._state, self.clustering.k)
-        results: list[tuple[int, EvalResult]] = []
-        by_cluster: dict[str, float] = {}
-        for cluster, size in enumerate(self.clustering.sizes()):
-            if size == 0:
-                continue
-            res = self.evaluator.evaluate(states[cluster])
-            if res is None:
-                return None, {}
-            results.append((size, res))
-            by_cluster[str(cluster)] = res.accuracy
-        return weighted(results), by_cluster
-
     def _evaluate(self) -> tuple[EvalResult | None, dict[str, float]]:
         """The global model's test figures; in a mixed fleet, per kind, weighted by its devices."""
         if self.clustered:
-            result, self._by_cluster = self._evaluate_clusters()
-            return result, {}
+            return self.clusters.evaluate(self._state, self.evaluator), {}
         if self.allocator is None:
             return self.evaluator.evaluate(self._state), {}
         members: dict[str, int] = {}
@@ -984,9 +911,7 @@ class AggregationService:
         self._state = ckpt.state
         self._round = round_
         if ckpt.clustering is not None:
-            self.clustering = ckpt.clustering
-            first = split_state(self._state, len(ckpt.clustering.centroids))[0]
-            self._base_shapes = {n: tuple(v.shape) for n, v in first.items()}
+            self.clusters.restore(ckpt.clustering, self._state)
         for device, hello in ckpt.hellos.items():
             device_record = self.registry.register(device, hello)
             if not device_record.excluded and not self.clustered and self.config.mode == "sync":
@@ -1120,8 +1045,8 @@ class AggregationService:
             if self.distilled and self._phase == TRAIN_PHASE:
                 record["distill_agreement"] = dict(self.distilled)
             if self.clustered:
-                record["accuracy_by_cluster"] = dict(self._by_cluster)
-                record["shared_tensors"] = list(self._shared)
+                record["accuracy_by_cluster"] = dict(self.clusters.by_cluster)
+                record["shared_tensors"] = list(self.clusters.shared)
             if self._dp is not None:
                 record["dp_epsilon"] = self.privacy_spent()
                 record["dp_sampled"] = len(self._sampled)
