@@ -7,7 +7,16 @@ Rounds are synchronous: the service publishes round r's global module (retained)
 updates trained on it until every participant has answered or the deadline passes, aggregates
 with a pure strategy function, evaluates, checkpoints and publishes round r+1. Round 0 is a
 statistics round when the head starts from class means (FedNCM): devices send per-class feature
-sums of the frozen model instead of trained deltas.
+sums of the frozen model instead of trained deltas. With ``mode="async"`` the rounds after it are
+buffered asynchronous versions (FedBuff).
+
+This class is the I/O shell and the round loops; the pieces around it live in their own modules:
+:mod:`~broker_server.config` (ServiceConfig), :mod:`~broker_server.registry` (devices),
+:mod:`~broker_server.intake` (decode and check an update), :mod:`~broker_server.publisher`
+(encoding, topics, artifacts), :mod:`~broker_server.checkpoint` (restore from SQLite),
+:mod:`~broker_server.cluster_groups` (clusters), :mod:`~broker_server.records` (round records and
+the fleet summary the reports read) and :mod:`~broker_server.rounds.buffered` (the asynchronous
+jobs and buffer, without I/O).
 """
 
 from __future__ import annotations

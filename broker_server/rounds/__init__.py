@@ -1,1 +1,1 @@
-"""Round logic without I/O: the bookkeeping of synchronous rounds and buffered asynchronous versions."""
+"""Round logic without I/O; so far the bookkeeping of buffered asynchronous versions (``buffered``)."""
