@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,11 @@ import numpy as np
 
 from broker_server.aggregation import (
     ClientUpdate,
-    clip_update,
-    head_from_class_means,
-    robust_head_from_statistics,
-    server_momentum_step,
-    sum_class_statistics,
 )
 from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
 from broker_server.asynchronous import Staleness, fedbuff_step, parse_staleness
-from broker_server.checkpoint import encode_carry, read_report_inputs, read_round_checkpoint
+from broker_server.checkpoint import read_report_inputs, read_round_checkpoint
 from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import (
     Clustering,
@@ -51,7 +46,7 @@ from broker_server.clustering import (
 from broker_server.config import ServiceConfig
 from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
-from broker_server.heterogeneous import coverage_mean, view
+from broker_server.heterogeneous import view
 from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
 from broker_server.privacy import PoissonSampler, new_key
@@ -68,8 +63,9 @@ from broker_server.records import (
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
 from broker_server.rounds.buffered import EventClock, JobBoard
+from broker_server.rounds.sync import RoundAggregation
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
-from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, build_strategy, get_strategy
+from broker_server.strategies import STATEFUL_STRATEGIES
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo
 from edge_runtime.chunking import ChunkAssembler, is_chunk
@@ -154,7 +150,6 @@ class AggregationService:
             raise ConfigError(
                 f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
             )
-        self.strategy = get_strategy("fedit" if config.strategy in STATEFUL_STRATEGIES else config.strategy)
         self.clustered = config.clusters != "off"
         if allocator is not None and self.clustered:
             raise ConfigError("--clusters with a mixed fleet (allocation) is not supported yet")
@@ -163,9 +158,13 @@ class AggregationService:
             parse_clusters(config.clusters), seed=config.seed, share=config.cluster_share, store=store
         )
         # exact and ffa (broker_server.strategies): the rule and its carry (exact: the fed-back part)
-        stateful = config.strategy in STATEFUL_STRATEGIES
-        self._rule = build_strategy(config.strategy, config.train.peft) if stateful else None
-        self._carry: dict[str, np.ndarray] = {}
+        # how each synchronous round aggregates, and the carries it keeps (broker_server.rounds.sync)
+        self.aggregation = RoundAggregation(
+            config,
+            mixed=allocator is not None,
+            clusters=self.clusters if self.clustered else None,
+            store=store,
+        )
         self.registry = DeviceRegistry(config.train, allocator, store)
         self.rejected: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
@@ -193,7 +192,6 @@ class AggregationService:
         self._resumed_payload = b""
         self._resumed_shared: bytes | None = None
         self._prepared: tuple[int, str, bytes] | None = None
-        self._server_m: dict[str, np.ndarray] = {}  # FedAvgM's momentum (sync rounds)
         self.resyncs: list[dict[str, Any]] = []  # devices that asked for the whole module
         self._resync_waiting: set[str] = set()
         # the downlink's encoder, where deltas apply (one module shared by every device, sync)
@@ -760,20 +758,6 @@ class AggregationService:
                 return False
         return False
 
-    def _head(self, updates: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
-        """The class-mean head from a statistics round's updates (screened under robust rules)."""
-        if self.config.strategy in ROBUST_STRATEGIES:
-            return robust_head_from_statistics(updates, self.config.head_scale, self.config.strategy)
-        sums, counts = sum_class_statistics(updates)
-        return head_from_class_means(sums, counts, self.config.head_scale)
-
-    def _aggregate_clusters(self, updates: list[ClientUpdate]) -> None:
-        """Each cluster aggregates its own devices; tensors the clusters agree on are shared."""
-        if self._phase == STATS_PHASE:
-            self._state = self.clusters.heads(self._state, updates, self._head)
-        else:
-            self._state = self.clusters.step(self._state, updates, self.strategy, self.config.clip_norm)
-
     def _aggregate(self) -> None:
         updates = [
             ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
@@ -781,27 +765,12 @@ class AggregationService:
         ]
         if self._dp is not None:
             self._aggregate_private(updates)
-        elif self.clustered:
-            self._aggregate_clusters(updates)
         elif self._phase == STATS_PHASE:
-            self._state = {**self._state, **self._head(updates)}
+            self._state = self.aggregation.statistics(self._state, updates)
         else:
-            if self.config.clip_norm is not None:
-                updates = [clip_update(u, self.config.clip_norm) for u in updates]
-            if self._rule is not None:  # a registered rule that needs the LoRA pairs, with its carry
-                self._state, self._carry = self._rule.aggregate(self._state, updates, self._carry)
-                if self._rule.keeps_carry and self.store is not None:
-                    self.store.save_residual(self._round, encode_carry(self._round, "residual", self._carry))
-            else:
-                # a mixed fleet: zero-pad and average each element over the clients that trained it
-                # (hetlora pads and weighs ranks itself)
-                mixed = self.allocator is not None and self.config.strategy != "hetlora"
-                rule = coverage_mean if mixed else self.strategy
-                before = self._state
-                self._state = rule(self._state, updates)
-                self._server_step(before)
-                if self.config.distill_epochs > 0:
-                    self._distill()
+            self._state = self.aggregation.train(self._state, updates, self._round)
+            if self.config.distill_epochs > 0 and not self.clustered and self.aggregation.rule is None:
+                self._distill()
 
     def _aggregate_private(self, updates: list[ClientUpdate]) -> None:
         """DP-FedAvg's release for this round: the class-mean head in round 0, else the module.
@@ -817,19 +786,6 @@ class AggregationService:
         else:
             self._state = self._dp.aggregate(self._state, updates, rng)
         self._dp_rounds += 1
-
-    def _server_step(self, before: dict[str, np.ndarray]) -> None:
-        """FedAvgM over the rule's step, with its momentum kept in the state store."""
-        lr, beta = self.config.server_lr, self.config.server_momentum
-        if lr == 1.0 and beta == 0.0:
-            return
-        self._state, self._server_m = server_momentum_step(
-            before, self._state, self._server_m, lr=lr, beta=beta
-        )
-        if self.store is not None and beta > 0:
-            momentum = {k: v.astype(np.float32) for k, v in self._server_m.items()}
-            carry = encode_carry(self._round, "server-momentum", momentum)
-            self.store.save_carry(self._round, "server_momentum", carry)
 
     def _distill(self) -> None:
         """Let knowledge flow across the PEFT kinds of the fleet (:mod:`broker_server.distillation`)."""
@@ -939,10 +895,7 @@ class AggregationService:
             self.bytes_up_total = ckpt.legacy_bytes_up
         if self._dp is not None:  # the privacy budget spent before the crash: one step a release
             self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
-        if "residual" in ckpt.carries:
-            self._carry = ckpt.carries["residual"]
-        if "server_momentum" in ckpt.carries:
-            self._server_m = ckpt.carries["server_momentum"]
+        self.aggregation.restore(ckpt.carries)
         self._accepted_ids = ckpt.accepted_ids
         self._pending = ckpt.pending
         self._resumed_round_counters = ckpt.round_counters
