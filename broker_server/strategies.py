@@ -1,15 +1,38 @@
-"""The strategy registry: every ``--strategy`` name, and the stateless rule behind it.
+"""The strategy registry: every ``--strategy`` name, and the rule behind it.
 
 It sits above the modules that define the rules (:mod:`broker_server.aggregation`,
-:mod:`broker_server.heterogeneous`, the service's own ``exact`` and ``ffa``), so that those import
-only the types and rules below them and nothing imports in a circle (``tests/test_import_graph.py``).
+:mod:`broker_server.heterogeneous`, :mod:`broker_server.exact`), so that those import only the
+types and rules below them and nothing imports in a circle (``tests/test_import_graph.py``).
+
+Every registered name builds one :class:`StrategyRule` with :func:`build_strategy`:
+``aggregate(state, updates, carry) -> (state, carry)``, pure, where the carry is what the rule keeps
+between rounds (the exact strategy's residual; empty for the stateless rules), an array map the
+checkpoint stores the same way for every rule (:mod:`broker_server.checkpoint`).
 """
 
 from __future__ import annotations
 
-from broker_server.aggregation import Strategy, coordinate_median, fedit, layerwise, trimmed_mean
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from broker_server.aggregation import (
+    ClientUpdate,
+    State,
+    Strategy,
+    coordinate_median,
+    fedit,
+    layerwise,
+    trimmed_mean,
+)
+from broker_server.exact import exact_fedavg, ffa_fedavg
 from broker_server.heterogeneous import hetlora_mean
 from edge_runtime.errors import ConfigError
+from edge_runtime.peft_specs import LoraSpec, PeftSpec
+
+Carry = dict[str, np.ndarray]
+"""What a rule keeps between rounds (its name -> array); empty for the stateless rules."""
 
 STRATEGIES: dict[str, Strategy] = {
     "fedit": fedit,
@@ -51,3 +74,53 @@ def get_strategy(name: str) -> Strategy:
             f"strategy {name!r} keeps state between rounds or needs the LoRA pairs: the service runs it"
         )
     return STRATEGIES[name]
+
+
+def registered_strategies() -> list[str]:
+    """Every ``--strategy`` name, sorted."""
+    return sorted([*STRATEGIES, *STATEFUL_STRATEGIES, *HETEROGENEOUS_STRATEGIES])
+
+
+@dataclass(frozen=True)
+class StrategyRule:
+    """A registered strategy built for one module: its pure step and whether it keeps a carry."""
+
+    name: str
+    step: Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate], Carry], tuple[State, Carry]]
+    keeps_carry: bool = False
+
+    def aggregate(
+        self, state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], carry: Carry | None = None
+    ) -> tuple[State, Carry]:
+        """The new global state and carry from ``state``, the round's ``updates`` and ``carry``."""
+        return self.step(state, updates, {} if carry is None else carry)
+
+
+def _stateless(
+    rule: Strategy,
+) -> Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate], Carry], tuple[State, Carry]]:
+    def step(
+        state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], carry: Carry
+    ) -> tuple[State, Carry]:
+        return rule(state, updates), {}
+
+    return step
+
+
+def build_strategy(name: str, peft: PeftSpec | None = None) -> StrategyRule:
+    """The rule registered under ``name`` for a module of ``peft`` (the LoRA rules need its spec)."""
+    check_strategy(name)
+    if name == "exact":
+        if not isinstance(peft, LoraSpec):
+            raise ConfigError("--strategy exact averages LoRA products: it needs the module's LoraSpec")
+        scale = peft.alpha / peft.rank
+
+        def exact_step(
+            state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], carry: Carry
+        ) -> tuple[State, Carry]:
+            return exact_fedavg(state, updates, scale, carry or None)
+
+        return StrategyRule(name, exact_step, keeps_carry=True)
+    if name == "ffa":
+        return StrategyRule(name, _stateless(ffa_fedavg))
+    return StrategyRule(name, _stateless(get_strategy(name)))

@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the aggregation service until the last round, then write its report."""
     from broker_server.allocation import AllocationConfig, build_allocator
     from broker_server.evaluation import Evaluator
-    from broker_server.report import allocation_entry, build_report, communication, peft_entry, write_report
+    from broker_server.report import build_report, communication, peft_entry, write_report
     from broker_server.service import AggregationService, ServiceConfig
     from broker_server.state import StateStore
     from edge_runtime.data import TextDataset, load_labels, load_split, resolve_data_dir
@@ -154,41 +154,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.run()
     finally:
         transport.close()
-    participations = sum(r["participants"] for r in service.rounds)
-    bytes_down = sum(int(r["bytes_down"]) for r in service.rounds)
+    summary = service.fleet_summary()
     clients = [
         {
             "id": d.device_id,
-            "profile": str(d.hello.profile.get("name", "unknown")),
-            "peft": peft_entry(d.config, service.module_params(d.config)),
-            "allocation": allocation_entry(d),
+            "profile": d.profile,
+            "peft": peft_entry(d.config, d.trainable_params),
+            "allocation": d.allocation,
             "bits": d.config.bits,
             "engine": d.config.engine,
             "mem_cap_mb": d.config.mem_cap_mb,
             "peak_rss_mb": float(d.last_metrics.get("peak_rss_mb", 0.0)),
             "train_s": d.train_s,
             "samples": d.samples,
-            "cluster": service.cluster_of(d.device_id) if service.clustering else None,
+            "cluster": d.cluster,
             "updates_sent": int(d.last_metrics.get("updates_sent", d.updates_received)),
             "updates_accepted": d.updates_accepted,
-            "global_own_accuracy": service.personalization.get(d.device_id, {}).get("global_own_accuracy"),
-            "personalized_accuracy": service.personalization.get(d.device_id, {}).get(
-                "personalized_accuracy"
-            ),
+            "global_own_accuracy": d.personalization.get("global_own_accuracy"),
+            "personalized_accuracy": d.personalization.get("personalized_accuracy"),
         }
-        for d in service.devices.values()
+        for d in summary.devices.values()
     ]
-    rounds = [
-        {k: v for k, v in r.items() if k not in ("client_train_s", "client_bytes")} for r in service.rounds
-    ]
-    final: dict[str, Any] = dict(service.final_eval) or {"accuracy": 0.0, "macro_f1": 0.0, "evaluated": False}
-    final["dp_epsilon"] = service.privacy_spent()
-    final["dp_delta"] = args.dp_delta if args.dp_noise is not None else None
-    final["dp"] = service.privacy_report()
-    final |= service.personalization_summary()
-    final["clusters"] = service.cluster_summary()
+    final = dict(summary.final)
     if args.mode == "async":  # acknowledged, but the run ended before a version took them in
-        final["unaggregated"] = service.unaggregated
+        final["unaggregated"] = list(summary.unaggregated)
     report = build_report(
         kind="serve",
         config={
@@ -203,13 +192,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "mode": args.mode,
             "train": train_cfg.to_dict(),
         },
-        rounds=rounds,
+        rounds=summary.reported_rounds(),
         final=final,
         communication=communication(
-            service.bytes_up_total, bytes_down, evaluator.total_params, participations
+            summary.bytes_up_total, summary.bytes_down, evaluator.total_params, summary.participations
         ),
         clients=clients,
-        rejected=service.rejected,
+        rejected=summary.rejected,
         extra={"wall_s": time.monotonic() - start},
     )
     print(f"report {write_report(report, args.report)}")

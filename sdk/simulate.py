@@ -28,7 +28,7 @@ from broker_server.asynchronous import OnOffTrace, compute_seconds, link_seconds
 from broker_server.clustering import parse_clusters
 from broker_server.distillation import unlabeled
 from broker_server.evaluation import Evaluator
-from broker_server.report import allocation_entry, build_report, communication, peft_entry
+from broker_server.report import build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.strategies import check_strategy
 from edge_runtime.config import SUPPORTED_BITS, TrainConfig
@@ -705,44 +705,43 @@ class Simulation:
         url: str,
     ) -> dict[str, Any]:
         cfg = self.config
+        summary = service.fleet_summary()
         fleet_clock = self.fleet_clock(devices)
         clock = 0.0
         rounds = []
-        for record in service.rounds:
+        for record, reported in zip(summary.rounds, summary.reported_rounds(), strict=True):
             if record.get("mode") == "async":  # the service ran the clock, from the end of round 0
                 virtual = clock + float(record["virtual_s"])
             else:
-                clock = virtual = self._virtual_round_end(record, fleet_clock, clock)
-            rounds.append(
-                {k: v for k, v in record.items() if k not in ("client_train_s", "client_bytes")}
-                | {"virtual_s": virtual}
-            )
+                clock = virtual = self._virtual_round_end(dict(record), fleet_clock, clock)
+            rounds.append(reported | {"virtual_s": virtual})
         bytes_up = sum(int(s["bytes_up"]) for s in stats.values())
         bytes_down = sum(int(s["bytes_down"]) for s in stats.values())
-        participations = sum(r["participants"] for r in service.rounds)
+        participations = summary.participations
         clients = []
         for dev in devices:
             s = stats.get(dev.device_id, {})
-            personal = service.personalization.get(dev.device_id, {})
-            device_record = service.devices.get(dev.device_id)
-            dev_cfg = train_cfg if device_record is None else device_record.config
+            known = summary.devices.get(dev.device_id)
+            personal = {} if known is None else known.personalization
+            dev_cfg = train_cfg if known is None else known.config
+            params = summary.fleet_params if known is None else known.trainable_params
             clients.append(
                 {
                     "id": dev.device_id,
                     "profile": dev.profile.get("name", "host"),
-                    "peft": peft_entry(dev_cfg, service.module_params(dev_cfg)),
+                    "peft": peft_entry(dev_cfg, params),
                     "bits": dev_cfg.bits,
                     "engine": str(s.get("engine", dev_cfg.engine)),
                     "mem_cap_mb": dev_cfg.mem_cap_mb,
                     "batch_size": dev_cfg.batch_size,
-                    "allocation": allocation_entry(device_record),
+                    "allocation": None if known is None else known.allocation,
                     "peak_rss_mb": float(s.get("peak_rss_mb", 0.0)),
                     "train_s": float(s.get("train_s", 0.0)),
                     "samples": len(dev.data),
                     "label_histogram": dev.data.label_histogram().tolist(),
-                    "cluster": service.cluster_of(dev.device_id) if service.clustering else None,
+                    "cluster": None if known is None else known.cluster,
                     "updates_sent": int(s.get("updates_sent", 0)),
-                    "updates_accepted": 0 if device_record is None else device_record.updates_accepted,
+                    "updates_accepted": 0 if known is None else known.updates_accepted,
                     "worker": s.get("worker"),
                     "attacker": dev.attack is not None,
                     "holdout": 0 if dev.holdout is None else len(dev.holdout),
@@ -759,24 +758,14 @@ class Simulation:
             "lora_targets": list(getattr(train_cfg.peft, "target_modules", cfg.lora_targets)),
             "host": self.host.to_dict(),
         }
-        final: dict[str, Any] = dict(service.final_eval) or {
-            "accuracy": 0.0,
-            "macro_f1": 0.0,
-            "evaluated": False,
-        }
-        final |= service.personalization_summary()
-        final["clusters"] = service.cluster_summary()
-        final["dp_epsilon"] = service.privacy_spent()
-        final["dp_delta"] = cfg.dp_delta if cfg.dp_noise is not None else None
-        final["dp"] = service.privacy_report()
         return build_report(
             kind="simulate",
             config=run_config,
             rounds=rounds,
-            final=final,
+            final=summary.final,
             communication=communication(bytes_up, bytes_down, total_params, participations)
-            | {"bytes_up_received_by_server": service.bytes_up_total},
+            | {"bytes_up_received_by_server": summary.bytes_up_total},
             clients=clients,
-            rejected=service.rejected,
+            rejected=summary.rejected,
             extra={"wall_s": wall_s},
         )

@@ -269,7 +269,41 @@ def test_a_device_that_comes_back_gets_the_newest_version_at_once(tiny: tuple[Pa
     service.devices["pi"].online = False  # its last will said offline
     service._on_hello("pi", hello)  # ... and it is back
     job = wire.decode_global(broker.retained[topic])
-    assert job.meta["phase"] == "train" and service._jobs[job.round].device == "pi"
-    assert service._jobs[job.round].start == 42.0 and service.devices["pi"].online
+    assert job.meta["phase"] == "train" and service.jobs.jobs[job.round].device == "pi"
+    assert service.jobs.jobs[job.round].start == 42.0 and service.devices["pi"].online
     service._on_hello("pi", hello)  # a repeated hello while it trains gets no second job
-    assert sum(1 for j in service._jobs.values() if j.device == "pi") == 1
+    assert sum(1 for j in service.jobs.jobs.values() if j.device == "pi") == 1
+
+
+def test_async_versions_count_each_accepted_update_s_bytes_once(tiny: tuple[Path, Path]) -> None:
+    """Each version's ``bytes_up`` is what its updates weighed on the wire: received once, counted
+    once (an accepted update used to be added a second time when it joined the buffer)."""
+    train, test = load_folder(tiny[1])
+    cfg = TrainConfig(
+        model=str(tiny[0]), num_labels=3, seq_len=16, bits=32, batch_size=8, peft=LoraSpec(rank=2, alpha=4.0)
+    )
+    broker = InMemoryBroker()
+    config = ServiceConfig(
+        fleet="bytes", rounds=3, train=cfg, head_init="random", round_timeout_s=30, mode="async",
+        buffer_size=1,
+    )  # fmt: skip
+    service = AggregationService(
+        InMemoryTransport(broker, "server"), config, Evaluator(cfg, test, seed=0), event_clock=StubClock()
+    )
+    sizes: list[int] = []
+    spy = InMemoryTransport(broker, "spy")
+    spy.subscribe("fl/bytes/update/+", lambda _t, p: sizes.append(len(p)), qos=1)
+    service.start()
+    agent = DeviceAgent(
+        "pi", "bytes", InMemoryTransport(broker, "pi"), train, lambda c: TorchEngine(c, seed=0, threads=1)
+    )
+    agent.on_ready = lambda a: a.run_pending()
+    agent.start()
+    service.run()
+
+    versions = [r for r in service.rounds if r.get("mode") == "async"]
+    assert [r["participants"] for r in versions] == [1, 1, 1]
+    # one device, one update a version, every one taken in: the versions hold every byte received
+    assert service.bytes_up_total == service.devices["pi"].bytes_up == sum(sizes[:3])
+    assert [r["bytes_up"] for r in versions] == sizes[:3]
+    assert sum(r["bytes_up_all"] for r in versions) == service.bytes_up_total

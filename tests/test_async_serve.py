@@ -248,7 +248,7 @@ def test_a_device_that_goes_offline_comes_back_to_the_newest_version(
             a.start()
         trainer.start()
         deadline = time.monotonic() + 60
-        while not [j for j in service._jobs.values() if j.device == "d2"] and time.monotonic() < deadline:
+        while not [j for j in service.jobs.jobs.values() if j.device == "d2"] and time.monotonic() < deadline:
             time.sleep(0.05)
         # d2 drops off: its last will tells the service, and its connection is gone
         away = agents["d2"].transport
@@ -278,7 +278,7 @@ def test_a_device_that_goes_offline_comes_back_to_the_newest_version(
         raise failures[0]
     assert finished and all(a.done.is_set() for a in agents.values())
 
-    jobs = sorted((i, j) for i, j in service._jobs.items() if j.device == "d2")
+    jobs = sorted((i, j) for i, j in service.jobs.jobs.items() if j.device == "d2")
     (first_id, first), (back_id, back) = jobs[0], jobs[1]
     assert first.version == 0 and not first.updated  # replaced, never trained
     assert back.version >= seen and back.updated  # the newest version when it came back

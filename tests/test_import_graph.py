@@ -146,7 +146,7 @@ def test_the_graph_sees_the_project(graph: Graph) -> None:
     assert "edge_runtime.errors" in graph["broker_server.aggregation"]
     assert "broker_server.aggregation" in graph["broker_server.exact"]
     # a function-level import (the artifact builder is loaded only when needed)
-    assert "broker_server.artifacts" in graph["broker_server.service"]
+    assert "broker_server.artifacts" in graph["broker_server.publisher"]
     # ``from edge_runtime import wire`` is the submodule, not the package
     assert "edge_runtime.wire" in graph["edge_runtime.agent"]
 

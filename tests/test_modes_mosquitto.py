@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import broker_server.service as service_module
+import broker_server.strategies as strategies_module
 from broker_server.aggregation import ClientUpdate, fedit, layer_group, layerwise
 from broker_server.allocation import AllocationConfig, Allocator
 from broker_server.distillation import unlabeled
@@ -491,7 +491,7 @@ def test_exact_publishes_the_average_of_the_lora_products(
         calls.append((dict(state), list(updates), scale, dict(residual or {}), out))
         return out
 
-    monkeypatch.setattr(service_module, "exact_fedavg", recorded)
+    monkeypatch.setattr(strategies_module, "exact_fedavg", recorded)
     devices = [Device(f"d{i}", train.subset(np.arange(i, len(train), 3)[:12])) for i in range(3)]
     service, agents = federate(
         mosquitto, lambda t: AggregationService(t, config, Evaluator(cfg, test, seed=0, threads=1)), devices
