@@ -179,8 +179,9 @@ def test_the_device_side_imports_and_starts_with_torch_unimportable() -> None:
         import edge_runtime.agent, edge_runtime.transport, edge_runtime.wire, edge_runtime.chunking
         import edge_runtime.engines.ort_engine, sdk.edge_client
         from edge_runtime.engines.ort_engine import ort_available
+        from edge_runtime.engines.ort_step_engine import plain_ort_available
         from sdk.cli import main
-        assert ort_available()
+        assert ort_available() or plain_ort_available()  # the first on CPython 3.11, else the second
         try:
             main(["edge", "--help"])
         except SystemExit as exc:
