@@ -19,7 +19,7 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from runner import ROOT, main_guard
+from runner import ROOT, engines_here, main_guard
 
 from broker_server.artifacts import build_artifacts
 from edge_runtime.config import TrainConfig
@@ -37,10 +37,13 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--engines", default="torch,ort,ort-plain", help="comma-separated; torch is always measured"
+        "--engines",
+        help="comma-separated; torch is always measured (default torch,ort,ort-plain, without ort where "
+        "onnxruntime-training is not installed)",
     )
     a = p.parse_args()
-    engines = ["torch"] + [e for e in a.engines.split(",") if e and e != "torch"]
+    here = engines_here(a.engines, ("torch", "ort", "ort-plain"))
+    engines = ["torch"] + [e for e in here if e != "torch"]
     base = TrainConfig(
         peft=LoraSpec(rank=8, alpha=16.0), num_labels=20, batch_size=a.batch_size, seq_len=a.seq_len
     )

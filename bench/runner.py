@@ -16,6 +16,26 @@ DATA_20NG = str(ROOT.parent / "shared/datasets/20newsgroups")
 Summarise = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def engines_here(
+    requested: str | None, default: Sequence[str], needs_training: Sequence[str] = ("ort",)
+) -> list[str]:
+    """The engines to measure: ``requested`` (comma-separated) or ``default``.
+
+    Those in ``needs_training`` run on onnxruntime-training, which installs only on Linux x86_64
+    with CPython <= 3.11: left out of the default where it is absent (said on stdout), and an
+    explicit request for one of them there exits with the error naming the extra.
+    """
+    from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL, ort_available
+
+    names = [e for e in (requested.split(",") if requested is not None else default) if e]
+    missing = [e for e in names if e in needs_training and not ort_available()]
+    if missing and requested is not None:
+        raise SystemExit(f"engine {', '.join(missing)} needs {ORT_TRAINING_INSTALL}")
+    if missing:
+        print(f"leaving out {', '.join(missing)}: it needs {ORT_TRAINING_INSTALL}", flush=True)
+    return [e for e in names if e not in missing]
+
+
 def basic_summary(report: dict[str, Any]) -> dict[str, Any]:
     """Final accuracy, accuracy by round and rejections of one report."""
     return {

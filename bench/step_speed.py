@@ -99,7 +99,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner import ROOT, main_guard
+from runner import ROOT, engines_here, main_guard
 
 from broker_server.artifacts import (
     STEP_FLAVOUR,
@@ -521,8 +521,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6, help="steps per measurement; the first is warm-up")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--engines", default=",".join(LORA_ENGINES), help="LoRA step engines, comma-separated")
-    p.add_argument("--full-engines", default="torch,ort", help="full fine-tuning engines ('' for none)")
+    p.add_argument(
+        "--engines",
+        help=f"LoRA step engines, comma-separated (default {','.join(LORA_ENGINES)}; no ort "
+        "where onnxruntime-training is not installed)",
+    )
+    p.add_argument(
+        "--full-engines",
+        help="full fine-tuning engines ('' for none; default torch,ort, no ort "
+        "where onnxruntime-training is not installed)",
+    )
     p.add_argument("--peak-sizes", default="2048,4096", help="square matmul sizes for the peak")
     p.add_argument("--peak-repeats", type=int, default=5)
     p.add_argument("--child", choices=("peak", "full-torch"), help=argparse.SUPPRESS)
@@ -531,8 +539,8 @@ def main() -> int:
     if a.child:
         return _child(a)
     engines = {
-        "lora": [e for e in a.engines.split(",") if e],
-        "full": [e for e in a.full_engines.split(",") if e],
+        "lora": engines_here(a.engines, LORA_ENGINES),
+        "full": engines_here(a.full_engines, ("torch", "ort")),
     }
     for mode, names in engines.items():
         unknown = set(names) - set(LORA_ENGINES)

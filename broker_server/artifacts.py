@@ -58,9 +58,11 @@ from edge_runtime.engines.ort_engine import (
     ARTIFACT_FORMAT,
     INPUT_NAMES,
     MANIFEST_NAME,
+    ORT_TRAINING_INSTALL,
     OUTPUT_NAMES,
     TOKENIZER_NAME,
     check_ort_support,
+    ort_available,
 )
 from edge_runtime.engines.ort_step_engine import (
     INITIAL_STATE_NAME,
@@ -208,6 +210,8 @@ def build_artifacts(
         check_step_support(config)
     else:
         check_ort_support(config)
+        if not ort_available():  # a cached pack would not help: its key names the package's version
+            raise ConfigError(f"training artifacts for the ort engine need {ORT_TRAINING_INSTALL}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = artifact_key(config, seed=seed, flavour=flavour)
     final = cache / key

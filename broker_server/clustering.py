@@ -184,7 +184,7 @@ def cluster_clients(
         kk = min(k, n)
         labels = _canonical(_kmeans(x, kk, seed)) if kk > 1 else np.zeros(n, dtype=np.int64)
         silhouette = _silhouette(x, labels)
-    kk = int(labels.max()) + 1
+    kk = int(np.max(labels)) + 1  # np.max: numpy 2.5's stubs reject ndarray.max() here
     centroids = _unit_rows(np.stack([x[labels == j].sum(axis=0) for j in range(kk)]))
     return Clustering({i: int(c) for i, c in zip(ids, labels, strict=True)}, centroids, silhouette)
 

@@ -70,8 +70,16 @@ class DeviceRecord:
 class DeviceRegistry:
     """Every device of the fleet by id, configured by the allocator (or the fleet's one config)."""
 
-    def __init__(self, train: TrainConfig, allocator: Allocator | None, store: StateStore | None) -> None:
+    def __init__(
+        self,
+        train: TrainConfig,
+        allocator: Allocator | None,
+        store: StateStore | None,
+        *,
+        serve_artifacts: bool = True,
+    ) -> None:
         self.train = train
+        self.serve_artifacts = serve_artifacts
         self.allocator = allocator
         self.store = store
         self.devices: dict[str, DeviceRecord] = {}
@@ -116,6 +124,29 @@ class DeviceRegistry:
         self.devices[device] = record
         return record
 
+    def servable(self, record: DeviceRecord) -> tuple[str, ...]:
+        """The device's engines that this service can serve, in the device's order.
+
+        ``ort`` trains from onnxruntime-training artifacts, which this service builds only where
+        onnxruntime-training is installed (Linux x86_64, CPython <= 3.11); without it the device
+        gets its next engine, or is left out naming the package if ``ort`` was its only one.
+        """
+        engines = tuple(record.hello.engines)
+        if "ort" not in engines or not self.serve_artifacts:
+            return engines
+        from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL, ort_available
+
+        if ort_available():
+            return engines
+        rest = tuple(e for e in engines if e != "ort")
+        if not rest:
+            raise NoFeasibleConfig(
+                f"device {record.device_id} offers only engine ort, whose training artifacts this "
+                f"service builds with {ORT_TRAINING_INSTALL}, not installed here"
+            )
+        log.info("device %s offers ort; without onnxruntime-training here it gets %s", record.device_id, rest)
+        return rest
+
     def configure(self, record: DeviceRecord) -> None:
         """Choose the device's configuration: the allocator's pick for its profile, or the fleet's."""
         if self.allocator is None:
@@ -129,7 +160,7 @@ class DeviceRegistry:
         try:
             profile = DeviceProfile.from_dict(dict(record.hello.profile))
             record.config, record.allocation = self.allocator.assign(
-                self.train, profile, record.hello.num_samples, engines=record.hello.engines
+                self.train, profile, record.hello.num_samples, engines=self.servable(record)
             )
         except (NoFeasibleConfig, ProfileError) as exc:
             record.excluded = str(exc)

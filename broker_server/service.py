@@ -165,7 +165,7 @@ class AggregationService:
             clusters=self.clusters if self.clustered else None,
             store=store,
         )
-        self.registry = DeviceRegistry(config.train, allocator, store)
+        self.registry = DeviceRegistry(config.train, allocator, store, serve_artifacts=serve_artifacts)
         self.rejected: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
         self.final_eval: dict[str, float] = {}

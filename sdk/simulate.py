@@ -209,7 +209,7 @@ class SimulationConfig:
         trains). ``mixed`` alternates ort and torch; the allocator gives devices on ORT only what
         ORT trains.
         """
-        from edge_runtime.engines.ort_engine import check_ort_support, ort_available
+        from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL, check_ort_support, ort_available
         from edge_runtime.engines.ort_step_engine import check_step_support, plain_ort_available
 
         if self.engine == "torch":
@@ -237,9 +237,7 @@ class SimulationConfig:
         if self.engine == "auto":  # a mixed fleet keeps torch: adapters and prompts are on offer
             return ["ort" if supported and self.allocation_mode == "fixed" else "torch"] * workers
         if not ort_available():
-            raise ConfigError(
-                f"--engine {self.engine} needs onnxruntime-training (pip install 'fedpeft[edge-training]')"
-            )
+            raise ConfigError(f"--engine {self.engine} needs {ORT_TRAINING_INSTALL}")
         if self.allocation_mode == "fixed":
             check_ort_support(replace(train_cfg, engine="ort"))
         if self.engine == "ort":

@@ -26,7 +26,7 @@ from edge_runtime.artifact_transfer import (
     unpack,
 )
 from edge_runtime.engines import device_engines
-from edge_runtime.engines.ort_engine import ort_available
+from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL, ort_available
 from edge_runtime.errors import ConfigError, MalformedPayload, PayloadTooLarge, UpdateRejected
 
 KEY = "abc123def456"
@@ -235,7 +235,11 @@ def test_artifact_topics_and_assignment_field() -> None:
 def test_device_engines_prefers_ort_and_checks_what_is_installed() -> None:
     assert device_engines("torch") == ("torch",)
     auto = device_engines("auto")
-    assert auto == (("ort",) if ort_available() else ()) + ("torch",)
+    # onnxruntime-training's engine where it is installed (CPython <= 3.11), else plain onnxruntime's
+    assert auto == (("ort",) if ort_available() else ("ort-plain",)) + ("torch",)
+    if not ort_available():
+        with pytest.raises(ConfigError, match=r"edge-training.*Linux x86_64 and CPython <= 3.11"):
+            device_engines("ort")
     with pytest.raises(ConfigError):
         device_engines("tflite")
 
@@ -243,7 +247,7 @@ def test_device_engines_prefers_ort_and_checks_what_is_installed() -> None:
 # --- end to end in memory --------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not ort_available(), reason="onnxruntime-training is not installed")
+@pytest.mark.skipif(not ort_available(), reason=f"engine ort needs {ORT_TRAINING_INSTALL}")
 def test_an_ort_device_fetches_its_artifacts_and_trains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -376,3 +380,44 @@ def test_the_agent_fetches_a_pack_once_and_gives_up_on_a_corrupt_one(tmp_path: P
     bad, bad_cache, _ = _agent_with_pack(tmp_path / "bad", tamper=True)
     assert bad.artifact_folder is None and bad._fetch is None
     assert not (bad_cache / KEY).exists() and list(bad_cache.iterdir()) == []
+
+
+def test_a_service_without_onnxruntime_training_gives_ort_devices_their_next_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CPython 3.12+ the service cannot build training artifacts: ``ort`` is dropped from what a
+    device offers, and a device with nothing else is left out with a reason naming the package."""
+    from types import SimpleNamespace
+
+    from broker_server.allocation import NoFeasibleConfig
+    from broker_server.registry import DeviceRegistry
+    from edge_runtime.config import TrainConfig
+    from edge_runtime.engines import ort_engine
+
+    def servable(engines: tuple[str, ...], serve_artifacts: bool = True) -> tuple[str, ...]:
+        record = SimpleNamespace(device_id="pi", hello=SimpleNamespace(engines=engines))
+        registry = DeviceRegistry(TrainConfig(), None, None, serve_artifacts=serve_artifacts)
+        return registry.servable(record)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ort_engine, "ort_available", lambda: True)
+    assert servable(("ort", "torch")) == ("ort", "torch")
+    monkeypatch.setattr(ort_engine, "ort_available", lambda: False)
+    assert servable(("ort", "torch")) == ("torch",)
+    assert servable(("ort-plain", "torch")) == ("ort-plain", "torch")
+    assert servable(("ort",), serve_artifacts=False) == ("ort",)  # the simulator hands them over itself
+    with pytest.raises(NoFeasibleConfig, match=r"offers only engine ort.*edge-training"):
+        servable(("ort",))
+
+
+def test_training_artifacts_without_onnxruntime_training_name_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker_server import artifacts
+    from broker_server.artifacts import build_artifacts
+    from edge_runtime.config import TrainConfig
+    from edge_runtime.peft_specs import LoraSpec
+
+    monkeypatch.setattr(artifacts, "ort_available", lambda: False)
+    config = TrainConfig(model=str(tmp_path), num_labels=2, peft=LoraSpec(rank=2), engine="ort")
+    with pytest.raises(ConfigError, match=r"pip install 'fedpeft\[edge-training\]'.*CPython <= 3.11"):
+        build_artifacts(config, cache_dir=tmp_path / "cache")

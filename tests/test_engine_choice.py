@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edge_runtime.config import TrainConfig
-from edge_runtime.engines import create_engine
-from edge_runtime.engines.ort_engine import ort_available
+from edge_runtime.engines import create_engine, ort_engine
 from edge_runtime.errors import ConfigError
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec
 from sdk.simulate import SimulationConfig
@@ -18,16 +17,21 @@ def _sim(**kw: object) -> SimulationConfig:
     return SimulationConfig(data="x", **kw)  # type: ignore[arg-type]
 
 
-def test_torch_is_torch_everywhere_and_mixed_alternates() -> None:
+@pytest.fixture
+def with_ort_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice as on a host with onnxruntime-training (CPython <= 3.11, x86_64), on any host:
+    choosing reads only whether it is installed, it trains nothing."""
+    monkeypatch.setattr(ort_engine, "ort_available", lambda: True)
+
+
+def test_torch_is_torch_everywhere_and_mixed_alternates(with_ort_training: None) -> None:
     assert _sim(engine="torch").worker_engines(LORA, 3) == ["torch"] * 3
-    if not ort_available():
-        pytest.skip("onnxruntime-training is not installed")
     assert _sim(engine="ort").worker_engines(LORA, 2) == ["ort", "ort"]
     assert _sim(engine="mixed").worker_engines(LORA, 4) == ["ort", "torch", "ort", "torch"]
     assert _sim(engine="auto").worker_engines(LORA, 2) == ["ort", "ort"]
 
 
-def test_auto_falls_back_to_torch_for_what_ort_cannot_train() -> None:
+def test_auto_falls_back_to_torch_for_what_ort_cannot_train(with_ort_training: None) -> None:
     adapter = TrainConfig(peft=AdapterSpec(), num_labels=3)
     assert _sim(engine="auto").worker_engines(adapter, 2) == ["torch", "torch"]
     dropout = TrainConfig(peft=LoraSpec(rank=4, dropout=0.1), num_labels=3)
@@ -37,8 +41,7 @@ def test_auto_falls_back_to_torch_for_what_ort_cannot_train() -> None:
     # under allocation, auto keeps torch (adapters and prompts are on offer); ort is asked for
     mix = "low=0.5,high=0.5"
     assert _sim(engine="auto", profiles=mix).worker_engines(adapter, 2) == ["torch", "torch"]
-    if ort_available():
-        assert _sim(engine="ort", profiles=mix).worker_engines(adapter, 2) == ["ort", "ort"]
+    assert _sim(engine="ort", profiles=mix).worker_engines(adapter, 2) == ["ort", "ort"]
 
 
 @pytest.mark.parametrize(
@@ -52,9 +55,7 @@ def test_bad_engine_choices_are_refused(kw: dict[str, object], fragment: str) ->
         _sim(**kw)
 
 
-def test_mixed_needs_two_workers() -> None:
-    if not ort_available():
-        pytest.skip("onnxruntime-training is not installed")
+def test_mixed_needs_two_workers(with_ort_training: None) -> None:
     with pytest.raises(ConfigError, match="at least 2 worker"):
         _sim(engine="mixed").worker_engines(LORA, 1)
 
@@ -81,7 +82,7 @@ def test_blocking_torch_reports_what_was_already_imported() -> None:
 def test_ort_plain_workers_train_every_kind_and_auto_uses_it_without_onnxruntime_training(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from edge_runtime.engines import ort_engine, ort_step_engine
+    from edge_runtime.engines import ort_step_engine
 
     adapter = TrainConfig(peft=AdapterSpec(), num_labels=3)
     dropout = TrainConfig(peft=LoraSpec(rank=4, dropout=0.1), num_labels=3)

@@ -20,6 +20,7 @@ from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import load_folder
+from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL, ort_available
 from edge_runtime.engines.torch_engine import TorchEngine
 from edge_runtime.transport import MqttTransport, parse_broker_url
 from sdk.simulate import Simulation, SimulationConfig
@@ -239,7 +240,8 @@ def test_attackers_are_rejected_or_outvoted_and_rounds_complete(tiny: tuple[Path
 def test_a_mixed_fleet_of_ort_and_torch_devices_trains_together(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("onnxruntime", reason="the ORT engine needs onnxruntime-training")
+    if not ort_available():
+        pytest.skip(f"engine ort (in --engine mixed) needs {ORT_TRAINING_INSTALL}")
     monkeypatch.setenv("FEDPEFT_ARTIFACTS", str(tmp_path / "artifacts"))
     report = Simulation(_sim_config(tiny, clients=4, engine="mixed")).run()
     validate_report(report)
@@ -258,7 +260,8 @@ def test_a_mixed_fleet_of_ort_and_torch_devices_trains_together(
 def test_pi_zero_devices_train_on_ort_within_their_cap_beside_torch_devices(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("onnxruntime", reason="the ORT engine needs onnxruntime-training")
+    if not ort_available():
+        pytest.skip(f"engine ort (in --engine mixed) needs {ORT_TRAINING_INSTALL}")
     monkeypatch.setenv("FEDPEFT_ARTIFACTS", str(tmp_path / "artifacts"))
     config = _sim_config(tiny, clients=4, engine="mixed", profiles="pi-zero-2w=0.5,high=0.5", rounds=1)
     report = Simulation(config).run()

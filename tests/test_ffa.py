@@ -19,6 +19,7 @@ from edge_runtime.agent import DeviceAgent
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset, load_folder
 from edge_runtime.engines.base import TrainingEngine
+from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL
 from edge_runtime.engines.torch_engine import TorchEngine
 from edge_runtime.errors import ConfigError
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec, spec_from_dict
@@ -83,12 +84,12 @@ def test_the_torch_engine_never_moves_a_frozen_a(tiny: tuple[Path, Path]) -> Non
 
 @pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
-    reason="onnxruntime-training and onnx are needed for the ORT engine",
+    reason="onnxruntime and onnx are not installed",
 )
 def test_the_ort_engine_never_moves_a_frozen_a(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("onnxruntime.training.api", reason="onnxruntime-training is not installed")
+    pytest.importorskip("onnxruntime.training.api", reason=f"engine ort needs {ORT_TRAINING_INSTALL}")
     from broker_server.artifacts import artifact_key, build_artifacts
     from edge_runtime.engines.ort_engine import OrtEngine
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Mapping
 
 import numpy as np
@@ -38,11 +39,17 @@ class HungryEngine:
         self, data: TextDataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
         for step in range(3):
-            activations = np.ones(self.config.batch_size * MB_PER_SAMPLE * 2**18, np.float32)
-            assert activations.sum() > 0  # touched, so resident
+            # fresh anonymous pages, touched, so resident: a malloc'd array may reuse heap pages that
+            # are resident already (after earlier tests freed large blocks, glibc's dynamic mmap
+            # threshold serves 30 MiB from the heap), and the RSS would not grow
+            activations = mmap.mmap(-1, self.config.batch_size * MB_PER_SAMPLE * 2**20)
+            pages = np.frombuffer(activations, np.uint8)
+            pages[:: mmap.PAGESIZE] = 1
+            assert int(pages[:: mmap.PAGESIZE].sum()) == len(pages) // mmap.PAGESIZE
             if progress is not None:
                 progress(step + 1, 3)
-            del activations
+            del pages
+            activations.close()
         self.state["w"] += 1.0
         return TrainResult(steps=3, samples=len(data), loss=0.5, accuracy=0.5, seconds=0.0)
 

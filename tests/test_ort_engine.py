@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime.training.api", reason="onnxruntime-training is not installed")
+from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL
+
+pytest.importorskip("onnxruntime.training.api", reason=f"engine ort needs {ORT_TRAINING_INSTALL}")
 pytest.importorskip("onnx", reason="onnx is needed to build ORT training artifacts")
 
 from broker_server.artifacts import ArtifactPaths, artifact_key, build_artifacts

@@ -37,7 +37,7 @@ def device_engines(choice: str = "auto") -> tuple[str, ...]:
     ``ort-plain`` (the step graph in plain onnxruntime) where any onnxruntime is, then torch where
     it is. Checked with ``find_spec`` only, so an ORT device never imports torch.
     """
-    from edge_runtime.engines.ort_engine import ort_available
+    from edge_runtime.engines.ort_engine import ORT_TRAINING_INSTALL, ort_available
     from edge_runtime.engines.ort_step_engine import plain_ort_available
 
     if choice not in DEVICE_ENGINE_CHOICES:
@@ -46,7 +46,7 @@ def device_engines(choice: str = "auto") -> tuple[str, ...]:
     has_plain = plain_ort_available()
     has_torch = importlib.util.find_spec("torch") is not None
     if choice == "ort" and not has_ort:
-        raise ConfigError("--engine ort needs onnxruntime-training (pip install 'fedpeft[edge-training]')")
+        raise ConfigError(f"--engine ort needs {ORT_TRAINING_INSTALL}")
     if choice == "ort-plain" and not has_plain:
         raise ConfigError("--engine ort-plain needs onnxruntime (pip install 'fedpeft[edge]')")
     if choice == "torch" and not has_torch:

@@ -106,6 +106,14 @@ def use_lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
         return False
 
 
+# What to install for the ort engine, and where that is possible at all: the error every missing
+# onnxruntime-training raises names it (the engine choice, the simulator, the artifact builder).
+ORT_TRAINING_INSTALL = (
+    "onnxruntime-training (pip install 'fedpeft[edge-training]'; its wheels are for Linux x86_64 "
+    "and CPython <= 3.11 only: elsewhere use --engine ort-plain or torch)"
+)
+
+
 def ort_available() -> bool:
     """True if onnxruntime-training is installed (checked without importing it)."""
     spec = importlib.util.find_spec("onnxruntime")
@@ -137,10 +145,10 @@ def _training_api() -> tuple[Any, Any]:
         try:
             import onnxruntime
         except ImportError as exc:
-            raise EngineError(f"the ORT engine needs onnxruntime-training: {exc}") from None
+            raise EngineError(f"the ORT engine needs {ORT_TRAINING_INSTALL}: {exc}") from None
         package = Path(onnxruntime.__file__).parent / "training"
         if not (package / "api" / "module.py").is_file():
-            raise EngineError("the ORT engine needs onnxruntime-training (found onnxruntime without it)")
+            raise EngineError(f"the ORT engine needs {ORT_TRAINING_INSTALL}; found plain onnxruntime")
         stub = None
         if "onnxruntime.training" not in sys.modules:
             # A bare package object stands in for onnxruntime.training while its api subpackage
