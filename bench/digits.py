@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import ROOT, main_guard
+from runner import ROOT, main_guard, seed_stats
 
 sys.path.insert(0, str(ROOT))
 
@@ -103,22 +103,13 @@ def _run(cmd: list[str], report: Path, *, one_core: bool = False) -> float:
     return wall
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-    }
-
-
 def _summarise(reports: list[dict[str, Any]], walls: list[float]) -> dict[str, Any]:
     finals = [float(r["final"]["accuracy"]) for r in reports]
     return {
         "seeds": len(reports),
-        "final_accuracy": _stats(finals),
+        "final_accuracy": seed_stats(finals),
         "finals": [round(f, 4) for f in finals],
-        "round0_accuracy": _stats([float(r["rounds"][0]["accuracy"]) for r in reports]),
+        "round0_accuracy": seed_stats([float(r["rounds"][0]["accuracy"]) for r in reports]),
         "accuracy_by_round_mean": [
             round(statistics.fmean(float(r["rounds"][i]["accuracy"]) for r in reports), 4)
             for i in range(min(len(r["rounds"]) for r in reports))
@@ -178,7 +169,7 @@ def main() -> int:
         c["final"]["accuracy"] - f["final"]["accuracy"]
         for f, c in zip(runs["federated"][0], runs["centralized"][0], strict=True)
     ]
-    summary["gap_centralized_minus_federated"] = _stats(gaps)
+    summary["gap_centralized_minus_federated"] = seed_stats(gaps)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import DATA_20NG, ROOT, main_guard
+from runner import DATA_20NG, ROOT, main_guard, seed_stats
 
 sys.path.insert(0, str(ROOT))
 
@@ -76,24 +76,15 @@ def _run(cmd: list[str], report: Path) -> float:
     return wall
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-        "min": round(min(values), 4),
-        "max": round(max(values), 4),
-    }
-
-
 def _summarise(reports: list[dict[str, Any]], walls: list[float]) -> dict[str, Any]:
     finals = [float(r["final"]["accuracy"]) for r in reports]
     starts = [float(r["rounds"][0]["accuracy"]) for r in reports]
     comm = [r["communication"] for r in reports]
     return {
         "seeds": len(reports),
-        "final_accuracy": _stats(finals),
-        "round0_accuracy": _stats(starts),
-        "gain_over_round0": _stats([f - s for f, s in zip(finals, starts, strict=True)]),
+        "final_accuracy": seed_stats(finals),
+        "round0_accuracy": seed_stats(starts),
+        "gain_over_round0": seed_stats([f - s for f, s in zip(finals, starts, strict=True)]),
         "finals": [round(f, 4) for f in finals],
         "accuracy_by_round_mean": [
             round(statistics.fmean(float(r["rounds"][i]["accuracy"]) for r in reports), 4)
@@ -178,7 +169,7 @@ def main() -> int:
                 - float(json.loads((out / f"{name}-s{s}.json").read_text())["final"]["accuracy"])
                 for s in a.seeds
             ]
-            summary[name]["gap_to_centralized"] = _stats(gaps)
+            summary[name]["gap_to_centralized"] = seed_stats(gaps)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     _plot(summary, out / "learning.png")
     print(json.dumps(summary, indent=2))

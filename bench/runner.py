@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,16 @@ def engines_here(
     if missing:
         print(f"leaving out {', '.join(missing)}: it needs {ORT_TRAINING_INSTALL}", flush=True)
     return [e for e in names if e not in missing]
+
+
+def seed_stats(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation (0 for one value), minimum and maximum over seeds, to 4 places."""
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
 
 
 def basic_summary(report: dict[str, Any]) -> dict[str, Any]:
