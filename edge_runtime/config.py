@@ -10,6 +10,9 @@ from edge_runtime.peft_specs import LoraSpec, PeftSpec, spec_from_dict
 
 ENGINES = ("torch", "ort", "ort-plain")
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
+TRAIN_TASKS = ("classification", "question-answering")
+"""``classification``: the model family's classifier (texts, or images for ViT);
+``question-answering``: extractive answer spans of a text encoder."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class TrainConfig:
     )
     engine: str = "torch"
     mem_cap_mb: float | None = None
+    task: str = field(
+        default="classification",
+        metadata={"help": "classification, or question-answering (a start/end span head)"},
+    )
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -47,14 +54,20 @@ class TrainConfig:
             ("logit_adjust", 0 <= self.logit_adjust <= 10),
             ("engine", self.engine in ENGINES),
             ("mem_cap_mb", self.mem_cap_mb is None or self.mem_cap_mb > 0),
+            ("task", self.task in TRAIN_TASKS),
         ]
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"TrainConfig.{name} is invalid: {getattr(self, name)!r}")
+        if self.task == "question-answering" and self.num_labels != 2:
+            raise ConfigError(
+                "TrainConfig.num_labels must be 2 for question-answering (a start and an end "
+                f"logit per token), got {self.num_labels}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form for the wire and the report."""
-        return {
+        out: dict[str, Any] = {
             "peft": self.peft.to_dict(),
             "model": self.model,
             "num_labels": self.num_labels,
@@ -70,6 +83,11 @@ class TrainConfig:
             "engine": self.engine,
             "mem_cap_mb": self.mem_cap_mb,
         }
+        # the default task is left out, so a classification configuration keeps the content
+        # address (layout.config_id) and artifact cache key it had before tasks existed
+        if self.task != "classification":
+            out["task"] = self.task
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``, or image folders.
+"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``, image folders,
+or question answering (SQuAD-style JSON lines, :mod:`edge_runtime.qa_data`).
 
 A data folder holds one file per split, ``{split}.jsonl`` (``{"text": str, "label": int}`` a line)
 or else ``{split}.csv`` (header ``text,label``; a label is an integer or a class name from
@@ -33,6 +34,7 @@ from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.image_data import ImageDataset, image_labels, load_image_folder, load_image_split
 from edge_runtime.labels import read_labels_file as _read_labels_file
 from edge_runtime.labels import stratified_sample as _stratified_sample
+from edge_runtime.qa_data import QADataset, is_qa_folder, load_qa_folder, load_qa_split
 
 CLEAN_MODES = ("auto", "newsgroups", "none")
 EMPTY_TEXT = " "
@@ -89,8 +91,8 @@ class TextDataset:
         return "classification"
 
 
-Dataset = TextDataset | ImageDataset
-"""Labelled data of either kind; engines read ``task`` to know which they were given."""
+Dataset = TextDataset | ImageDataset | QADataset
+"""Data of any kind (texts, images, questions); engines read ``task`` to know which they were given."""
 
 
 # --- where data lives ---------------------------------------------------------------------------
@@ -139,6 +141,8 @@ def load_labels(folder: str | Path) -> tuple[str, ...]:
     folder = Path(folder)
     if is_image_folder(folder):
         return image_labels(folder)
+    if is_qa_folder(folder):
+        return ("answer",)  # question answering has no classes: the one pseudo-class
     names = _read_labels_file(folder)
     if names is not None:
         return names
@@ -440,6 +444,8 @@ def load_split(
     folder = Path(folder)
     if is_image_folder(folder):
         return load_image_split(folder, split, limit=limit, seed=seed)
+    if is_qa_folder(folder):
+        return load_qa_split(folder, split, limit=limit, seed=seed)
     names = _read_labels_file(folder)
     texts, labels, _ = _load_split(folder, split, names, limit, seed, clean)
     # Without labels.txt the names come from this split alone; load_folder unifies both splits.
@@ -460,6 +466,8 @@ def load_folder(
     folder = Path(folder)
     if is_image_folder(folder):
         return load_image_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
+    if is_qa_folder(folder):
+        return load_qa_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
     names = _read_labels_file(folder)
     train_texts, train_labels, cleaned = _load_split(folder, "train", names, train_limit, seed, clean)
     # The test split follows the train split's "auto" decision so both look alike to the model.

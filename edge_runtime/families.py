@@ -14,9 +14,10 @@ that architecture:
   towers' projections) for CLIP;
 - the shape numbers of each tower for the cost model (:class:`~edge_runtime.peft_specs.ModelDims`).
 
-The torch engine trains text classification (BERT, DistilBERT, LLaMA families) and image
-classification (ViT) (``trains``); CLIP is registered with its shapes so that the allocator can
-size it, and is refused by the engine until its tasks exist.
+The torch engine trains text classification (BERT, DistilBERT, LLaMA families), extractive
+question answering (BERT and DistilBERT families) and image classification (ViT) (``trains``);
+CLIP is registered with its shapes so that the allocator can size it, and is refused by the
+engine until its tasks exist.
 
 This module reads plain dicts (a ``config.json``) or transformers config objects (through their
 ``to_dict``) and imports neither torch nor transformers, so the edge install keeps it.
@@ -37,7 +38,7 @@ from edge_runtime.peft_specs import ModelDims
 
 POOLINGS = ("mean", "last_token", "cls", "projection")
 PROMPT_SITES = ("input_embeddings", "patch_embeddings")
-TASKS = ("classification", "causal-lm", "image-classification", "contrastive")
+TASKS = ("classification", "causal-lm", "image-classification", "contrastive", "question-answering")
 ATTENTION_KEYWORD = "attention"  # --lora-targets attention: every attention projection of the family
 DEFAULT_KEYWORD = "default"  # --lora-targets default: the family's query and value projections
 
@@ -256,8 +257,8 @@ register_family(
         adapter_sites=_BERT_SITES,
         prompt_site="input_embeddings",
         pooling="mean",
-        tasks=("classification",),
-        trains=("classification",),
+        tasks=("classification", "question-answering"),
+        trains=("classification", "question-answering"),
         shapes=_bert_shapes,
     )
 )
@@ -270,8 +271,8 @@ register_family(
         adapter_sites=r"(?:^|\.)layer\.(\d+)\.(?:attention\.out_lin|ffn\.lin2)$",
         prompt_site="input_embeddings",
         pooling="mean",
-        tasks=("classification",),
-        trains=("classification",),
+        tasks=("classification", "question-answering"),
+        trains=("classification", "question-answering"),
         shapes=_distilbert_shapes,
     )
 )
@@ -334,7 +335,10 @@ def family_of(config: Any) -> ModelFamily:
 
 
 TRAINED_TASKS = ("classification", "image-classification")
-"""The tasks the torch engine trains: text classification and image classification."""
+"""The classification tasks the torch engine trains: of texts and of images."""
+
+QA_TASK = "question-answering"
+QA_FAMILIES = "BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT)"
 
 
 def trained_task(family: ModelFamily, model: str = "") -> str:
@@ -351,13 +355,35 @@ def trained_task(family: ModelFamily, model: str = "") -> str:
     )
 
 
+def engine_task(family: ModelFamily, config_task: str, model: str = "") -> str:
+    """The task the torch engine trains for a model of ``family`` under ``TrainConfig.task``:
+    the family's classification task, or ``question-answering`` where the family trains it."""
+    if config_task != QA_TASK:
+        return trained_task(family, model)
+    if QA_TASK in family.trains:
+        return QA_TASK
+    what = f"model {model!r} is a {family.name} model" if model else f"a {family.name} model"
+    raise ConfigError(
+        f"{what}: question answering trains {QA_FAMILIES} on the torch engine, "
+        f"not {family.name} (its tasks: {', '.join(family.tasks)})"
+    )
+
+
 def check_data_task(family: ModelFamily, data_task: str, model: str = "") -> None:
     """Raise :class:`ConfigError` unless a model of ``family`` trains the task of the data
-    (``classification`` for texts, ``image-classification`` for images)."""
+    (``classification`` for texts, ``image-classification`` for images, ``question-answering``
+    for questions)."""
+    what = f"model {model!r}" if model else "the model"
+    if data_task == QA_TASK:
+        if QA_TASK in family.trains:
+            return
+        raise ConfigError(
+            f"the data folder holds question answering data, but {what} is a {family.name} model: "
+            f"question answering trains {QA_FAMILIES}"
+        )
     task = trained_task(family, model)
     if task == data_task:
         return
-    what = f"model {model!r}" if model else "the model"
     if data_task == "image-classification":
         raise ConfigError(
             f"the data folder holds images, but {what} is a {family.name} model for text "

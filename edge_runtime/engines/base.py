@@ -28,12 +28,18 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Accuracy, macro F1 and mean loss of the current module on a dataset."""
+    """Accuracy, macro F1 and mean loss of the current module on a dataset.
+
+    For ``task == "question-answering"`` the two figures are SQuAD's: ``accuracy`` is the exact
+    match and ``macro_f1`` the mean token F1 (both fractions), and ``predictions`` holds the
+    predicted answer texts; ``loss`` is the mean of the start and end cross-entropies.
+    """
 
     accuracy: float
     macro_f1: float
     loss: float
     predictions: np.ndarray
+    task: str = "classification"
 
 
 class TrainingEngine(Protocol):

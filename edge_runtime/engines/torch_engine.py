@@ -14,6 +14,18 @@ model's ``image_size`` (bilinear, antialiased) and normalised with the ``image_m
 ``image_std`` of the folder's ``preprocessor_config.json`` (0.5 and 0.5, ViT's, without one).
 Families the engine does not train yet (CLIP) are refused with the reason.
 
+Extractive question answering (``TrainConfig.task == "question-answering"``, a
+:class:`~edge_runtime.qa_data.QADataset`) trains BERT-family encoders with a
+:class:`SpanExtractor`: a linear head gives every token a start and an end logit (the head's
+two rows; no pooling, no normalisation). Question and context are tokenized as a pair, the
+context truncated to ``seq_len`` tokens (one window: no document stride); a training answer that
+falls outside the window points at the first token, as Hugging Face's ``run_qa`` does. The
+predicted answer is the best-scoring span of at most
+:data:`~edge_runtime.qa_eval.MAX_ANSWER_TOKENS` context tokens, read back from the context by the
+tokenizer's character offsets (a fast tokenizer, ``tokenizer.json``, is needed), and scored with
+SQuAD's exact match and F1 (:mod:`edge_runtime.qa_eval`). The class-mean statistics, class
+probabilities and distillation are classification's and are refused for it.
+
 PEFT kinds:
 
 - ``lora``: the ``peft`` library's LoRA layers, injected into the target linear modules.
@@ -40,6 +52,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +64,11 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset, ImageDataset
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
-from edge_runtime.families import ModelFamily, check_data_task, family_of, family_of_dir, trained_task
+from edge_runtime.families import QA_TASK, ModelFamily, check_data_task, engine_task, family_of, family_of_dir
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec, PromptSpec
+from edge_runtime.qa_data import QADataset
+from edge_runtime.qa_eval import answer_token_span, best_span, squad_scores
 
 
 class BottleneckAdapter(nn.Module):
@@ -168,6 +183,60 @@ class ImageClassifier(nn.Module):
         return self.head(self.features(pixel_values))
 
 
+class SpanExtractor(nn.Module):
+    """Encoder (with an optional soft prompt) and a linear head: a start and an end logit per token."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, prompt: SoftPrompt | None = None) -> None:
+        super().__init__()
+        self.encoder: Any = encoder  # a transformers PreTrainedModel
+        self.prompt = prompt
+        self.head = nn.Linear(hidden, 2)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last hidden state of every text token (never the prompt's)."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if self.prompt is None or not self.prompt.active:
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            return out.last_hidden_state
+        words = self.encoder.get_input_embeddings()(input_ids)
+        rows, length = input_ids.shape[0], self.prompt.length
+        prompt = self.prompt.embeddings.unsqueeze(0).expand(rows, -1, -1)
+        mask = torch.cat([attention_mask.new_ones((rows, length)), attention_mask], dim=1)
+        if token_type_ids is not None:
+            extra = {
+                "token_type_ids": torch.cat([token_type_ids.new_zeros((rows, length)), token_type_ids], 1)
+            }
+        out = self.encoder(inputs_embeds=torch.cat([prompt, words], dim=1), attention_mask=mask, **extra)
+        return out.last_hidden_state[:, length:]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits, ``batch x tokens`` each."""
+        logits = self.head(self.hidden_states(input_ids, attention_mask, token_type_ids))
+        return logits[..., 0], logits[..., 1]
+
+
+@dataclass(frozen=True)
+class SpanInputs:
+    """Tokenized questions with their contexts, and where each training answer lies in tokens."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    offsets: list[list[tuple[int, int]]]
+    in_context: list[list[bool]]
+    starts: np.ndarray
+    ends: np.ndarray
+
+
 def _preprocessor_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``image_mean`` and ``image_std`` from the model folder's ``preprocessor_config.json``
     (ViT's 0.5 and 0.5 without one), shaped to broadcast over ``channels x H x W``."""
@@ -222,10 +291,10 @@ class TorchEngine:
         except (OSError, ValueError) as exc:
             raise EngineError(f"cannot load model {config.model!r}: {exc}") from None
         self.family: ModelFamily = family_of(model_config)
-        self.task = trained_task(self.family, config.model)
+        self.task = engine_task(self.family, config.task, config.model)
         self.tokenizer: Any = None
         try:
-            if self.task == "classification":
+            if self.task in ("classification", QA_TASK):
                 self.tokenizer = AutoTokenizer.from_pretrained(path)
             torch.manual_seed(seed)
             encoder = AutoModel.from_pretrained(path, config=model_config, attn_implementation="eager")
@@ -237,8 +306,15 @@ class TorchEngine:
         for p in encoder.parameters():
             p.requires_grad_(False)
         prompt = self._attach_peft(encoder)
-        self.model: TextClassifier | ImageClassifier
-        if self.task == "image-classification":
+        self.model: TextClassifier | ImageClassifier | SpanExtractor
+        if self.task == QA_TASK:
+            padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+            room = int(encoder.config.max_position_embeddings) - (
+                padding_idx + 1 if padding_idx is not None else 0
+            )
+            self.max_tokens = min(config.seq_len, room)  # question, context and special tokens
+            self.model = SpanExtractor(encoder, hidden, prompt)
+        elif self.task == "image-classification":
             self.image_size = int(encoder.config.image_size)
             self.channels = int(encoder.config.num_channels)
             if self.channels not in (1, 3):
@@ -385,9 +461,16 @@ class TorchEngine:
         if cached is not None and cached[0] is data:
             return cached[1]
         check_data_task(self.family, data.task, self.config.model)
+        if (data.task == QA_TASK) != (self.task == QA_TASK):
+            raise ConfigError(
+                f"the data is for {data.task} but this engine trains {self.task} "
+                "(TrainConfig.task): give the matching data folder or task"
+            )
         inputs: Any
         if isinstance(data, ImageDataset):
             inputs = self._pixels(data)
+        elif isinstance(data, QADataset):
+            inputs = self._span_inputs(data)
         else:
             enc = self.tokenizer(
                 list(data.texts), truncation=True, max_length=self.config.seq_len, padding=False
@@ -397,6 +480,88 @@ class TorchEngine:
             self._token_cache.clear()
         self._token_cache[id(data)] = (data, inputs)
         return inputs
+
+    def _span_inputs(self, data: QADataset) -> SpanInputs:
+        """Question-context pairs as token ids, with character offsets and answer positions."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise EngineError(
+                f"question answering needs a fast tokenizer (a tokenizer.json) for character "
+                f"offsets; model {self.config.model!r} has none"
+            )
+        limit = self.max_tokens
+        questions = self.tokenizer(list(data.questions), add_special_tokens=False)["input_ids"]
+        for qid, q in zip(data.ids, questions, strict=True):
+            if len(q) + 4 > limit:  # [CLS] q [SEP] context [SEP]: at least one context token
+                raise ConfigError(
+                    f"question {qid!r} takes {len(q)} tokens, which leaves no room for its context "
+                    f"in {limit} tokens (--seq-len, at most the model's positions)"
+                )
+        enc = self.tokenizer(
+            list(data.questions),
+            list(data.contexts),
+            truncation="only_second",
+            max_length=limit,
+            padding=False,
+            return_offsets_mapping=True,
+        )
+        offsets: list[list[tuple[int, int]]] = []
+        in_context: list[list[bool]] = []
+        starts = np.zeros(len(data), dtype=np.int64)
+        ends = np.zeros(len(data), dtype=np.int64)
+        for i, golds in enumerate(data.answers):
+            inside = [sid == 1 for sid in enc.sequence_ids(i)]
+            spans = [(int(a), int(b)) for a, b in enc["offset_mapping"][i]]
+            span = answer_token_span(spans, inside, golds[0].start, golds[0].end)
+            starts[i], ends[i] = span if span is not None else (0, 0)
+            offsets.append(spans)
+            in_context.append(inside)
+        types = enc.get("token_type_ids")
+        return SpanInputs(enc["input_ids"], types, offsets, in_context, starts, ends)
+
+    def _span_batch(
+        self, inputs: SpanInputs, rows: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Padded ids, attention mask and (where the tokenizer gives them) token types of ``rows``."""
+        ids, mask = self._batch(inputs.input_ids, rows)
+        if inputs.token_type_ids is None:
+            return ids, mask, None
+        types = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            seq = inputs.token_type_ids[int(i)]
+            types[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return ids, mask, types
+
+    def _span_logits(self, inputs: SpanInputs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits of ``rows``, padding positions pushed to -1e4."""
+        assert isinstance(self.model, SpanExtractor)
+        ids, mask, types = self._span_batch(inputs, rows)
+        start, end = self.model(ids, mask, types)
+        pad = mask == 0
+        return start.masked_fill(pad, -1e4), end.masked_fill(pad, -1e4)
+
+    def _span_loss(self, inputs: SpanInputs, rows: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Mean of the start and end cross-entropies, and how many rows got both ends right."""
+        start, end = self._span_logits(inputs, rows)
+        s_target = torch.from_numpy(inputs.starts[rows])
+        e_target = torch.from_numpy(inputs.ends[rows])
+        loss = (nn.functional.cross_entropy(start, s_target) + nn.functional.cross_entropy(end, e_target)) / 2
+        hits = int(((start.argmax(-1) == s_target) & (end.argmax(-1) == e_target)).sum())
+        return loss, hits
+
+    def _batch_loss(self, inputs: Any, labels: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, int]:
+        """The task's loss on ``rows`` and how many of them the model got right."""
+        if isinstance(inputs, SpanInputs):
+            return self._span_loss(inputs, rows)
+        target = labels[torch.from_numpy(rows)]
+        logits = self.model.head(self._rows_features(inputs, rows))
+        return nn.functional.cross_entropy(logits, target), int((logits.argmax(-1) == target).sum())
+
+    def _classifier_only(self, what: str) -> None:
+        if self.task == QA_TASK:
+            raise EngineError(
+                f"{what} is for classification; this engine trains question answering "
+                "(span logits, no classes)"
+            )
 
     def _tokens(self, data: Dataset) -> list[list[int]]:
         """Token ids of every text of ``data`` (cached; a text model's :meth:`_inputs`)."""
@@ -420,6 +585,8 @@ class TorchEngine:
 
     def _rows_features(self, inputs: Any, rows: np.ndarray) -> torch.Tensor:
         """Features of the rows ``rows`` of prepared ``inputs`` (see :meth:`_inputs`)."""
+        if isinstance(self.model, SpanExtractor):
+            raise EngineError("pooled features are for classification; question answering reads every token")
         if isinstance(self.model, ImageClassifier):
             return self.model.features(inputs[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
         input_ids, mask = self._batch(inputs, rows)
@@ -479,9 +646,7 @@ class TorchEngine:
                 order = rng.permutation(len(data))
                 for b in range(steps_per_epoch):
                     rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                    target = labels[torch.from_numpy(rows)]
-                    logits = self.model.head(self._rows_features(inputs, rows))
-                    loss = nn.functional.cross_entropy(logits, target)
+                    loss, hits = self._batch_loss(inputs, labels, rows)
                     if anchor:
                         prox = sum(((p - a) ** 2).sum() for p, a in zip(body + head, anchor, strict=True))
                         loss = loss + cfg.prox_mu * prox
@@ -493,7 +658,7 @@ class TorchEngine:
                     optimizer.step()
                     step += 1
                     loss_sum += float(loss.item()) * len(rows)
-                    correct += int((logits.argmax(-1) == target).sum())
+                    correct += hits
                     seen += len(rows)
                     if progress is not None:
                         progress(step, total)
@@ -526,6 +691,7 @@ class TorchEngine:
         shared by kinds whose bodies are distilled one after another).
         """
         cfg = self.config
+        self._classifier_only("distillation toward class probabilities")
         if len(texts) == 0:
             raise EngineError("cannot distill on an empty dataset")
         probs = torch.from_numpy(np.asarray(teacher_probs, dtype=np.float32))
@@ -585,6 +751,7 @@ class TorchEngine:
     @torch.no_grad()
     def predict_proba(self, data: Dataset, *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities of the current module for every sample of ``data``."""
+        self._classifier_only("class probabilities")
         logits = self.model.head(self._pooled(data, batch_size))
         return np.asarray(torch.softmax(logits, dim=-1).numpy(), dtype=np.float64)
 
@@ -607,6 +774,8 @@ class TorchEngine:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
+        if isinstance(data, QADataset):
+            return self._evaluate_spans(data, batch_size)
         logits = self.model.head(self._pooled(data, batch_size))
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         loss = float(nn.functional.cross_entropy(logits, labels).item())
@@ -620,8 +789,41 @@ class TorchEngine:
         )
 
     @torch.no_grad()
+    def _evaluate_spans(self, data: QADataset, batch_size: int) -> EvalResult:
+        """SQuAD exact match (as ``accuracy``) and F1 (as ``macro_f1``) of the predicted spans."""
+        inputs = self._inputs(data)
+        if not isinstance(inputs, SpanInputs):
+            raise EngineError(f"question answering data gave {type(inputs).__name__} inputs")
+        order = np.argsort([len(s) for s in inputs.input_ids], kind="stable")  # similar lengths pad less
+        predictions = [""] * len(data)
+        loss_sum = 0.0
+        for first in range(0, len(data), batch_size):
+            rows = order[first : first + batch_size]
+            start, end = self._span_logits(inputs, rows)
+            s_target = torch.from_numpy(inputs.starts[rows])
+            e_target = torch.from_numpy(inputs.ends[rows])
+            loss = nn.functional.cross_entropy(start, s_target, reduction="sum")
+            loss = loss + nn.functional.cross_entropy(end, e_target, reduction="sum")
+            loss_sum += float(loss.item()) / 2
+            for r, i in enumerate(int(x) for x in rows):
+                width = len(inputs.input_ids[i])
+                s, e = best_span(
+                    start[r, :width].numpy(), end[r, :width].numpy(), np.asarray(inputs.in_context[i])
+                )
+                predictions[i] = data.contexts[i][inputs.offsets[i][s][0] : inputs.offsets[i][e][1]]
+        em, f1 = squad_scores(predictions, [[a.text for a in golds] for golds in data.answers])
+        return EvalResult(
+            accuracy=em,
+            macro_f1=f1,
+            loss=loss_sum / len(data),
+            predictions=np.asarray(predictions, dtype=object),
+            task=QA_TASK,
+        )
+
+    @torch.no_grad()
     def class_feature_sums(self, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Per-class sums of the frozen model's pooled features (module bypassed) and per-class counts."""
+        self._classifier_only("the class-mean head (class feature statistics)")
         with self._frozen_base():
             feats = self._pooled(data, 64).numpy().astype(np.float64)
         c = self.config.num_labels
