@@ -17,6 +17,7 @@ from broker_server.asynchronous import Staleness, StaleUpdate
 from broker_server.intake import PendingUpdate
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult
+from edge_runtime.families import QA_TASK
 
 PER_CLIENT_KEYS = ("client_train_s", "client_bytes")
 """Round-record fields the simulator's clock reads and the report leaves out."""
@@ -80,11 +81,24 @@ class Timing:
 
 
 def _evaluated(result: EvalResult | None) -> dict[str, float | None]:
-    return {
+    figures = {
         "accuracy": None if result is None else result.accuracy,
         "macro_f1": None if result is None else result.macro_f1,
         "loss": None if result is None else result.loss,
     }
+    if result is not None and result.task == QA_TASK:
+        # question answering reports SQuAD's figures where classification's go, and by name
+        figures |= {"exact_match": result.accuracy, "f1": result.macro_f1}
+    return figures
+
+
+def task_figures(final: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """The report's ``final`` block with the task named; for question answering, ``accuracy``
+    (exact match) and ``macro_f1`` (token F1) are also given as ``exact_match`` and ``f1``."""
+    out = dict(final) | {"task": task}
+    if task == QA_TASK:
+        out |= {"exact_match": out.get("accuracy"), "f1": out.get("macro_f1")}
+    return out
 
 
 def round_record(
@@ -190,6 +204,7 @@ def weighted(results: list[tuple[int, EvalResult]]) -> EvalResult | None:
         macro_f1=sum(n * r.macro_f1 for n, r in results) / total,
         loss=sum(n * r.loss for n, r in results) / total,
         predictions=results[0][1].predictions,
+        task=results[0][1].task,
     )
 
 

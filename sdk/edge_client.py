@@ -24,7 +24,15 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent, DeviceStats
-from edge_runtime.data import Dataset, ImageDataset, TextDataset, load_folder, load_split, resolve_data_dir
+from edge_runtime.data import (
+    Dataset,
+    ImageDataset,
+    QADataset,
+    TextDataset,
+    load_folder,
+    load_split,
+    resolve_data_dir,
+)
 from edge_runtime.engines import device_engines
 from edge_runtime.module_store import ModuleStore
 from edge_runtime.outbox import Outbox
@@ -58,7 +66,7 @@ class EdgeClient:
         engines = device_engines(engine)  # before connecting: a missing engine is a bad flag
         self.holdout = holdout
         self.data: Dataset
-        if isinstance(data, (TextDataset, ImageDataset)):
+        if isinstance(data, (TextDataset, ImageDataset, QADataset)):
             self.data = data
         else:
             folder = resolve_data_dir(data)

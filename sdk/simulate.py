@@ -28,6 +28,7 @@ from broker_server.asynchronous import OnOffTrace, compute_seconds, link_seconds
 from broker_server.clustering import parse_clusters
 from broker_server.distillation import unlabeled
 from broker_server.evaluation import Evaluator
+from broker_server.records import task_figures
 from broker_server.report import build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.strategies import check_strategy
@@ -36,7 +37,7 @@ from edge_runtime.data import Dataset, TextDataset, load_folder, resolve_data_di
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import ORT_IMAGE_REFUSAL
 from edge_runtime.errors import ConfigError, FedPeftError
-from edge_runtime.families import check_data_task, dims_of_dir, family_of_dir, lora_targets_for
+from edge_runtime.families import QA_TASK, check_data_task, dims_of_dir, family_of_dir, lora_targets_for
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import MqttTransport, parse_broker_url
@@ -253,8 +254,10 @@ class SimulationConfig:
             return "utility" if self.profiles else "fixed"
         return self.allocation
 
-    def train_config(self, num_labels: int) -> TrainConfig:
-        """The training configuration every device is assigned."""
+    def train_config(self, num_labels: int, task: str = "classification") -> TrainConfig:
+        """The training configuration every device is assigned; for question answering the head
+        has two outputs (start and end) and logit adjustment, a label prior, is off."""
+        qa = task == QA_TASK
         return TrainConfig(
             peft=LoraSpec(
                 rank=self.lora_rank,
@@ -263,7 +266,7 @@ class SimulationConfig:
                 train_a=self.strategy != "ffa",  # FFA-LoRA: A stays at its shared initialisation
             ),
             model=self.model,
-            num_labels=num_labels,
+            num_labels=2 if qa else num_labels,
             bits=self.bits,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
@@ -271,8 +274,9 @@ class SimulationConfig:
             lr=self.lr,
             head_lr=self.head_lr,
             prox_mu=self.prox_mu,
-            logit_adjust=self.logit_adjust,
+            logit_adjust=0.0 if qa else self.logit_adjust,
             engine="torch",
+            task=QA_TASK if qa else "classification",
         )
 
 
@@ -372,6 +376,7 @@ class Simulation:
         self.host = measure()
         self.server_texts: tuple[str, ...] = ()
         self.broker_kind = "external"
+        self.data_task = "classification"  # the data's task, read when the data loads
 
     def _load(self) -> tuple[Dataset, Dataset]:
         cfg = self.config
@@ -435,6 +440,9 @@ class Simulation:
         model = Path(resolve_model(cfg.model))
         if model.is_dir():
             check_data_task(family_of_dir(model), train.task, cfg.model)
+        if train.task == QA_TASK:
+            self._check_qa()
+            return train_cfg
         if train.task != "image-classification":
             return train_cfg
         if cfg.engine in ("ort", "ort-plain", "mixed"):
@@ -447,6 +455,31 @@ class Simulation:
             return train_cfg
         positions = dims_of_dir(model).max_positions
         return replace(train_cfg, seq_len=max(8, positions))
+
+    def _check_qa(self) -> None:
+        """Refuse the options that exist for classification only, naming each with the task."""
+        cfg = self.config
+        refused = [
+            (
+                cfg.engine in ("ort", "ort-plain", "mixed"),
+                f"--engine {cfg.engine}: the ONNX Runtime "
+                "engines train classification only; question answering trains with --engine torch",
+            ),
+            (cfg.distill_epochs > 0, "--distill-epochs distills toward class probabilities"),
+            (
+                parse_partition(cfg.partition).kind != "iid",
+                f"--partition {cfg.partition} skews labels; question answering has none: use --partition iid",
+            ),
+            (cfg.clusters != "off", "--clusters groups devices by their label histograms"),
+            (cfg.personalize_epochs > 0, "--personalize-epochs starts from the device's label prior"),
+            (
+                cfg.allocation_mode != "fixed",
+                "--profiles/--allocation utility|uniform is not supported for question answering yet",
+            ),
+        ]
+        for bad, reason in refused:
+            if bad:
+                raise ConfigError(f"{reason} (the data folder holds question answering data)")
 
     def _hold_out(self, idx: np.ndarray, client: int) -> tuple[np.ndarray, np.ndarray]:
         """Split a client's samples into training and held-out ones (for personalization and
@@ -462,7 +495,8 @@ class Simulation:
         """Run the federation end to end and return its report."""
         cfg = self.config
         train, test = self._load()
-        train_cfg = self._check_task(train, cfg.train_config(len(train.label_names)))
+        self.data_task = train.task
+        train_cfg = self._check_task(train, cfg.train_config(len(train.label_names), train.task))
         devices = self._devices(train)
         cores = len(os.sched_getaffinity(0))
         workers = min(cfg.workers or cores, cores, len(devices))
@@ -505,7 +539,8 @@ class Simulation:
             dp_delta=cfg.dp_delta,
             dp_sample_rate=cfg.dp_sample_rate,
             norm_bound=cfg.norm_bound,
-            head_init=cfg.head_init,
+            # question answering has no classes to take means of: its head starts random
+            head_init="random" if train_cfg.task == QA_TASK else cfg.head_init,
             head_scale=cfg.head_scale,
             personalize_epochs=cfg.personalize_epochs,
             clusters=cfg.clusters,
@@ -760,7 +795,7 @@ class Simulation:
             kind="simulate",
             config=run_config,
             rounds=rounds,
-            final=summary.final,
+            final=task_figures(summary.final, self.data_task),
             communication=communication(bytes_up, bytes_down, total_params, participations)
             | {"bytes_up_received_by_server": summary.bytes_up_total},
             clients=clients,
