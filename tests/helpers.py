@@ -80,3 +80,40 @@ def write_image_folder_for_tests(
         labels = np.repeat(np.arange(3), n)
         splits[split] = (images, labels)
     return write_image_folder(folder, splits, IMAGE_CLASSES)
+
+
+QA_COLOURS = ("red", "blue", "green", "black", "white", "yellow")
+QA_NAMES = ("anna", "bob", "carl", "dora", "eve", "fred")
+QA_TEMPLATES = (
+    "the car of {name} is {colour} and it is fast .",
+    "{name} has a {colour} car .",
+    "yesterday {name} painted the old fence {colour} again .",
+)
+
+
+def qa_record(i: int) -> dict[str, object]:
+    """The ``i``-th synthetic question: what colour belongs to a name, in one of three templates;
+    the second template's questions also accept the colour with its noun."""
+    colour, name = QA_COLOURS[i % 6], QA_NAMES[(i // 6) % 6]
+    template = QA_TEMPLATES[(i // 36 + i) % 3]
+    context = template.format(name=name, colour=colour)
+    start = context.index(f" {colour}") + 1
+    answers = [{"text": colour, "answer_start": start}]
+    if template.startswith("{name} has"):
+        answers.append({"text": f"{colour} car", "answer_start": start})
+    return {
+        "id": f"q{i}",
+        "context": context,
+        "question": f"what colour is it for {name} ?",
+        "answers": answers,
+    }
+
+
+def write_qa_folder(folder: Path, *, train: int = 48, test: int = 12) -> Path:
+    """A small SQuAD-style JSON-lines folder: ``train`` questions, then ``test`` others."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", range(train)), ("test", range(train, train + test))):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in rows:
+                f.write(json.dumps(qa_record(i)) + "\n")
+    return folder

@@ -313,6 +313,9 @@ class TorchEngine:
                 padding_idx + 1 if padding_idx is not None else 0
             )
             self.max_tokens = min(config.seq_len, room)  # question, context and special tokens
+            # segment ids where the model has a table for both segments (BERT); RoBERTa's single
+            # row and DistilBERT's absent table take none, whatever the tokenizer returns
+            self.segments = int(getattr(encoder.config, "type_vocab_size", 0) or 0) >= 2
             self.model = SpanExtractor(encoder, hidden, prompt)
         elif self.task == "image-classification":
             self.image_size = int(encoder.config.image_size)
@@ -515,7 +518,7 @@ class TorchEngine:
             starts[i], ends[i] = span if span is not None else (0, 0)
             offsets.append(spans)
             in_context.append(inside)
-        types = enc.get("token_type_ids")
+        types = enc.get("token_type_ids") if self.segments else None
         return SpanInputs(enc["input_ids"], types, offsets, in_context, starts, ends)
 
     def _span_batch(
