@@ -661,6 +661,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if final.get("evaluated", True)
         else "final accuracy not measured (no evaluation ran)"
     )
+    if final.get("task") == "question-answering" and final.get("evaluated", True):
+        measured = f"final exact match {final['exact_match']:.3f}, F1 {final['f1']:.3f}"
     print(
         f"{measured}, "
         f"{(comm['bytes_up_total'] + comm['bytes_down_total']) / 1e6:.2f} MB moved "

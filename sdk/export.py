@@ -75,7 +75,7 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError, EngineError, FedPeftError, NonFinite, ShapeMismatch
-from edge_runtime.families import family_of_dir
+from edge_runtime.families import QA_TASK, family_of_dir
 from edge_runtime.models import hub_name, resolve_model
 from edge_runtime.module_store import GLOBAL_MODULE, PERSONAL_MODULE, ModuleStore
 from edge_runtime.peft_specs import LoraSpec
@@ -83,7 +83,7 @@ from edge_runtime.peft_specs import LoraSpec
 if TYPE_CHECKING:
     import torch
 
-    from edge_runtime.engines.torch_engine import TextClassifier
+    from edge_runtime.engines.torch_engine import ImageClassifier, SpanExtractor, TextClassifier
 
 EXPORT_FORMATS = ("peft", "onnx")
 MODULE_CHOICES = ("auto", GLOBAL_MODULE, PERSONAL_MODULE)
@@ -105,6 +105,17 @@ PROBE_TEXTS = (
     "ok",
 )
 _TRACE_TEXTS = ("a sample", "another sample text")
+IMAGE_CLASSIFIER = "logits = head(normalize(last_hidden_state[:, 0]))  (the class token)"
+SPAN_EXTRACTOR = "start_logits, end_logits = head(last_hidden_state).unbind(-1)  (per token)"
+PROBE_QUESTIONS = (
+    ("Who scored twice?", "The striker scored twice before half time and the coach was pleased."),
+    ("What fell?", "Shares fell sharply after the bank reported lower earnings than expected."),
+    ("Where did the rocket go?", "The rocket went to the moon."),
+    ("When is the next launch planned?", "The next launch is planned for the spring, weather permitting."),
+    ("What?", "ok"),
+)
+_TRACE_QUESTIONS = (("a question?", "a context"), ("another question?", "another, longer context here"))
+PROBE_IMAGES = 5  # seeded random images of assorted sizes the ONNX image model is checked on
 _LORA_NAME = re.compile(r"^encoder\.(?P<path>.+)\.(?P<factor>lora_[AB])$")
 _PEFT_PARAM = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_[AB])\.[^.]+\.weight$")
 _HEAD = ("head.weight", "head.bias")
@@ -368,10 +379,23 @@ def _module_tensors(
 class _Adapted:
     """The classifier with the module (a ``PeftModel`` on the base encoder, and the head)."""
 
-    classifier: TextClassifier
-    tokenizer: Any
+    classifier: Any  # TextClassifier, ImageClassifier or SpanExtractor, by ``task``
+    tokenizer: Any  # None for an image model
     spec: LoraSpec
     tensors: int  # module tensors loaded, head included
+    task: str
+    path: str  # the base model's folder or hub id
+
+
+def export_task(config: TrainConfig) -> str:
+    """What the module's model does: ``classification`` (texts), ``image-classification`` (a ViT
+    folder) or ``question-answering`` (``TrainConfig.task``)."""
+    if config.task == QA_TASK:
+        return QA_TASK
+    path = resolve_model(config.model)
+    if Path(path).is_dir() and "image-classification" in family_of_dir(path).trains:
+        return "image-classification"
+    return "classification"
 
 
 def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
@@ -381,20 +405,16 @@ def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from edge_runtime.engines.torch_engine import TextClassifier
+    from edge_runtime.engines.torch_engine import ImageClassifier, SpanExtractor, TextClassifier
 
     spec = lora_spec(source.config)
     hf_logging.set_verbosity_error()
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(source.config.model)
-    if Path(path).is_dir() and "image-classification" in family_of_dir(path).trains:
-        raise ConfigError(
-            f"model {source.config.model!r} is an image model: exporting image classifiers is not "
-            "implemented yet (fedpeft export writes text classification models)"
-        )
+    task = export_task(source.config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = None if task == "image-classification" else AutoTokenizer.from_pretrained(path)
         base = AutoModel.from_pretrained(path, attn_implementation="eager")
     except OSError as exc:
         raise EngineError(f"cannot load model {source.config.model!r}: {exc}") from None
@@ -413,12 +433,18 @@ def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
     if result.unexpected_keys:
         raise ShapeMismatch(f"peft did not take {sorted(result.unexpected_keys)[:3]}")
     peft_model.peft_config["default"].base_model_name_or_path = hub_name(source.config.model)
-    classifier = TextClassifier(peft_model, hidden, labels)
+    classifier: TextClassifier | ImageClassifier | SpanExtractor
+    if task == QA_TASK:
+        classifier = SpanExtractor(peft_model, hidden)
+    elif task == "image-classification":
+        classifier = ImageClassifier(peft_model, hidden, labels)
+    else:
+        classifier = TextClassifier(peft_model, hidden, labels)
     with torch.no_grad():
         classifier.head.weight.copy_(torch.from_numpy(tensors["head.weight"]))
         classifier.head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
     classifier.eval()
-    return _Adapted(classifier, tokenizer, spec, len(tensors))
+    return _Adapted(classifier, tokenizer, spec, len(tensors), task, path)
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,6 +508,13 @@ def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = 
 
     out = Path(out).expanduser()
     _check_out(out)
+    task = export_task(source.config)
+    if task != "classification":
+        what = "an image model" if task == "image-classification" else "a question answering module"
+        raise ConfigError(
+            f"model {source.config.model!r} is {what}: --format peft writes text classifiers only "
+            "(export it with --format onnx)"
+        )
     adapted = _adapted(source, threads)
     classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
     hidden = int(classifier.head.in_features)
@@ -581,6 +614,10 @@ def export_onnx(
     out = Path(out).expanduser()
     _check_out(out)
     adapted = _adapted(source, threads)
+    if adapted.task == "image-classification":
+        return _export_onnx_image(source, out, adapted, threads)
+    if adapted.task == QA_TASK:
+        return _export_onnx_spans(source, out, adapted, threads)
     classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
     hidden, labels = int(classifier.head.in_features), int(classifier.head.out_features)
     input_ids, mask = _encode(tokenizer, texts, source.config.seq_len)
@@ -651,6 +688,260 @@ def export_onnx(
                 "max_abs_diff": diff,
                 "tolerance": ONNX_TOLERANCE,
             }
+        }
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    _write_folder(out, fill)
+    return ExportResult(
+        out=out,
+        format="onnx",
+        origin=source.origin,
+        tensors=adapted.tensors,
+        max_abs_diff=measured["max_abs_diff"],
+    )
+
+
+def _merged_encoder(adapted: _Adapted) -> Any:
+    """The base encoder with the LoRA update merged in (in place: the unmerged model is gone)."""
+    try:
+        return adapted.classifier.encoder.merge_and_unload(safe_merge=True)
+    except ValueError as exc:  # safe_merge refuses weights that would turn NaN
+        raise NonFinite(f"merging the LoRA module: {exc}") from None
+
+
+def _export_graph(
+    model: Any,
+    example: tuple[Any, ...],
+    path: Path,
+    inputs: dict[str, dict[int, str]],
+    outputs: dict[str, dict[int, str]],
+) -> None:
+    """``torch.onnx.export`` (TorchScript exporter) with named, partly dynamic inputs and outputs."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes={**inputs, **outputs},
+            opset_version=ONNX_OPSET,
+        )
+
+
+def _check_in_onnxruntime(
+    path: Path, feeds: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray], threads: int | None
+) -> float:
+    """Run the graph in an onnxruntime ``InferenceSession``; the largest absolute difference of its
+    outputs from ``references``, which must be within :data:`ONNX_TOLERANCE`."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(list(references), dict(feeds))
+    diff = max(float(np.abs(np.asarray(g) - r).max()) for g, r in zip(got, references.values(), strict=True))
+    if not diff <= ONNX_TOLERANCE:
+        raise EngineError(
+            f"the ONNX model's outputs differ from torch's by {diff:.2e} (tolerance {ONNX_TOLERANCE:g})"
+        )
+    return diff
+
+
+def probe_images(size: int, count: int = PROBE_IMAGES, seed: int = 0) -> list[np.ndarray]:
+    """``count`` seeded random uint8 RGB images, some at ``size`` and some at other sizes."""
+    rng = np.random.default_rng(seed)
+    shapes = [
+        (size, size),
+        (2 * size, size + 3),
+        (max(1, size // 2), size),
+        (size + 5, 2 * size),
+        (size, size),
+    ]
+    return [rng.integers(0, 256, (*shapes[i % len(shapes)], 3), dtype=np.uint8) for i in range(count)]
+
+
+def _export_onnx_image(
+    source: ModuleSource, out: Path, adapted: _Adapted, threads: int | None
+) -> ExportResult:
+    """The merged ViT classifier as ONNX: preprocessed pixels in, logits and features out."""
+    import torch
+    from torch import nn
+
+    from edge_runtime.engines.torch_engine import ImageClassifier, pixel_values, preprocessor_stats
+
+    classifier, spec = adapted.classifier, adapted.spec
+    hidden, labels = int(classifier.head.in_features), int(classifier.head.out_features)
+    config = classifier.encoder.config
+    size, channels = int(config.image_size), int(config.num_channels)
+    if channels not in (1, 3):
+        raise ConfigError(f"model {source.config.model!r} takes {channels}-channel images; 1 or 3 are read")
+    mean, std = preprocessor_stats(adapted.path, channels)
+    pixels = pixel_values(probe_images(size), size, channels, mean, std)
+    with torch.no_grad():
+        reference = classifier(pixels).numpy()
+    merged = ImageClassifier(_merged_encoder(adapted), hidden, labels)
+    merged.head.load_state_dict(classifier.head.state_dict())
+    merged.eval()
+
+    class WithFeatures(nn.Module):
+        """The merged classifier with its unit-norm class-token features as a second output."""
+
+        def __init__(self, inner: ImageClassifier) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            features = self.inner.features(pixel_values)
+            return self.inner.head(features), features
+
+    measured: dict[str, float] = {}
+
+    def fill(folder: Path) -> None:
+        onnx_path = folder / ONNX_NAME
+        batch = {0: "batch"}
+        _export_graph(
+            WithFeatures(merged),
+            (pixels[:2],),
+            onnx_path,
+            {"pixel_values": batch},
+            {"logits": batch, "features": batch},
+        )
+        diff = _check_in_onnxruntime(
+            onnx_path, {"pixel_values": pixels.numpy()}, {"logits": reference}, threads
+        )
+        measured["max_abs_diff"] = diff
+        manifest = _manifest(source, spec, "onnx", hidden) | {
+            "classifier": IMAGE_CLASSIFIER,
+            "preprocessing": {
+                "image_size": size,
+                "channels": channels,
+                "resize": "bilinear, antialiased, to image_size x image_size",
+                "scale": "pixel / 255; one channel: the mean of R, G and B",
+                "image_mean": mean.reshape(-1).tolist(),
+                "image_std": std.reshape(-1).tolist(),
+            },
+            "onnx": {
+                "file": ONNX_NAME,
+                "opset": ONNX_OPSET,
+                "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
+                "lora": "merged into the base weights",
+                "inputs": {"pixel_values": f"float32 batch x {channels} x {size} x {size}, preprocessed"},
+                "outputs": {"logits": f"float32 batch x {labels}", "features": f"float32 batch x {hidden}"},
+                "checked_images": len(pixels),
+                "max_abs_diff": diff,
+                "tolerance": ONNX_TOLERANCE,
+            },
+        }
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    _write_folder(out, fill)
+    return ExportResult(
+        out=out,
+        format="onnx",
+        origin=source.origin,
+        tensors=adapted.tensors,
+        max_abs_diff=measured["max_abs_diff"],
+    )
+
+
+def encode_pairs(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], seq_len: int, segments: bool
+) -> dict[str, torch.Tensor]:
+    """Question-context pairs as the torch engine batches them: the context truncated so that the
+    pair fits ``seq_len`` tokens, padded on the right; ``token_type_ids`` only with ``segments``."""
+    if not pairs:
+        raise ConfigError("no question-context pairs to encode")
+    batch = tokenizer(
+        [q for q, _ in pairs],
+        [c for _, c in pairs],
+        truncation="only_second",
+        max_length=seq_len,
+        padding=True,
+        return_tensors="pt",
+    )
+    names = ("input_ids", "attention_mask", "token_type_ids") if segments else ("input_ids", "attention_mask")
+    return {n: batch[n] for n in names}
+
+
+def _export_onnx_spans(
+    source: ModuleSource, out: Path, adapted: _Adapted, threads: int | None
+) -> ExportResult:
+    """The merged question answering model as ONNX: token ids in, start and end logits out."""
+    import torch
+    from torch import nn
+
+    from edge_runtime.engines.torch_engine import SpanExtractor
+
+    classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
+    hidden = int(classifier.head.in_features)
+    config = classifier.encoder.config
+    # as the engine decides: segment ids where the model has a table for two segments
+    segments = int(getattr(config, "type_vocab_size", 0) or 0) >= 2
+    padding_idx = getattr(
+        getattr(classifier.encoder.get_base_model(), "embeddings", None), "padding_idx", None
+    )
+    room = int(config.max_position_embeddings) - (padding_idx + 1 if padding_idx is not None else 0)
+    seq_len = min(source.config.seq_len, room)
+    feeds = encode_pairs(tokenizer, PROBE_QUESTIONS, seq_len, segments)
+    with torch.no_grad():
+        start, end = classifier(*feeds.values())
+    references = {"start_logits": start.numpy(), "end_logits": end.numpy()}
+    merged = SpanExtractor(_merged_encoder(adapted), hidden)
+    merged.head.load_state_dict(classifier.head.state_dict())
+    merged.eval()
+
+    class Spans(nn.Module):
+        """The merged model with its inputs as positional arguments, for the tracer."""
+
+        def __init__(self, inner: SpanExtractor) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.inner(*inputs)
+
+    measured: dict[str, float] = {}
+
+    def fill(folder: Path) -> None:
+        onnx_path = folder / ONNX_NAME
+        tokens = {0: "batch", 1: "sequence"}
+        example = encode_pairs(tokenizer, _TRACE_QUESTIONS, seq_len, segments)
+        _export_graph(
+            Spans(merged),
+            tuple(example.values()),
+            onnx_path,
+            {n: tokens for n in example},
+            {"start_logits": tokens, "end_logits": tokens},
+        )
+        diff = _check_in_onnxruntime(onnx_path, {n: t.numpy() for n, t in feeds.items()}, references, threads)
+        measured["max_abs_diff"] = diff
+        tokenizer.save_pretrained(str(folder))
+        manifest = _manifest(source, spec, "onnx", hidden) | {
+            "task": QA_TASK,
+            "classifier": SPAN_EXTRACTOR,
+            "seq_len": seq_len,
+            "answer": "the best span of context tokens by start_logits[s] + end_logits[e], s <= e, "
+            "at most 30 tokens (edge_runtime.qa_eval.best_span); padding is not masked in the graph",
+            "onnx": {
+                "file": ONNX_NAME,
+                "opset": ONNX_OPSET,
+                "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
+                "lora": "merged into the base weights",
+                "inputs": {n: "int64 batch x sequence" for n in feeds},
+                "outputs": {
+                    "start_logits": "float32 batch x sequence",
+                    "end_logits": "float32 batch x sequence",
+                },
+                "checked_pairs": len(PROBE_QUESTIONS),
+                "max_abs_diff": diff,
+                "tolerance": ONNX_TOLERANCE,
+            },
         }
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 

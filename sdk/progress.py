@@ -41,6 +41,8 @@ class RoundProgress:
         self._moved += int(record["bytes_up"]) + int(record["bytes_down"])
         acc = record.get("accuracy")
         text = f"acc {acc:.3f}" if acc is not None else "acc n/a"
+        if record.get("exact_match") is not None:  # question answering
+            text = f"EM {record['exact_match']:.3f}, F1 {record['f1']:.3f}"
         if self._bar is not None:
             self._bar.set_postfix_str(f"{text}, {self._moved / 1e6:.2f} MB moved")
             self._bar.close()

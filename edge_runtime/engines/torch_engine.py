@@ -237,7 +237,7 @@ class SpanInputs:
     ends: np.ndarray
 
 
-def _preprocessor_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def preprocessor_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``image_mean`` and ``image_std`` from the model folder's ``preprocessor_config.json``
     (ViT's 0.5 and 0.5 without one), shaped to broadcast over ``channels x H x W``."""
     import json
@@ -262,6 +262,28 @@ def _preprocessor_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.T
             )
         values.append(t.reshape(channels, 1, 1))
     return values[0], values[1]
+
+
+def pixel_values(
+    images: tuple[np.ndarray, ...] | list[np.ndarray],
+    size: int,
+    channels: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """uint8 ``H x W x 3`` images as a ViT reads them: ``N x channels x size x size``, resized
+    (bilinear, antialiased), channels averaged for a one-channel model, normalised."""
+    out = torch.empty((len(images), channels, size, size))
+    for i, image in enumerate(images):
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        if tuple(x.shape[2:]) != (size, size):
+            x = nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        if channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        out[i] = x[0]
+    return (out - mean) / std
 
 
 def _canonical(torch_name: str) -> str:
@@ -324,7 +346,7 @@ class TorchEngine:
                 raise ConfigError(
                     f"model {config.model!r} takes {self.channels}-channel images; 1 or 3 are read"
                 )
-            self._mean, self._std = _preprocessor_stats(path, self.channels)
+            self._mean, self._std = preprocessor_stats(path, self.channels)
             self.model = ImageClassifier(encoder, hidden, config.num_labels, prompt)
         else:
             self.model = TextClassifier(encoder, hidden, config.num_labels, prompt, self.family.pooling)
@@ -573,18 +595,7 @@ class TorchEngine:
 
     def _pixels(self, data: ImageDataset) -> torch.Tensor:
         """Images as the model reads them: ``N x channels x size x size``, resized and normalised."""
-        size = self.image_size
-        out = torch.empty((len(data), self.channels, size, size))
-        for i, image in enumerate(data.images):
-            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-            if tuple(x.shape[2:]) != (size, size):
-                x = nn.functional.interpolate(
-                    x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-                )
-            if self.channels == 1:
-                x = x.mean(dim=1, keepdim=True)
-            out[i] = x[0]
-        return (out - self._mean) / self._std
+        return pixel_values(data.images, self.image_size, self.channels, self._mean, self._std)
 
     def _rows_features(self, inputs: Any, rows: np.ndarray) -> torch.Tensor:
         """Features of the rows ``rows`` of prepared ``inputs`` (see :meth:`_inputs`)."""
