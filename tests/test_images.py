@@ -383,13 +383,14 @@ def test_simulate_refuses_a_text_model_for_images(tmp_path: Path, images: Path) 
         Simulation(config).run()
 
 
-def test_export_refuses_an_image_model_with_the_reason(vit: Path, tmp_path: Path) -> None:
+def test_the_peft_export_refuses_an_image_model_naming_onnx(vit: Path, tmp_path: Path) -> None:
     from edge_runtime.engines.torch_engine import TorchEngine
     from sdk.export import ModuleSource, export_module
 
     cfg = _config(vit)
     source = ModuleSource(TorchEngine(cfg, seed=0, threads=1).trainable_state(), cfg, "a test module")
     with pytest.raises(
-        ConfigError, match="is an image model: exporting image classifiers is not implemented"
+        ConfigError,
+        match=r"is an image model: --format peft writes text classifiers only \(export it with --format onnx",
     ):
         export_module(source, tmp_path / "out", "peft")
