@@ -46,6 +46,27 @@ and its logits are compared with the unmerged torch model's: a largest absolute 
 :data:`ONNX_TOLERANCE` fails the export, and the measured one goes into ``fedpeft_export.json``.
 The folder also holds the tokenizer files.
 
+Image classifiers and question answering (ONNX only)
+----------------------------------------------------
+A ViT module (a model folder of the ``vit`` family) exports with ``--format onnx`` as
+``logits = head(normalize(class token's last hidden state))``
+(:class:`~edge_runtime.engines.torch_engine.ImageClassifier`), LoRA merged the same way. Input
+``pixel_values`` (float32, batch x channels x image_size x image_size, batch dynamic), already
+preprocessed as the torch engine does it (resized bilinearly with antialiasing, scaled to [0, 1],
+normalised with the model folder's ``image_mean`` and ``image_std``; the manifest's
+``preprocessing`` records them); outputs ``logits`` and ``features``. The check runs
+:data:`PROBE_IMAGES` seeded random images of assorted sizes through both models.
+
+A question answering module (``TrainConfig.task == "question-answering"``) exports as its
+:class:`~edge_runtime.engines.torch_engine.SpanExtractor`: inputs ``input_ids``,
+``attention_mask`` and, for models with two segment embeddings (BERT), ``token_type_ids`` (int64,
+batch x sequence, dynamic); outputs ``start_logits`` and ``end_logits`` (batch x sequence, raw:
+padding is not masked). The answer is the best span of context tokens
+(:func:`edge_runtime.qa_eval.best_span`). The check runs :data:`PROBE_QUESTIONS`; the tokenizer
+files go beside the graph. Both compare every output with the unmerged torch model within
+:data:`ONNX_TOLERANCE`. ``--format peft`` refuses both (its folder and :func:`load_exported`
+rebuild text classifiers only).
+
 Where modules come from (:func:`read_module`)
 ---------------------------------------------
 - a service's state folder (``fedpeft serve --state DIR``: ``DIR/state.sqlite``): the latest
