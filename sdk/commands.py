@@ -76,6 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     folder = resolve_data_dir(args.data)
     test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
+    if test.task == "question-answering":
+        raise ConfigError(
+            "fedpeft serve does not take question answering data yet; fedpeft simulate trains it"
+        )
     labels = load_labels(folder) or test.label_names
     train_cfg = _train_config(args, len(labels), bits=args.bits)
     if args.mode == "async" and args.allocation != "fixed":
@@ -271,11 +275,16 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     from broker_server.report import build_report, write_report
     from edge_runtime.data import load_folder, resolve_data_dir
     from edge_runtime.engines.torch_engine import TorchEngine
+    from edge_runtime.errors import ConfigError
     from edge_runtime.label_prior import train_logit_adjusted
     from sdk.partition import parse_partition, partition
 
     folder = resolve_data_dir(args.data)
     train, test = load_folder(folder, test_limit=args.test_samples, seed=args.seed)
+    if train.task == "question-answering":
+        raise ConfigError(
+            "fedpeft centralized does not take question answering data yet; fedpeft simulate trains it"
+        )
     parts = partition(
         train.labels,
         args.clients,

@@ -466,3 +466,25 @@ def test_simulate_refuses_an_image_model_for_questions(tmp_path: Path, qa: Path)
     config = SimulationConfig(data=str(qa), model=str(vit), clients=2, rounds=1, partition="iid")
     with pytest.raises(ConfigError, match=r"holds question answering data, but model .* is a vit model"):
         Simulation(config).run()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["centralized", "--clients", "2", "--rounds", "1", "--partition", "iid"],
+        ["serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--rounds", "1", "--min-clients", "1"],
+    ],
+    ids=["centralized", "serve"],
+)
+def test_serve_and_centralized_refuse_question_answering_in_one_line(
+    bert: Path, qa: Path, tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sdk.cli import main
+
+    extra = ["--data", str(qa), "--model", str(bert), "--report", str(tmp_path / "r.json")]
+    if argv[0] == "serve":
+        extra += ["--state", str(tmp_path / "state")]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"fedpeft {argv[0]} does not take question answering data yet; fedpeft simulate trains it" in err
