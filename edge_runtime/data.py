@@ -1,5 +1,7 @@
-"""Data folders: ``train.jsonl``/``test.jsonl`` (or ``.csv``) plus ``labels.txt``, image folders,
-or question answering (SQuAD-style JSON lines, :mod:`edge_runtime.qa_data`).
+"""Data folders: texts (``.jsonl``/``.csv`` and ``labels.txt``), image folders, or SQuAD-style questions.
+
+Image folders are read by :mod:`edge_runtime.image_data`, question answering folders (SQuAD-style
+JSON lines) by :mod:`edge_runtime.qa_data`; the rest of this module reads texts.
 
 A data folder holds one file per split, ``{split}.jsonl`` (``{"text": str, "label": int}`` a line)
 or else ``{split}.csv`` (header ``text,label``; a label is an integer or a class name from
