@@ -488,3 +488,25 @@ def test_serve_and_centralized_refuse_question_answering_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"fedpeft {argv[0]} does not take question answering data yet; fedpeft simulate trains it" in err
+
+
+@pytest.mark.parametrize("engine", ["ort", "ort-plain"])
+def test_the_onnx_runtime_engines_refuse_question_answering(bert: Path, engine: str, tmp_path: Path) -> None:
+    from edge_runtime.engines import create_engine
+
+    with pytest.raises(
+        ConfigError, match=f"the {engine} engine trains classification only; question-answering"
+    ):
+        create_engine(_config(bert, engine=engine), artifacts=tmp_path)
+
+
+def test_the_edge_install_reads_questions_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import edge_runtime.data, edge_runtime.qa_data, edge_runtime.qa_eval; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

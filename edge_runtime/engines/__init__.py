@@ -72,6 +72,11 @@ def create_engine(
     The ORT engines need the folder of artifacts built for ``config``
     (:func:`broker_server.artifacts.build_artifacts`; flavour ``step`` for ``ort-plain``).
     """
+    if config.task != "classification" and config.engine != "torch":
+        raise ConfigError(
+            f"the {config.engine} engine trains classification only; "
+            f"{config.task} trains with the torch engine"
+        )
     if config.engine == "torch":
         from edge_runtime.engines.torch_engine import TorchEngine
 
