@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,7 @@ def _str_or_none(path: Path | None) -> str | None:
 def cmd_centralized(args: argparse.Namespace) -> int:
     """Train the same model and PEFT on the union of the clients' data: the reference."""
     from broker_server.aggregation import head_from_class_means
+    from broker_server.records import task_figures
     from broker_server.report import build_report, write_report
     from edge_runtime.data import load_folder, resolve_data_dir
     from edge_runtime.engines.torch_engine import TorchEngine
@@ -281,9 +283,10 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 
     folder = resolve_data_dir(args.data)
     train, test = load_folder(folder, test_limit=args.test_samples, seed=args.seed)
-    if train.task == "question-answering":
+    qa = train.task == "question-answering"
+    if qa and parse_partition(args.partition).kind != "iid":
         raise ConfigError(
-            "fedpeft centralized does not take question answering data yet; fedpeft simulate trains it"
+            f"--partition {args.partition} skews labels; question answering has none: use --partition iid"
         )
     parts = partition(
         train.labels,
@@ -293,11 +296,13 @@ def cmd_centralized(args: argparse.Namespace) -> int:
         samples_per_client=args.samples_per_client,
     )
     union = train.subset(np.concatenate(parts))
-    cfg = _train_config(args, len(train.label_names))
+    cfg = _train_config(args, 2 if qa else len(train.label_names))
+    if qa:  # a start/end span head; no classes, so no label prior and no class-mean head
+        cfg = replace(cfg, num_labels=2, task="question-answering", logit_adjust=0.0)
     engine = TorchEngine(cfg, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     start = time.monotonic()
     rounds = []
-    if args.head_init == "ncm":
+    if args.head_init == "ncm" and not qa:
         sums, counts = engine.class_feature_sums(union)
         engine.load_trainable_state(
             {**engine.trainable_state(), **head_from_class_means(sums, counts, args.head_scale)}
@@ -312,7 +317,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
         train_logit_adjusted(engine, union, epochs=1, seed=args.seed + epoch, tau=cfg.logit_adjust)
         result = engine.evaluate(test)
         rounds.append(_epoch_record(epoch, result, start))
-        tqdm.write(f"epoch {epoch}: accuracy {result.accuracy:.3f}")
+        tqdm.write(f"epoch {epoch}: {_figures(result)}")
     report = build_report(
         kind="centralized",
         config={
@@ -327,7 +332,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
             "train_samples": len(union),
         },
         rounds=rounds,
-        final={"accuracy": result.accuracy, "macro_f1": result.macro_f1},
+        final=task_figures({"accuracy": result.accuracy, "macro_f1": result.macro_f1}, train.task),
         communication={
             "bytes_up_total": 0,
             "bytes_down_total": 0,
@@ -338,16 +343,23 @@ def cmd_centralized(args: argparse.Namespace) -> int:
         rejected=[],
         extra={"wall_s": time.monotonic() - start},
     )
-    print(
-        f"centralized accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}; "
-        f"report {write_report(report, args.report)}"
-    )
+    print(f"centralized {_figures(result)}; report {write_report(report, args.report)}")
     return 0
+
+
+def _figures(result: Any) -> str:
+    """Accuracy and macro F1, or for question answering exact match and F1."""
+    if result.task == "question-answering":
+        return f"exact match {result.accuracy:.3f}, F1 {result.macro_f1:.3f}"
+    return f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}"
 
 
 def _epoch_record(epoch: int, result: Any, start: float) -> dict[str, Any]:
     wall = time.monotonic() - start
-    return {
+    figures = (
+        {"exact_match": result.accuracy, "f1": result.macro_f1} if result.task == "question-answering" else {}
+    )
+    return figures | {
         "round": epoch,
         "wall_s": wall,
         "virtual_s": wall,

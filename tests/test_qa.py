@@ -468,26 +468,38 @@ def test_simulate_refuses_an_image_model_for_questions(tmp_path: Path, qa: Path)
         Simulation(config).run()
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["centralized", "--clients", "2", "--rounds", "1", "--partition", "iid"],
-        ["serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--rounds", "1", "--min-clients", "1"],
-    ],
-    ids=["centralized", "serve"],
-)
-def test_serve_and_centralized_refuse_question_answering_in_one_line(
-    bert: Path, qa: Path, tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+def test_serve_refuses_question_answering_in_one_line(
+    bert: Path, qa: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from sdk.cli import main
 
-    extra = ["--data", str(qa), "--model", str(bert), "--report", str(tmp_path / "r.json")]
-    if argv[0] == "serve":
-        extra += ["--state", str(tmp_path / "state")]
-    assert main([*argv, *extra]) == 2
+    argv = ["serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--rounds", "1", "--min-clients", "1"]
+    argv += ["--data", str(qa), "--model", str(bert), "--report", str(tmp_path / "r.json")]
+    assert main([*argv, "--state", str(tmp_path / "state")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert f"fedpeft {argv[0]} does not take question answering data yet; fedpeft simulate trains it" in err
+    assert "fedpeft serve does not take question answering data yet; fedpeft simulate trains it" in err
+
+
+def test_centralized_trains_question_answering_on_the_union(
+    bert: Path, qa: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sdk.cli import main
+
+    common = ["centralized", "--data", str(qa), "--model", str(bert), "--clients", "2", "--rounds", "2"]
+    common += ["--samples-per-client", "12", "--test-samples", "12", "--lr", "0.01"]
+    assert main([*common, "--partition", "dirichlet:0.5", "--report", str(tmp_path / "no.json")]) == 2
+    assert "use --partition iid" in capsys.readouterr().err
+    assert main([*common, "--partition", "iid", "--report", str(tmp_path / "c.json")]) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    validate_report(report)
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]  # before training, then each epoch
+    assert all(r["exact_match"] == r["accuracy"] and r["f1"] == r["macro_f1"] for r in report["rounds"])
+    assert report["final"]["task"] == QA
+    assert report["final"]["exact_match"] == report["rounds"][-1]["exact_match"]
+    assert report["config"]["train"]["task"] == QA and report["config"]["train_samples"] == 24
+    assert report["rounds"][-1]["loss"] < report["rounds"][0]["loss"]  # it trained
+    assert "centralized exact match" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("engine", ["ort", "ort-plain"])
