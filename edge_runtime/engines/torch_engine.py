@@ -515,8 +515,9 @@ class TorchEngine:
             )
         limit = self.max_tokens
         questions = self.tokenizer(list(data.questions), add_special_tokens=False)["input_ids"]
+        special = int(self.tokenizer.num_special_tokens_to_add(pair=True))  # [CLS] q [SEP] c [SEP]: 3
         for qid, q in zip(data.ids, questions, strict=True):
-            if len(q) + 4 > limit:  # [CLS] q [SEP] context [SEP]: at least one context token
+            if len(q) + special + 1 > limit:  # at least one context token
                 raise ConfigError(
                     f"question {qid!r} takes {len(q)} tokens, which leaves no room for its context "
                     f"in {limit} tokens (--seq-len, at most the model's positions)"
