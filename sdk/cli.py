@@ -587,6 +587,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a simulated federation and write its report and plot."""
     from broker_server.report import write_report
+    from edge_runtime.data import resolve_data_dir
+    from edge_runtime.qa_data import is_qa_folder
     from sdk.plot import plot_report
     from sdk.progress import RoundProgress
     from sdk.simulate import Simulation, SimulationConfig
@@ -647,8 +649,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     per_round = config.clients if config.mode == "sync" else config.buffer_size  # async: a version's buffer
+    # round 0 is the class-mean head, which question answering data (no classes) never has
+    head_round = config.head_init == "ncm" and not is_qa_folder(resolve_data_dir(config.data))
     progress = RoundProgress(
-        per_round, config.rounds + (1 if config.head_init == "ncm" else 0), enabled=not args.no_progress
+        per_round,
+        config.rounds + (1 if head_round else 0),
+        first=0 if head_round else 1,
+        enabled=not args.no_progress,
     )
     report = Simulation(config, on_round=progress.round_done, on_update=progress.update).run()
     progress.close()

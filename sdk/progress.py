@@ -9,12 +9,12 @@ from typing import Any
 class RoundProgress:
     """A tqdm bar per round that fills as updates are accepted and closes with the round's figures."""
 
-    def __init__(self, clients: int, rounds: int, *, enabled: bool = True) -> None:
+    def __init__(self, clients: int, rounds: int, *, first: int = 0, enabled: bool = True) -> None:
         self.clients = clients
         self.rounds = rounds
         self.enabled = enabled
         self._bar: Any = None
-        self._round = 0
+        self._round = first  # the number of the first round (1 when there is no class-mean round 0)
         self._moved = 0
 
     def _open(self) -> None:
