@@ -437,6 +437,23 @@ def test_fedpeft_simulate_runs_question_answering_and_reports_em_and_f1(bert: Pa
     assert (train["task"], train["num_labels"], train["logit_adjust"]) == (QA, 2, 0.0)
 
 
+def test_the_fedpeft_simulate_command_runs_question_answering(
+    bert: Path, qa: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sdk.cli import main
+
+    argv = ["simulate", "--data", str(qa), "--model", str(bert), "--clients", "2", "--rounds", "1"]
+    argv += ["--partition", "iid", "--samples-per-client", "12", "--test-samples", "12", "--workers", "1"]
+    assert main([*argv, "--report", str(tmp_path / "qa.json")]) == 0
+    report = json.loads((tmp_path / "qa.json").read_text())
+    validate_report(report)
+    assert [r["round"] for r in report["rounds"]] == [1] and report["rounds"][0]["participants"] == 2
+    final = report["final"]
+    out = capsys.readouterr()
+    assert f"final exact match {final['exact_match']:.3f}, F1 {final['f1']:.3f}" in out.out
+    assert "round 1/1" in out.err  # the progress bar: no class-mean round 0
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
