@@ -529,6 +529,14 @@ def test_the_onnx_runtime_engines_refuse_question_answering(bert: Path, engine: 
         create_engine(_config(bert, engine=engine), artifacts=tmp_path)
 
 
+def test_the_onnx_runtime_engines_refuse_question_data_naming_torch(qa: Path) -> None:
+    from edge_runtime.engines.base import require_text
+
+    train, _ = load_folder(qa)
+    with pytest.raises(ConfigError, match="question answering trains with --engine torch"):
+        require_text(train)
+
+
 def test_the_edge_install_reads_questions_without_torch() -> None:
     import subprocess
     import sys

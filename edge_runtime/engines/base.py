@@ -98,8 +98,14 @@ def refuse_image_model(model: str) -> None:
 
 
 def require_text(data: Dataset) -> TextDataset:
-    """``data`` if it holds texts; images raise :class:`ConfigError` naming ``--engine torch``
-    (the ONNX Runtime engines' graphs take token ids)."""
+    """``data`` if it holds texts for classification; images and questions raise
+    :class:`ConfigError` naming ``--engine torch`` (the ONNX Runtime engines train classifiers
+    whose graphs take token ids)."""
+    if data.task == "question-answering":
+        raise ConfigError(
+            "the ONNX Runtime engines (ort, ort-plain) train classification only; "
+            "question answering trains with --engine torch"
+        )
     if not isinstance(data, TextDataset):
         raise ConfigError(ORT_IMAGE_REFUSAL)
     return data
