@@ -63,7 +63,23 @@ from broker_server.records import (
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
 from broker_server.rounds.buffered import EventClock, JobBoard
-from broker_server.rounds.sync import RoundAggregation
+from broker_server.rounds.events import (
+    Accepted,
+    Ack,
+    Checkpoint,
+    CloseRound,
+    Command,
+    Publish,
+    Refused,
+    Reject,
+    RoundFailed,
+    Shortfall,
+    Status,
+    Tick,
+    Update,
+    redelivery,
+)
+from broker_server.rounds.sync import RoundAggregation, SyncRounds
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
 from broker_server.strategies import STATEFUL_STRATEGIES
 from edge_runtime import wire
@@ -78,7 +94,6 @@ from edge_runtime.errors import (
     ConfigError,
     DuplicateUpdate,
     FedPeftError,
-    StaleRound,
     UnknownDevice,
     UpdateRejected,
 )
@@ -180,10 +195,11 @@ class AggregationService:
         self._round = 0
         self._phase = TRAIN_PHASE
         self._global_id = ""
-        self._pending: dict[str, PendingUpdate] = {}
-        self._stale = 0
+        # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
+        self._accepted_ids: dict[tuple[str, int], str] = {}
+        # the synchronous rounds' controller: what a round collected, whose turn ended, deadlines
+        self.sync = SyncRounds.from_config(config, accepted_ids=self._accepted_ids)
         self._round_bytes_up = 0
-        self._round_bytes_down = 0
         # what a restarted service takes back from the store: each device's counters (applied when
         # its record is made) and the interrupted round's (stale updates, bytes up)
         self._resumed_round_counters = (0, 0)
@@ -209,9 +225,6 @@ class AggregationService:
         self._sampler: PoissonSampler | None = None
         self._dp_rounds = 0
         self._sampled: set[str] = set()
-        self._answered: set[str] = set()
-        # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
-        self._accepted_ids: dict[tuple[str, int], str] = {}
         self._chunks = ChunkAssembler(max_bytes=config.max_payload_bytes)
         # ORT training artifacts: whether devices fetch them from here (the simulator hands its
         # workers a local folder instead), where they are built, and what this process published
@@ -219,6 +232,20 @@ class AggregationService:
         self.publisher = Publisher(
             transport, config, artifacts_cache=artifacts_cache, artifact_chunk_bytes=artifact_chunk_bytes
         )
+
+    @property
+    def _pending(self) -> dict[str, PendingUpdate]:
+        """The current synchronous round's accepted updates, by device."""
+        return self.sync.pending
+
+    @property
+    def _stale(self) -> int:
+        """Updates of the current round (or version) that were trained on an older module."""
+        return self.sync.stale
+
+    @_stale.setter
+    def _stale(self, value: int) -> None:
+        self.sync.stale = value
 
     @property
     def devices(self) -> dict[str, DeviceRecord]:
@@ -294,15 +321,66 @@ class AggregationService:
         self._inbox.put(("", b""))
 
     def _reject(self, exc: UpdateRejected, device: str | None, round_: int | None) -> None:
-        reason = f"{exc.code}: {exc.reason}"
-        if device is not None and round_ is not None and device in self.devices:
-            if round_ == self._round:
-                self._answered.add(device)  # a rejected update still ends that device's turn
-            if not isinstance(exc, DuplicateUpdate):  # a duplicate was acknowledged as accepted
-                # tell the device, so it stops resending what will never be accepted
-                self._ack(device, round_, "", False, reason)
-        log.warning("rejected update from %s (round %s): %s", device, round_, reason)
-        self._record_rejection(device, round_, reason)
+        refused = Refused(
+            device, round_, exc.code, exc.reason, known=device in self.devices,
+            duplicate=isinstance(exc, DuplicateUpdate),
+        )  # fmt: skip
+        # a rejected update still ends that device's turn in the round
+        self._execute(self.sync.handle(refused, self.clock()))
+
+    def _execute(self, commands: list[Command]) -> CloseRound | RoundFailed | None:
+        """Carry out a controller's commands in order; the round's end, if one came."""
+        ended: CloseRound | RoundFailed | None = None
+        for command in commands:
+            if isinstance(command, Publish):
+                resumed = self._resumed_payload if command.resumed else None
+                self._publish_global(command.phase, checkpoint=resumed)
+            elif isinstance(command, Checkpoint):
+                self._keep(command)
+            elif isinstance(command, Ack):
+                self._ack(command.device, command.round, command.content_id, command.accepted, command.reason)
+            elif isinstance(command, Accepted):
+                if self.on_accept is not None:
+                    self.on_accept(command.device)
+            elif isinstance(command, Reject):
+                if command.what == "update":
+                    log.warning(
+                        "rejected update from %s (round %s): %s",
+                        command.device,
+                        command.round,
+                        command.reason,
+                    )
+                else:
+                    log.warning(
+                        "device %s failed round %s: %s", command.device, command.round, command.reason
+                    )
+                self._record_rejection(command.device, command.round, command.reason)
+            elif isinstance(command, Shortfall):
+                log.warning(
+                    "round %d: %d of %d updates by the deadline (attempt %d); keeping the global module",
+                    command.round,
+                    command.got,
+                    self.config.min_clients,
+                    command.attempt,
+                )
+            elif isinstance(command, CloseRound | RoundFailed):
+                ended = command
+        return ended
+
+    def _keep(self, command: Checkpoint) -> None:
+        """Count an accepted update on its device and store it before it is acknowledged: what is
+        acknowledged survives a crash."""
+        record = self.devices[command.device]
+        record.took(command.pending.update)
+        if self.store is not None:
+            self.store.add_update(
+                command.round,
+                command.device,
+                command.pending.content_id,
+                command.payload,
+                counters=self._counters(),
+                device_counters=record.counters(),
+            )
 
     def _record_rejection(self, client: str | None, round_: object, reason: str) -> None:
         """Add a rejection to the report and, with a state store, durably with the counters it
@@ -491,16 +569,14 @@ class AggregationService:
         if record is not None and status.state == "failed":
             # the device could not train this round (over its memory cap, say): end its turn
             round_ = status.detail.get("round")
-            reason = f"device_failed: {status.detail.get('reason', 'no reason given')}"
-            if round_ == self._round:
-                self._answered.add(device)
+            failed = Status(device, status.state, round_, str(status.detail.get("reason", "no reason given")))
+            commands = self.sync.handle(failed, self.clock())  # ends its turn in the round
             if self.jobs.fail(round_, device) and isinstance(round_, int):
                 # asynchronous mode: do not wait for it, do not give it more
-                record.excluded = f"failed job {round_}: {reason}"
+                record.excluded = f"failed job {round_}: device_failed: {failed.reason}"
                 if self._ledger is not None:
                     self._ledger.close_job(round_)
-            log.warning("device %s failed round %s: %s", device, round_, reason)
-            self._record_rejection(device, round_, reason)
+            self._execute(commands)
 
     def _on_update(self, device: str, payload: bytes) -> None:
         self.bytes_up_total += len(payload)
@@ -519,52 +595,16 @@ class AggregationService:
         if record is None:
             raise UnknownDevice(f"{device!r} never said hello", round=update.round)
         record.updates_received += 1
-        cid = wire.content_id(payload)
-        if self._accepted_ids.get((device, update.round)) == cid:
-            # accepted before (perhaps before a crash that ate the ack): acknowledge it again
-            self._ack(device, update.round, cid, True, "duplicate of an accepted update")
-            raise DuplicateUpdate("redelivery of an accepted update, counted once", round=update.round)
-        if self._async_active:
-            self._on_async_update(record, update, payload, cid)
+        group = self._group_of(record)
+        event = Update(device, update, payload, group.global_id, group.shapes, record.hello)
+        if not self._async_active:
+            self._execute(self.sync.handle(event, self.clock()))
             return
-        if self._sampler is not None and not self._sampler.includes(update.round, device):
-            # DP-FedAvg uses sampled devices' updates only; every device trains (see README), so
-            # this is expected, not a fault: it ends the device's turn, late or not
-            if update.round == self._round:
-                self._answered.add(device)
-            self._ack(
-                device, update.round, "", False, "not_sampled: DP-FedAvg did not sample it in that round"
-            )
+        again = redelivery(self._accepted_ids, event)
+        if again is not None:  # accepted before (perhaps before a crash that ate the ack)
+            self._execute(again)
             return
-        base_id = self._group_of(record).global_id
-        if update.round < self._round or (update.round == self._round and update.base_id != base_id):
-            self._stale += 1
-            raise StaleRound(f"trained on round {update.round}, current is {self._round}", round=update.round)
-        if update.round > self._round:
-            raise StaleRound(
-                f"round {update.round} is ahead of the current {self._round}", round=update.round
-            )
-        previous = self._pending.get(device)
-        self._check_tensors(update)
-        if previous is not None:
-            raise UpdateRejected("a second, different update for the round", round=update.round)
-        check_samples(update, record.hello)
-        self._pending[device] = PendingUpdate(update, cid, len(payload))
-        self._accepted_ids[(device, update.round)] = cid
-        record.took(update)
-        self._round_bytes_down += int(update.metrics.get("bytes_down", 0))
-        if self.store is not None:  # before the ack: what is acknowledged survives a crash
-            self.store.add_update(
-                update.round,
-                device,
-                cid,
-                payload,
-                counters=self._counters(),
-                device_counters=record.counters(),
-            )
-        self._ack(device, update.round, cid, True, "")
-        if self.on_accept is not None:
-            self.on_accept(device)
+        self._on_async_update(record, update, payload, event.content_id)
 
     def _on_async_update(
         self, record: DeviceRecord, update: wire.UpdateMessage, payload: bytes, cid: str
@@ -738,25 +778,13 @@ class AggregationService:
         """Handle messages until every participant answered or the deadline; True if at least
         ``enough`` (default min_clients) updates came in. With ``enough`` 0 an empty round closes
         at once."""
-        enough = self.config.min_clients if enough is None else enough
-        for attempt in range(self.config.max_round_retries + 1):
-            deadline = self.clock() + self.config.round_timeout_s
-            while not self._stopped and self.clock() < deadline:
-                if (participants or enough == 0) and participants <= set(self._pending) | self._answered:
-                    return True
-                self._pump(min(deadline, self.clock() + 0.5))
-            if len(self._pending) >= enough:
-                return True
-            log.warning(
-                "round %d: %d of %d updates by the deadline (attempt %d); keeping the global module",
-                self._round,
-                len(self._pending),
-                self.config.min_clients,
-                attempt + 1,
-            )
-            if self._stopped:
-                return False
-        return False
+        self.sync.collect(participants, self.clock(), enough)
+        while True:
+            commands = self.sync.stop() if self._stopped else self.sync.handle(Tick(), self.clock())
+            ended = self._execute(commands)
+            if ended is not None:
+                return isinstance(ended, CloseRound)
+            self._pump(min(self.sync.deadline, self.clock() + 0.5))
 
     def _aggregate(self) -> None:
         updates = [
@@ -896,8 +924,9 @@ class AggregationService:
         if self._dp is not None:  # the privacy budget spent before the crash: one step a release
             self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
         self.aggregation.restore(ckpt.carries)
-        self._accepted_ids = ckpt.accepted_ids
-        self._pending = ckpt.pending
+        self._accepted_ids.clear()  # shared with the controllers: refilled, not replaced
+        self._accepted_ids.update(ckpt.accepted_ids)
+        self.sync.pending = ckpt.pending
         self._resumed_round_counters = ckpt.round_counters
         self.personalization.update(ckpt.personalization)
         self._resumed_payload = ckpt.payload
@@ -930,6 +959,7 @@ class AggregationService:
             self.store.set_meta(TRAIN_CONFIG_KEY, self.config.train.to_dict())
         if self._dp is not None:
             self._sampler = PoissonSampler(self._dp_key(), self._dp.sample_rate)
+            self.sync.sampler = self._sampler
         resume_round = self._resume()
         snapshot = self._ledger.restore() if self._ledger is not None else None
         if snapshot is not None:  # asynchronous versions had begun: continue them
@@ -952,19 +982,15 @@ class AggregationService:
             self._round = r
             self._phase = STATS_PHASE if (r == 0 and self.config.head_init == "ncm") else TRAIN_PHASE
             resuming = r == resume_round
-            if resuming:
-                # what the interrupted round had counted, and whose turn a rejection had ended
-                self._answered = self._turns_ended(r)
-                self._stale, self._round_bytes_up = self._resumed_round_counters
-                self._round_bytes_down = sum(
-                    int(p.update.metrics.get("bytes_down", 0)) for p in self._pending.values()
-                )
-            else:
-                self._answered = set()
-                self._pending = {}
-                self._stale = 0
-                self._round_bytes_up = 0
-                self._round_bytes_down = 0
+            # resuming: what the interrupted round had counted, and whose turn a rejection had ended
+            opening = self.sync.open_round(
+                r,
+                self._phase,
+                resumed=resuming,
+                turns_ended=self._turns_ended(r) if resuming else (),
+                stale=self._resumed_round_counters[0],
+            )
+            self._round_bytes_up = self._resumed_round_counters[1] if resuming else 0
             participants = self.registry.participants()
             if self._sampler is not None:
                 # Poisson sampling over every registered device; an offline one sampled is a dropout
@@ -973,15 +999,9 @@ class AggregationService:
                 )
                 participants &= self._sampled
             round_start = self.clock()
-            if resuming:
-                # Publish exactly the checkpointed bytes again: same content id, so devices'
-                # updates trained on it before the crash stay valid.
-                self._publish_global(self._phase, checkpoint=self._resumed_payload)
-                # The crash may have come between storing an update and acknowledging it.
-                for device, pending in sorted(self._pending.items()):
-                    self._ack(device, r, pending.content_id, True, "accepted before a restart")
-            else:
-                self._publish_global(self._phase)
+            # resuming: exactly the checkpointed bytes again (same content id, so devices' updates
+            # trained on it before the crash stay valid), and the stored updates acknowledged again
+            self._execute(opening)
             # DP: the fixed denominator makes any number of updates (none too) a valid release
             if not self._collect(participants, 0 if self._dp is not None else None):
                 raise FedPeftError(f"round {r} got too few updates after every retry")
@@ -996,10 +1016,10 @@ class AggregationService:
                 self._phase,
                 timing,
                 result,
-                self._pending,
-                stale=self._stale,
+                self.sync.pending,
+                stale=self.sync.stale,
                 bytes_up_all=self._round_bytes_up,
-                bytes_down=self._round_bytes_down,
+                bytes_down=self.sync.bytes_down,
                 resyncs=[x["client"] for x in self.resyncs if x["round"] == r],
             )
             if by_kind:
@@ -1243,14 +1263,9 @@ class AggregationService:
         if resume_round is not None and resume_round > r:
             return  # done before a restart
         self._round, self._phase = r, PERSONALIZE_PHASE
-        self._answered = self._turns_ended(r) if resume_round == r else set()
-        if resume_round == r:
-            self._publish_global(self._phase, checkpoint=self._resumed_payload)
-            for device, pending in sorted(self._pending.items()):
-                self._ack(device, r, pending.content_id, True, "accepted before a restart")
-        else:
-            self._pending = {}
-            self._publish_global(self._phase)
+        resumed = resume_round == r
+        turns_ended = self._turns_ended(r) if resumed else set()
+        self._execute(self.sync.open_round(r, self._phase, resumed=resumed, turns_ended=turns_ended))
         participants = self.registry.participants()
         if not self._collect(participants):
             log.warning("personalization: %d devices reported by the deadline", len(self._pending))
