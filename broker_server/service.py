@@ -35,7 +35,6 @@ from broker_server.aggregation import (
 )
 from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
-from broker_server.asynchronous import Staleness, fedbuff_step, parse_staleness
 from broker_server.checkpoint import read_report_inputs, read_round_checkpoint
 from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import (
@@ -47,7 +46,7 @@ from broker_server.config import ServiceConfig
 from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
 from broker_server.heterogeneous import view
-from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
+from broker_server.intake import PendingUpdate, decode_update
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
 from broker_server.privacy import PoissonSampler, new_key
 from broker_server.publisher import Publisher
@@ -62,13 +61,17 @@ from broker_server.records import (
 )
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
-from broker_server.rounds.buffered import EventClock, JobBoard
+from broker_server.rounds.buffered import BufferedVersions, EventClock, JobBoard
 from broker_server.rounds.events import (
     Accepted,
     Ack,
     Checkpoint,
+    CloseJob,
     CloseRound,
     Command,
+    Exclude,
+    NewVersion,
+    OpenJob,
     Publish,
     Refused,
     Reject,
@@ -77,7 +80,6 @@ from broker_server.rounds.events import (
     Status,
     Tick,
     Update,
-    redelivery,
 )
 from broker_server.rounds.sync import RoundAggregation, SyncRounds
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
@@ -133,10 +135,10 @@ class AggregationService:
         # asynchronous mode: versions, jobs and the buffer in the store (None without one)
         self._ledger = AsyncLedger(store) if store is not None and config.mode == "async" else None
         self.event_clock = event_clock
-        self._async_start = 0.0
-        self._async_now = 0.0  # the asynchronous clock: the last arrival taken
-        self.jobs = JobBoard()  # jobs, arrivals and the buffer (broker_server.rounds.buffered)
+        self._async_start = 0.0  # where the asynchronous clock's 0 is on the service's clock
         self._async_active = False
+        # when the run, the current version and the current step of the asynchronous phase began
+        self._wall_start = self._version_start = self._tick_start = 0.0
         # accepted updates no version took in before the run ended (asynchronous mode)
         self.unaggregated: list[dict[str, Any]] = []
         if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
@@ -199,6 +201,10 @@ class AggregationService:
         self._accepted_ids: dict[tuple[str, int], str] = {}
         # the synchronous rounds' controller: what a round collected, whose turn ended, deadlines
         self.sync = SyncRounds.from_config(config, accepted_ids=self._accepted_ids)
+        # the asynchronous versions' controller: jobs, arrivals, the buffer, staleness
+        self.buffered = BufferedVersions.from_config(
+            config, event_clock=event_clock, accepted_ids=self._accepted_ids
+        )
         self._round_bytes_up = 0
         # what a restarted service takes back from the store: each device's counters (applied when
         # its record is made) and the interrupted round's (stale updates, bytes up)
@@ -241,11 +247,28 @@ class AggregationService:
     @property
     def _stale(self) -> int:
         """Updates of the current round (or version) that were trained on an older module."""
-        return self.sync.stale
+        return self.buffered.stale if self._async_active else self.sync.stale
 
     @_stale.setter
     def _stale(self, value: int) -> None:
-        self.sync.stale = value
+        if self._async_active:
+            self.buffered.stale = value
+        else:
+            self.sync.stale = value
+
+    @property
+    def jobs(self) -> JobBoard:
+        """The asynchronous jobs, arrivals and buffer (:class:`~broker_server.rounds.buffered.JobBoard`)."""
+        return self.buffered.jobs
+
+    @property
+    def _async_now(self) -> float:
+        """The asynchronous clock: the last arrival taken (new jobs start there)."""
+        return self.buffered.now
+
+    @_async_now.setter
+    def _async_now(self, value: float) -> None:
+        self.buffered.now = value
 
     @property
     def devices(self) -> dict[str, DeviceRecord]:
@@ -342,6 +365,8 @@ class AggregationService:
             elif isinstance(command, Accepted):
                 if self.on_accept is not None:
                     self.on_accept(command.device)
+            elif isinstance(command, Reject) and command.what == "dropped":
+                self._drop(command)
             elif isinstance(command, Reject):
                 if command.what == "update":
                     log.warning(
@@ -363,6 +388,15 @@ class AggregationService:
                     self.config.min_clients,
                     command.attempt,
                 )
+            elif isinstance(command, CloseJob):
+                if self._ledger is not None:
+                    self._ledger.close_job(command.job)
+            elif isinstance(command, OpenJob):
+                self._dispatch(command.device, self.buffered.now)
+            elif isinstance(command, Exclude):
+                self.devices[command.device].excluded = command.reason
+            elif isinstance(command, NewVersion):
+                self._new_version(command)
             elif isinstance(command, CloseRound | RoundFailed):
                 ended = command
         return ended
@@ -372,6 +406,18 @@ class AggregationService:
         acknowledged survives a crash."""
         record = self.devices[command.device]
         record.took(command.pending.update)
+        if command.arrival is not None:  # an asynchronous job's update: into the job ledger
+            if self._ledger is not None:
+                self._ledger.accept(
+                    command.round,
+                    command.device,
+                    command.pending.content_id,
+                    command.payload,
+                    command.arrival,
+                    counters=self._counters(),
+                    device_counters=record.counters(),
+                )
+            return
         if self.store is not None:
             self.store.add_update(
                 command.round,
@@ -570,13 +616,9 @@ class AggregationService:
             # the device could not train this round (over its memory cap, say): end its turn
             round_ = status.detail.get("round")
             failed = Status(device, status.state, round_, str(status.detail.get("reason", "no reason given")))
-            commands = self.sync.handle(failed, self.clock())  # ends its turn in the round
-            if self.jobs.fail(round_, device) and isinstance(round_, int):
-                # asynchronous mode: do not wait for it, do not give it more
-                record.excluded = f"failed job {round_}: device_failed: {failed.reason}"
-                if self._ledger is not None:
-                    self._ledger.close_job(round_)
-            self._execute(commands)
+            ended = self.sync.handle(failed, self.clock())  # ends its turn in the round
+            # asynchronous mode: not waited for, given no more
+            self._execute(self.buffered.handle(failed, self.clock()) + ended)
 
     def _on_update(self, device: str, payload: bytes) -> None:
         self.bytes_up_total += len(payload)
@@ -600,47 +642,7 @@ class AggregationService:
         if not self._async_active:
             self._execute(self.sync.handle(event, self.clock()))
             return
-        again = redelivery(self._accepted_ids, event)
-        if again is not None:  # accepted before (perhaps before a crash that ate the ack)
-            self._execute(again)
-            return
-        self._on_async_update(record, update, payload, event.content_id)
-
-    def _on_async_update(
-        self, record: DeviceRecord, update: wire.UpdateMessage, payload: bytes, cid: str
-    ) -> None:
-        """Accept an update for one of this device's jobs; it joins the buffer in arrival order."""
-        device = record.device_id
-        job = self.jobs.job_for(update.round, device, update.base_id)
-        self._check_tensors(update)
-        check_samples(update, record.hello)
-        train_s = float(update.metrics.get("train_s", 0.0))
-        if self.event_clock is not None:
-            arrival = self.event_clock.finish(device, job.start, train_s, len(payload), job.nbytes)
-        else:
-            arrival = self.clock() - self._async_start
-        self._accepted_ids[(device, update.round)] = cid
-        record.took(update)
-        # its bytes were counted on arrival (_on_update), with every other payload received
-        if self._ledger is not None:  # before the ack: what is acknowledged survives a crash
-            self._ledger.accept(
-                update.round,
-                device,
-                cid,
-                payload,
-                arrival,
-                counters=self._counters(),
-                device_counters=record.counters(),
-            )
-        self.jobs.arrive(arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
-        self._ack(device, update.round, cid, True, "")
-        if self.on_accept is not None:
-            self.on_accept(device)
-
-    def _check_tensors(self, update: wire.UpdateMessage) -> None:
-        record = self.devices[update.device_id]
-        expected = expected_shapes(self._phase, self._group_of(record).shapes)
-        check_update(update, expected, self._phase, self.config.norm_bound)
+        self._execute(self.buffered.handle(event, self.clock() - self._async_start))
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
         self.publisher.ack(device, round_, cid, accepted, reason)
@@ -1054,15 +1056,8 @@ class AggregationService:
     # --- asynchronous mode --------------------------------------------------------------------
 
     def _offer(self, device: str, *, returning: bool = False) -> None:
-        """Give ``device`` the newest version unless the job board says it must wait
-        (:meth:`JobBoard.replace_for`); the jobs a returning device's new one replaces are closed."""
-        replaced = self.jobs.replace_for(device, self._round, returning=returning)
-        if replaced is None:
-            return
-        for job_id in replaced:
-            if self._ledger is not None:
-                self._ledger.close_job(job_id)
-        self._dispatch(device, self._async_now)
+        """Give ``device`` the newest version unless it must wait (:meth:`BufferedVersions.offer`)."""
+        self._execute(self.buffered.offer(device, returning=returning))
 
     def _dispatch(self, device: str, t: float) -> None:
         """Give ``device`` a job: the current global version, on its own topic (retained); with a
@@ -1146,10 +1141,10 @@ class AggregationService:
 
     def _run_async(self, wall_start: float, snapshot: AsyncSnapshot | None = None) -> None:
         """FedBuff: devices train the newest version whenever they are free; every K updates (in
-        order of arrival, on the simulated clock if there is one) make a new version."""
+        order of arrival, on the simulated clock if there is one) make a new version. The
+        controller (:class:`BufferedVersions`) decides; this loop feeds it and carries out."""
         self._async_active = True
         self._phase = TRAIN_PHASE
-        staleness = parse_staleness(self.config.staleness)
         self._stale = 0
         self._round_bytes_up = 0
         if snapshot is None:
@@ -1159,25 +1154,19 @@ class AggregationService:
                 self._ledger.save_version(0, self._version_payload(), None, [], self._counters())
         else:
             now = self._restore_async(snapshot)
-        self._async_now = now
+        self.buffered.begin(self._state, self._round, now)
         self._async_start = self.clock() - now
-        round_start = self.clock()
+        self._wall_start = wall_start
+        self._version_start = self.clock()
         for device in sorted(self.devices):
             self._offer(device)
         while self._round < self.config.rounds and not self._stopped:
             # with a simulated clock an arrival is final only once no job in flight can land earlier
-            taken = self.jobs.next_arrival(simulated=self.event_clock is not None)
-            if taken is not None:
-                arrival, device, job_id, _ = taken
-                now = self._async_now = max(now, arrival)
-                if self.jobs.take(taken, self._round, self.config.max_staleness) is None:
-                    self._drop(device, job_id, self.jobs.jobs[job_id].version)
-                if len(self.jobs.buffer) >= self.config.buffer_size:
-                    self._async_aggregate(staleness, now, wall_start, round_start)
-                    round_start = self.clock()
-                self._offer(device)
+            if self.buffered.ready():
+                self._tick_start = self.clock()
+                self._execute(self.buffered.handle(Tick(), self.clock() - self._async_start))
                 continue
-            if not self.jobs.in_flight() and not self.jobs.arrivals:
+            if self.buffered.idle():
                 raise FedPeftError(
                     f"version {self._round}: no device is training and the buffer holds "
                     f"{len(self.jobs.buffer)} of {self.config.buffer_size} updates"
@@ -1188,62 +1177,50 @@ class AggregationService:
                     break
             else:
                 if not self._stopped:
-                    lost = self.jobs.unanswered()
+                    lost = len(self.jobs.unanswered())
                     log.warning(
-                        "%d jobs unanswered after %.0f s: given up", len(lost), self.config.round_timeout_s
+                        "%d jobs unanswered after %.0f s: given up", lost, self.config.round_timeout_s
                     )
-                    for job_id, job in lost:
-                        job.answered = True
-                        if self._ledger is not None:
-                            self._ledger.close_job(job_id)
-                        self._record_rejection(job.device, self._round, "deadline: job unanswered")
+                    self._execute(self.buffered.give_up())
         self._async_active = False
         self.unaggregated = self.jobs.unaggregated()
 
-    def _drop(self, device: str, job_id: int, version: int) -> None:
+    def _drop(self, command: Reject) -> None:
         """An update staler than the bound: rejected with the reason, durably marked dropped."""
-        self._stale += 1
-        reason = (
-            f"stale_round: job {job_id} trained on version {version}, now {self._round} "
-            f"(bound {self.config.max_staleness})"
-        )
-        log.warning("dropped update from %s: %s", device, reason)
-        if self._ledger is None:
-            self._record_rejection(device, self._round, reason)
+        log.warning("dropped update from %s: %s", command.device, command.reason)
+        if self._ledger is None or command.job is None or command.device is None:
+            self._record_rejection(command.device, command.round, command.reason)
             return
-        self.rejected.append({"client": device, "round": self._round, "reason": reason})
-        record = self.devices.get(device)
+        self.rejected.append({"client": command.device, "round": command.round, "reason": command.reason})
+        record = self.devices.get(command.device)
         self._ledger.drop(
-            job_id,
-            device,
+            command.job,
+            command.device,
             self._round,
-            reason,
+            command.reason,
             time.time(),
             counters=self._counters(),
             device_counters=None if record is None else record.counters(),
         )
 
-    def _async_aggregate(
-        self, staleness: Staleness, now: float, wall_start: float, round_start: float
-    ) -> None:
-        server_start = self.clock()
-        ordered = self.jobs.drain()
-        self._state = fedbuff_step(self._state, [b for _, b in ordered], staleness, self.config.server_lr)
-        self._round += 1
+    def _new_version(self, command: NewVersion) -> None:
+        """A version the buffer made: evaluated, recorded, saved with the buffer it consumed."""
+        self._state, self._round = command.state, command.version
         result, _ = self._evaluate()
         end = self.clock()
-        timing = Timing(end - wall_start, end - round_start, now, end - server_start)
+        timing = Timing(
+            end - self._wall_start, end - self._version_start, self.buffered.now, end - self._tick_start
+        )
         record = version_record(
             self._round,
             TRAIN_PHASE,
             timing,
             result,
-            ordered,
-            staleness,
-            stale=self._stale,
+            command.taken,
+            self.buffered.staleness,
+            stale=command.stale,
             bytes_up=self._round_bytes_up,
         )
-        self._stale = 0
         self._round_bytes_up = 0
         if self._ledger is not None:  # the version and the buffer it consumed, in one transaction
             self._ledger.save_version(
@@ -1254,6 +1231,7 @@ class AggregationService:
         self.rounds.append(record)
         if self.on_round is not None:
             self.on_round(record)
+        self._version_start = self.clock()
 
     def _personalize(self, resume_round: int | None) -> None:
         """The personalization phase after the last round: devices fine-tune the final global module

@@ -130,7 +130,10 @@ class Reject:
     device: str | None
     round: object
     reason: str
-    what: str = "update"  # "update", or "failed": the device reported it could not train
+    # "update"; "failed": the device reported it could not train; "dropped": a buffered update
+    # staler than the bound, whose ``job`` the ledger marks
+    what: str = "update"
+    job: int | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ class NewVersion:
     version: int
     state: State
     taken: list[tuple[int, StaleUpdate]] = field(default_factory=list)
+    stale: int = 0  # updates dropped as too stale since the version before
 
 
 Command = (
