@@ -35,6 +35,7 @@ from broker_server.aggregation import (
 )
 from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
+from broker_server.broadcast import Broadcast
 from broker_server.checkpoint import read_report_inputs, read_round_checkpoint
 from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import (
@@ -47,7 +48,7 @@ from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
 from broker_server.heterogeneous import view
 from broker_server.intake import PendingUpdate, decode_update
-from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
+from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE
 from broker_server.privacy import PoissonSampler, new_key
 from broker_server.publisher import Publisher
 from broker_server.records import (
@@ -89,7 +90,7 @@ from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
-from edge_runtime.downlink import RESYNC_STATE, DownlinkEncoder
+from edge_runtime.downlink import RESYNC_STATE
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
@@ -162,7 +163,6 @@ class AggregationService:
             raise ConfigError(
                 "a mixed fleet (allocation) aggregates with fedit or hetlora, without DP, for now"
             )
-        self.groups: dict[str, Group] = {}
         if allocator is not None and config.strategy in STATEFUL_STRATEGIES:
             raise ConfigError(
                 f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
@@ -190,13 +190,7 @@ class AggregationService:
         self.personalization: dict[str, dict[str, float]] = {}
         self.bytes_up_total = 0
         self.bytes_down_reported = 0
-        self.config_id = config_id(config.train)
-        self.global_topic = wire.topic(config.fleet, "global", self.config_id)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._state: dict[str, np.ndarray] = {}
-        self._round = 0
-        self._phase = TRAIN_PHASE
-        self._global_id = ""
         # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
         self._accepted_ids: dict[tuple[str, int], str] = {}
         # the synchronous rounds' controller: what a round collected, whose turn ended, deadlines
@@ -212,24 +206,10 @@ class AggregationService:
         self._stopped = False
         self._started = False
         self._resumed_payload = b""
-        self._resumed_shared: bytes | None = None
-        self._prepared: tuple[int, str, bytes] | None = None
-        self.resyncs: list[dict[str, Any]] = []  # devices that asked for the whole module
-        self._resync_waiting: set[str] = set()
-        # the downlink's encoder, where deltas apply (one module shared by every device, sync)
-        self._downlink: DownlinkEncoder | None = (
-            DownlinkEncoder(config.train.bits, full_bits=16)
-            if config.delta_downlink
-            and config.mode == "sync"
-            and allocator is None
-            and parse_clusters(config.clusters) == 0
-            else None
-        )
         # DP-FedAvg (broker_server.privacy): the mechanism, its sampler (keyed once the store is
         # open), the releases made so far and this round's sample
         self._dp = config.dp_mechanism()
         self._sampler: PoissonSampler | None = None
-        self._dp_rounds = 0
         self._sampled: set[str] = set()
         self._chunks = ChunkAssembler(max_bytes=config.max_payload_bytes)
         # ORT training artifacts: whether devices fetch them from here (the simulator hands its
@@ -238,6 +218,54 @@ class AggregationService:
         self.publisher = Publisher(
             transport, config, artifacts_cache=artifacts_cache, artifact_chunk_bytes=artifact_chunk_bytes
         )
+        # the global module, its groups' views, the delta downlink (broker_server.broadcast)
+        self.broadcast = Broadcast(
+            config,
+            self.publisher,
+            self.registry.devices,
+            clusters=self.clusters if self.clustered else None,
+            mixed=allocator is not None,
+            shapes_of=evaluator.shapes,
+            store=store,
+        )
+        self.config_id = self.broadcast.config_id
+        self.global_topic = self.broadcast.global_topic
+
+    @property
+    def _state(self) -> dict[str, np.ndarray]:
+        """The global state (:attr:`Broadcast.state`)."""
+        return self.broadcast.state
+
+    @_state.setter
+    def _state(self, value: dict[str, np.ndarray]) -> None:
+        self.broadcast.state = value
+
+    @property
+    def _round(self) -> int:
+        """The current round, or asynchronous version."""
+        return self.broadcast.round
+
+    @_round.setter
+    def _round(self, value: int) -> None:
+        self.broadcast.round = value
+
+    @property
+    def _phase(self) -> str:
+        """The current round's phase."""
+        return self.broadcast.phase
+
+    @_phase.setter
+    def _phase(self, value: str) -> None:
+        self.broadcast.phase = value
+
+    @property
+    def resyncs(self) -> list[dict[str, Any]]:
+        """Devices that asked for the whole module, with the round."""
+        return self.broadcast.resyncs
+
+    def module_params(self, config: TrainConfig) -> int:
+        """Trainable parameters of ``config``'s module (its view of the global state)."""
+        return self.broadcast.module_params(config)
 
     @property
     def _pending(self) -> dict[str, PendingUpdate]:
@@ -282,26 +310,13 @@ class AggregationService:
         rate q per release made, round 0's class statistics included."""
         if self._dp is None:
             return None
-        return self._dp.epsilon(self._dp_rounds, self.config.dp_delta)
+        return self._dp.epsilon(self.aggregation.releases, self.config.dp_delta)
 
     def privacy_report(self) -> dict[str, Any] | None:
         """What the DP guarantee is and covers, for the report (None without DP)."""
         if self._dp is None:
             return None
-        return {
-            "epsilon": self.privacy_spent(),
-            "delta": self.config.dp_delta,
-            "noise_multiplier": self._dp.noise_multiplier,
-            "sample_rate": self._dp.sample_rate,
-            "clip_norm": self._dp.clip_norm,
-            "fleet_size": self._dp.fleet_size,
-            "denominator": self._dp.denominator,
-            "releases": self._dp_rounds,
-            "accountant": "dp-accounting RDP, Poisson-sampled Gaussian, composed once per release",
-            "unit": "user: one device with all its data (add/remove)",
-            "covers": "the global modules published each round, the class-mean head of round 0 "
-            "included, and what is computed from them alone; not the report's per-device records",
-        }
+        return self._dp.report(self.aggregation.releases, self.config.dp_delta)
 
     def _dp_key(self) -> bytes:
         """The secret key of the sampling and noise draws, kept in the store across restarts."""
@@ -357,7 +372,7 @@ class AggregationService:
         for command in commands:
             if isinstance(command, Publish):
                 resumed = self._resumed_payload if command.resumed else None
-                self._publish_global(command.phase, checkpoint=resumed)
+                self.broadcast.publish(command.phase, checkpoint=resumed)
             elif isinstance(command, Checkpoint):
                 self._keep(command)
             elif isinstance(command, Ack):
@@ -493,34 +508,6 @@ class AggregationService:
             if self._async_active:  # back (or new): the newest version, unless it is busy
                 self._offer(device, returning=returning)
 
-    def _group(self, config: TrainConfig) -> Group:
-        cid = config_id(config)
-        group = self.groups.get(cid)
-        if group is None:
-            shapes = self._shapes_for(config)
-            group = Group(config, cid, wire.topic(self.config.fleet, "global", cid), shapes)
-            self.groups[cid] = group
-            if self.allocator is not None and self._global_id:  # a newcomer joins the current round
-                payload = self._encode_global(self._phase, cid, view(self._state, shapes))
-                self.publisher.publish_group(group, payload)
-        return group
-
-    def module_params(self, config: TrainConfig) -> int:
-        """Trainable parameters of ``config``'s module (its view of the global state)."""
-        if not self._state:
-            return 0
-        return int(sum(int(np.prod(shape)) for shape in self._shapes_for(config).values()))
-
-    def _shapes_for(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
-        if self.clustered and self.clusters.base_shapes:
-            return dict(self.clusters.base_shapes)
-        group = self.groups.get(config_id(config))
-        if group is not None:
-            return group.shapes
-        if self.allocator is None:
-            return {k: tuple(v.shape) for k, v in self._state.items()}
-        return self.evaluator.shapes(config)
-
     # --- clusters ----------------------------------------------------------------------------
 
     @property
@@ -540,33 +527,6 @@ class AggregationService:
         for record in self.devices.values():
             if not record.excluded:
                 self._assign(record)
-
-    def _group_of(self, record: DeviceRecord) -> Group:
-        """The group whose global module this device trains: its configuration's, its cluster's, or
-        (asynchronous mode) its own job topic's."""
-        if self.config.mode == "async":
-            key = f"{self.config_id}-{record.device_id}"
-            group = self.groups.get(key)
-            if group is None:
-                shapes = {k: tuple(v.shape) for k, v in self._state.items()}
-                group = Group(self.config.train, key, wire.topic(self.config.fleet, "global", key), shapes)
-                self.groups[key] = group
-            return group
-        if not self.clustered:
-            return self._group(record.config)
-        cluster = self.cluster_of(record.device_id)
-        if cluster is None:
-            raise UnknownDevice(f"{record.device_id!r} has no cluster yet")
-        return self._cluster_group(cluster)
-
-    def _cluster_group(self, cluster: int) -> Group:
-        key = f"{self.config_id}-k{cluster}"
-        group = self.groups.get(key)
-        if group is None:
-            topic = wire.topic(self.config.fleet, "global", key)
-            group = Group(self.config.train, key, topic, dict(self.clusters.base_shapes))
-            self.groups[key] = group
-        return group
 
     def cluster_summary(self) -> dict[str, Any] | None:
         """Clusters for the report: how many, their sizes and the silhouette (None when off)."""
@@ -597,7 +557,7 @@ class AggregationService:
             device_id=record.device_id,
             round=self._round,
             config=record.config.to_dict(),
-            global_topic=self._group_of(record).topic,
+            global_topic=self.broadcast.group_of(record).topic,
             artifact=None if artifact is None else artifact.to_dict(),
         )
         self.publisher.assign(msg)
@@ -611,7 +571,7 @@ class AggregationService:
         if record is not None:
             record.online = status.state != "offline"
         if record is not None and status.state == RESYNC_STATE:
-            self._send_full(device)
+            self.broadcast.send_full(device)
         if record is not None and status.state == "failed":
             # the device could not train this round (over its memory cap, say): end its turn
             round_ = status.detail.get("round")
@@ -637,7 +597,7 @@ class AggregationService:
         if record is None:
             raise UnknownDevice(f"{device!r} never said hello", round=update.round)
         record.updates_received += 1
-        group = self._group_of(record)
+        group = self.broadcast.group_of(record)
         event = Update(device, update, payload, group.global_id, group.shapes, record.hello)
         if not self._async_active:
             self._execute(self.sync.handle(event, self.clock()))
@@ -648,113 +608,6 @@ class AggregationService:
         self.publisher.ack(device, round_, cid, accepted, reason)
 
     # --- rounds ------------------------------------------------------------------------------
-
-    def _meta(self, phase: str) -> dict[str, Any]:
-        return self.publisher.meta(phase)
-
-    def _encode_global(
-        self, phase: str, cid: str, tensors: dict[str, np.ndarray], round_: int | None = None
-    ) -> bytes:
-        return self.publisher.encode_global(phase, cid, tensors, self._round if round_ is None else round_)
-
-    def _encode_shared(self, phase: str, round_: int) -> bytes:
-        """The downlink message of a version; the state becomes what devices rebuild from it."""
-        assert self._downlink is not None
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[:2] == (round_, phase):
-            return prepared[2]
-        if phase == STATS_PHASE and self._downlink.held is None:
-            # class statistics come from the frozen base: the round needs no tensors
-            return self._encode_global(phase, self.config_id, {}, round_)
-        payload, self._state = self._downlink.encode(
-            self._state,
-            round_=round_,
-            config_id=self.config_id,
-            meta=self._meta(phase),
-            seed=self.config.seed,
-        )
-        return payload
-
-    def _prepare_shared(self, round_: int) -> None:
-        """Right after aggregating: encode the next version now, so that the evaluation (and the
-        report) measure the module devices will hold, not the one before its quantization."""
-        if self._downlink is None or self._stopped:
-            return
-        if round_ < self.config.rounds:
-            nxt = (round_ + 1, TRAIN_PHASE)
-        else:
-            nxt = (
-                self.config.rounds + 1,
-                PERSONALIZE_PHASE if self.config.personalize_epochs > 0 else DONE_PHASE,
-            )
-        self._prepared = (*nxt, self._encode_shared(nxt[1], nxt[0]))
-
-    def _send_full(self, device: str) -> None:
-        """A device that cannot apply the shared delta gets the held module whole, on its own topic."""
-        if self._downlink is None or self._downlink.held is None:
-            return
-        if self._prepared is not None:
-            # the encoder already holds the next version, which devices get only when it is
-            # published: answer once it is out, with that version
-            self._resync_waiting.add(device)
-            return
-        self.resyncs.append({"client": device, "round": self._round})
-        if self.store is not None:  # the round's record lists them, also after a restart
-            self.store.set_meta("resyncs", self.resyncs)
-        payload = self._downlink.full(
-            round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
-        )
-        self.publisher.send_full(device, payload)
-        log.info("device %s asked for the full module: sent %d bytes", device, len(payload))
-
-    def _publish_global(self, phase: str, checkpoint: bytes | None = None) -> None:
-        """Checkpoint the whole state, then publish every group's view of it (retained).
-
-        ``checkpoint`` is the stored payload when resuming: published again byte for byte, so the
-        content ids that devices trained on before a crash stay valid (views are re-encoded from
-        it deterministically).
-        """
-        shared: bytes | None = None
-        if self._downlink is not None:
-            shared = self._encode_shared(phase, self._round) if checkpoint is None else self._resumed_shared
-        if checkpoint is None:
-            checkpoint = self._encode_global(phase, self.config_id, self._state)
-            self._global_id = wire.content_id(checkpoint)
-            if self.store is not None:
-                stored: tuple[bytes, bytes] | None = None
-                if shared is not None and self._downlink is not None:
-                    residual = {k: v.astype(np.float32) for k, v in self._downlink.residual.items()}
-                    module = wire.GlobalModule(self._round, "downlink-residual", residual)
-                    stored = (shared, wire.encode_global(module, bits=32))
-                self.store.save_global(self._round, self._global_id, checkpoint, downlink=stored)
-        if self.config.mode == "async":  # every device on its own topic
-            for device_record in self.devices.values():
-                if not device_record.excluded:
-                    self._group_of(device_record)
-            for group in self.groups.values():
-                payload = self._encode_global(phase, group.config_id, self._state)
-                self.publisher.publish_group(group, payload)
-            return
-        if self.clustered:
-            assert self.clustering is not None
-            states = split_state(self._state, self.clustering.k)
-            for cluster, state in states.items():
-                group = self._cluster_group(cluster)
-                payload = self._encode_global(phase, group.config_id, state)
-                self.publisher.publish_group(group, payload)
-            return
-        if self.allocator is None:
-            payload = checkpoint if shared is None else shared
-            # messages on the shared topic never name another module: their id is their content's
-            self._group(self.config.train).global_id = wire.content_id(payload)
-            self.publisher.publish_retained(self.global_topic, payload)
-            waiting, self._resync_waiting = self._resync_waiting, set()
-            for device in sorted(waiting):
-                self._send_full(device)
-            return
-        for group in self.groups.values():
-            payload = self._encode_global(phase, group.config_id, view(self._state, group.shapes))
-            self.publisher.publish_group(group, payload)
 
     def _wait_for_devices(self) -> None:
         want = self.config.expected_clients or self.config.min_clients
@@ -793,29 +646,12 @@ class AggregationService:
             ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
             for _, p in sorted(self._pending.items())  # arrival order must not change the floats
         ]
-        if self._dp is not None:
-            self._aggregate_private(updates)
-        elif self._phase == STATS_PHASE:
-            self._state = self.aggregation.statistics(self._state, updates)
+        if self._phase == STATS_PHASE:
+            self._state = self.aggregation.statistics(self._state, updates, self._round)
         else:
             self._state = self.aggregation.train(self._state, updates, self._round)
             if self.config.distill_epochs > 0 and not self.clustered and self.aggregation.rule is None:
                 self._distill()
-
-    def _aggregate_private(self, updates: list[ClientUpdate]) -> None:
-        """DP-FedAvg's release for this round: the class-mean head in round 0, else the module.
-        Each release, even one with no sampled update, is one step of the accountant."""
-        assert self._dp is not None and self._sampler is not None
-        rng = self._sampler.noise_rng(self._round)
-        if self._phase == STATS_PHASE:
-            c, h = self._state["head.weight"].shape
-            self._state = {
-                **self._state,
-                **self._dp.class_head(updates, (c, h), self.config.head_scale, rng),
-            }
-        else:
-            self._state = self._dp.aggregate(self._state, updates, rng)
-        self._dp_rounds += 1
 
     def _distill(self) -> None:
         """Let knowledge flow across the PEFT kinds of the fleet (:mod:`broker_server.distillation`)."""
@@ -885,7 +721,7 @@ class AggregationService:
             return None
         inputs = read_report_inputs(self.store)
         self.rejected = inputs.rejected
-        self.resyncs = inputs.resyncs
+        self.broadcast.resyncs = inputs.resyncs
         self.registry.stored_counters = inputs.device_counters
         if inputs.counters is not None:
             self.bytes_up_total = int(inputs.counters["bytes_up_total"])
@@ -898,7 +734,7 @@ class AggregationService:
             clustered=self.clustered,
             carries=carries,
             personalize_round=self.config.rounds + 1 if self.config.personalize_epochs > 0 else None,
-            downlink=self._downlink is not None,
+            downlink=self.broadcast.downlink is not None,
         )
         if ckpt is None:
             return None
@@ -910,10 +746,10 @@ class AggregationService:
         for device, hello in ckpt.hellos.items():
             device_record = self.registry.register(device, hello)
             if not device_record.excluded and not self.clustered and self.config.mode == "sync":
-                self._group(device_record.config)
+                self.broadcast.group(device_record.config)
         if self.allocator is not None:
             self.allocator.rewards = RewardTable.from_dict(ckpt.rewards)
-        self._global_id = ckpt.global_id  # after the groups exist: run() publishes them, in phase
+        self.broadcast.global_id = ckpt.global_id  # after the groups exist: run() publishes them, in phase
         for device, count in ckpt.accepted_counts.items():
             if device in self.devices:
                 self.devices[device].updates_accepted = count
@@ -924,7 +760,9 @@ class AggregationService:
         if ckpt.legacy_bytes_up is not None:
             self.bytes_up_total = ckpt.legacy_bytes_up
         if self._dp is not None:  # the privacy budget spent before the crash: one step a release
-            self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
+            self.aggregation.releases = sum(
+                1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE)
+            )
         self.aggregation.restore(ckpt.carries)
         self._accepted_ids.clear()  # shared with the controllers: refilled, not replaced
         self._accepted_ids.update(ckpt.accepted_ids)
@@ -932,12 +770,12 @@ class AggregationService:
         self._resumed_round_counters = ckpt.round_counters
         self.personalization.update(ckpt.personalization)
         self._resumed_payload = ckpt.payload
-        self._resumed_shared = None
-        if self._downlink is not None and ckpt.downlink is not None:
+        self.broadcast.resumed_shared = None
+        if self.broadcast.downlink is not None and ckpt.downlink is not None:
             shared, residual = ckpt.downlink
             if residual is not None:
-                self._downlink.restore(self._state, wire.content_id(shared), residual)
-            self._resumed_shared = shared
+                self.broadcast.downlink.restore(self._state, wire.content_id(shared), residual)
+            self.broadcast.resumed_shared = shared
             # without a stored delta (a statistics round) devices get the checkpoint itself
         log.warning(
             "resumed round %d from %s with %d acknowledged updates",
@@ -962,6 +800,7 @@ class AggregationService:
         if self._dp is not None:
             self._sampler = PoissonSampler(self._dp_key(), self._dp.sample_rate)
             self.sync.sampler = self._sampler
+            self.aggregation.noise = self._sampler.noise_rng
         resume_round = self._resume()
         snapshot = self._ledger.restore() if self._ledger is not None else None
         if snapshot is not None:  # asynchronous versions had begun: continue them
@@ -1009,7 +848,8 @@ class AggregationService:
                 raise FedPeftError(f"round {r} got too few updates after every retry")
             server_start = self.clock()
             self._aggregate()
-            self._prepare_shared(r)
+            if not self._stopped:
+                self.broadcast.prepare_shared(r)
             result, by_kind = self._evaluate()
             now = self.clock()
             timing = Timing(now - start, now - round_start, now - start, now - server_start)
@@ -1051,7 +891,7 @@ class AggregationService:
             if self._stopped:
                 return
         self._round = self.config.rounds + (2 if self.config.personalize_epochs > 0 else 1)
-        self._publish_global(DONE_PHASE)
+        self.broadcast.publish(DONE_PHASE)
 
     # --- asynchronous mode --------------------------------------------------------------------
 
@@ -1066,8 +906,8 @@ class AggregationService:
         if not record.online or record.excluded:
             return
         start = self.event_clock.start(device, t) if self.event_clock is not None else t
-        group = self._group_of(record)
-        payload = self._encode_global(TRAIN_PHASE, group.config_id, self._state, self.jobs.next_id())
+        group = self.broadcast.group_of(record)
+        payload = self.broadcast.encode_global(TRAIN_PHASE, group.config_id, self._state, self.jobs.next_id())
         group.global_id = wire.content_id(payload)
         job_id = self.jobs.open(device, self._round, start, group.global_id, len(payload))
         if self._ledger is not None:
@@ -1119,11 +959,11 @@ class AggregationService:
             if job.answered or job.device not in self.devices:
                 continue
             stored_version = self._ledger.version_payload(job.version)
-            group = self._group_of(self.devices[job.device])
+            group = self.broadcast.group_of(self.devices[job.device])
             payload = b""
             if stored_version is not None:
                 state = wire.decode_global(stored_version, max_bytes=big).tensors
-                payload = self._encode_global(TRAIN_PHASE, group.config_id, dict(state), job_id)
+                payload = self.broadcast.encode_global(TRAIN_PHASE, group.config_id, dict(state), job_id)
             if wire.content_id(payload) == job.content_id:
                 group.global_id = job.content_id
                 self.publisher.publish_retained(group.topic, payload)
