@@ -13,7 +13,7 @@ DP-FedAvg's releases and cross-kind distillation stay with the service, which ow
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -21,7 +21,6 @@ import numpy as np
 from broker_server.aggregation import (
     ClientUpdate,
     State,
-    clip_update,
     head_from_class_means,
     robust_head_from_statistics,
     server_momentum_step,
@@ -51,8 +50,16 @@ from broker_server.rounds.events import (
     refusal,
 )
 from broker_server.state import StateStore
-from broker_server.strategies import ROBUST_STRATEGIES, STATEFUL_STRATEGIES, build_strategy, get_strategy
-from edge_runtime.errors import StaleRound, UpdateRejected
+from broker_server.strategies import (
+    ROBUST_STRATEGIES,
+    STATEFUL_STRATEGIES,
+    StrategyRule,
+    build_strategy,
+    get_strategy,
+    stateless,
+)
+from broker_server.strategy_wrappers import wrap
+from edge_runtime.errors import ConfigError, StaleRound, UpdateRejected
 
 
 class RoundAggregation:
@@ -65,6 +72,7 @@ class RoundAggregation:
         mixed: bool = False,
         clusters: ClusterGroups | None = None,
         store: StateStore | None = None,
+        noise: Callable[[int], np.random.Generator] | None = None,
     ) -> None:
         self.config = config
         stateful = config.strategy in STATEFUL_STRATEGIES
@@ -74,6 +82,16 @@ class RoundAggregation:
         # a mixed fleet: zero-pad and average each element over the clients that trained it
         # (hetlora pads and weighs ranks itself)
         self.mixed = mixed and config.strategy != "hetlora"
+        inner = self.rule or StrategyRule(
+            config.strategy, stateless(coverage_mean if self.mixed else self.strategy)
+        )
+        # clipping wraps the rule (broker_server.strategy_wrappers); clusters clip per cluster
+        self.step = inner if config.clip_norm is None else wrap("clip", inner, clip_norm=config.clip_norm)
+        # DP-FedAvg (broker_server.privacy): the mechanism, its noise by round (keyed by the
+        # service once its store is open) and the releases made so far
+        self.dp = config.dp_mechanism()
+        self.noise = noise
+        self.releases = 0
         self.clusters = clusters
         self.store = store
         self.carry: dict[str, np.ndarray] = {}  # the rule's (exact: the fed-back residual)
@@ -93,26 +111,45 @@ class RoundAggregation:
         sums, counts = sum_class_statistics(updates)
         return head_from_class_means(sums, counts, self.config.head_scale)
 
-    def statistics(self, state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
-        """A statistics round: the class-mean head (one per cluster with clusters)."""
+    def statistics(
+        self, state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], round_: int = 0
+    ) -> State:
+        """A statistics round: the class-mean head (one per cluster with clusters; with DP, from
+        the noisy sums of the sampled devices' statistics, one release)."""
+        if self.dp is not None:
+            self.releases += 1
+            c, h = state["head.weight"].shape
+            return {
+                **state,
+                **self.dp.class_head(updates, (c, h), self.config.head_scale, self._noise(round_)),
+            }
         if self.clusters is not None:
             return self.clusters.heads(state, updates, self.head)
         return {**state, **self.head(updates)}
 
     def train(self, state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], round_: int) -> State:
-        """A training round's step from ``state``; carries are stored under ``round_``."""
-        clip = self.config.clip_norm
+        """A training round's step from ``state``; carries are stored under ``round_``. Each DP
+        release, even one with no sampled update, is one step of the accountant."""
+        if self.dp is not None:
+            self.releases += 1
+            noise = self._noise
+            release = wrap("dp", build_strategy("fedit"), mechanism=self.dp, noise=lambda: noise(round_))
+            return release.aggregate(state, updates)[0]
         if self.clusters is not None:
-            return self.clusters.step(state, updates, self.strategy, clip)
-        if clip is not None:
-            updates = [clip_update(u, clip) for u in updates]
+            return self.clusters.step(state, updates, self.strategy, self.config.clip_norm)
+        new, carry = self.step.aggregate(state, updates, self.carry)
         if self.rule is not None:
-            new, self.carry = self.rule.aggregate(state, updates, self.carry)
+            self.carry = carry
             if self.rule.keeps_carry and self.store is not None:
                 self.store.save_residual(round_, encode_carry(round_, "residual", self.carry))
             return new
-        rule = coverage_mean if self.mixed else self.strategy
-        return self._server_step(dict(state), rule(state, updates), round_)
+        return self._server_step(dict(state), new, round_)
+
+    def _noise(self, round_: int) -> np.random.Generator:
+        """The secret generator of a round's DP noise (the same when a round is redone)."""
+        if self.noise is None:
+            raise ConfigError("DP-FedAvg needs the service's noise generator (its key is in the store)")
+        return self.noise(round_)
 
     def _server_step(self, before: State, after: State, round_: int) -> State:
         """FedAvgM over the rule's step, with its momentum kept in the state store."""
