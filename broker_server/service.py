@@ -43,10 +43,10 @@ from broker_server.clustering import (
     parse_clusters,
     split_state,
 )
-from broker_server.config import ServiceConfig
+from broker_server.config import ServiceConfig, check_combination
 from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
-from broker_server.heterogeneous import view
+from broker_server.fleet_evaluation import evaluate_fleet, initial_state
 from broker_server.intake import PendingUpdate, decode_update
 from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE
 from broker_server.privacy import PoissonSampler, new_key
@@ -56,9 +56,9 @@ from broker_server.records import (
     FleetSummary,
     Timing,
     final_figures,
+    personalization_means,
     round_record,
     version_record,
-    weighted,
 )
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
@@ -84,7 +84,6 @@ from broker_server.rounds.events import (
 )
 from broker_server.rounds.sync import RoundAggregation, SyncRounds
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
-from broker_server.strategies import STATEFUL_STRATEGIES
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo
 from edge_runtime.chunking import ChunkAssembler, is_chunk
@@ -94,7 +93,6 @@ from edge_runtime.downlink import RESYNC_STATE
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
-    ConfigError,
     DuplicateUpdate,
     FedPeftError,
     UnknownDevice,
@@ -128,11 +126,9 @@ class AggregationService:
         unlabeled: TextDataset | None = None,
         event_clock: EventClock | None = None,
     ) -> None:
-        if config.mode == "async" and allocator is not None:
-            raise ConfigError(
-                "--mode async with a mixed fleet (--allocation utility/uniform, --profiles) is not "
-                "supported yet: every device trains the one configured module"
-            )
+        check_combination(
+            config, mixed=allocator is not None, unlabeled=0 if unlabeled is None else len(unlabeled)
+        )
         # asynchronous mode: versions, jobs and the buffer in the store (None without one)
         self._ledger = AsyncLedger(store) if store is not None and config.mode == "async" else None
         self.event_clock = event_clock
@@ -142,11 +138,6 @@ class AggregationService:
         self._wall_start = self._version_start = self._tick_start = 0.0
         # accepted updates no version took in before the run ended (asynchronous mode)
         self.unaggregated: list[dict[str, Any]] = []
-        if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
-            raise ConfigError(
-                "distillation fuses the modules of different PEFT kinds: it needs a mixed fleet "
-                "(allocation) and unlabeled server-side text"
-            )
         self.unlabeled = unlabeled
         self.distilled: dict[str, dict[str, float]] = {}  # the last round's agreement, by kind
         self.transport = transport
@@ -157,19 +148,7 @@ class AggregationService:
         self.on_accept = on_accept
         self.clock = clock
         self.allocator = allocator
-        if allocator is not None and (
-            config.strategy not in ("fedit", "hetlora") or config.dp_noise_multiplier is not None
-        ):
-            raise ConfigError(
-                "a mixed fleet (allocation) aggregates with fedit or hetlora, without DP, for now"
-            )
-        if allocator is not None and config.strategy in STATEFUL_STRATEGIES:
-            raise ConfigError(
-                f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
-            )
         self.clustered = config.clusters != "off"
-        if allocator is not None and self.clustered:
-            raise ConfigError("--clusters with a mixed fleet (allocation) is not supported yet")
         # formed once the expected devices said hello (broker_server.cluster_groups)
         self.clusters = ClusterGroups(
             parse_clusters(config.clusters), seed=config.seed, share=config.cluster_share, store=store
@@ -671,36 +650,19 @@ class AggregationService:
         self.distilled = {"before": result.agreement_before, "after": result.agreement_after}
 
     def _initial_state(self) -> dict[str, np.ndarray]:
-        if self.allocator is None:
-            return self.evaluator.initial_state()
-        # the union of every kind's largest module, and one head
-        state: dict[str, np.ndarray] = {}
-        for cfg in self.allocator.largest(self.config.train):
-            for name, value in self.evaluator.initial_state(cfg).items():
-                state.setdefault(name, value)
-        return state
+        """The first global state (:func:`~broker_server.fleet_evaluation.initial_state`)."""
+        return initial_state(self.evaluator, self.allocator, self.config.train)
 
     def _evaluate(self) -> tuple[EvalResult | None, dict[str, float]]:
-        """The global model's test figures; in a mixed fleet, per kind, weighted by its devices."""
-        if self.clustered:
-            return self.clusters.evaluate(self._state, self.evaluator), {}
-        if self.allocator is None:
-            return self.evaluator.evaluate(self._state), {}
-        members: dict[str, int] = {}
-        for rec in self.devices.values():
-            if not rec.excluded:
-                members[rec.config.peft.kind] = members.get(rec.config.peft.kind, 0) + 1
-        results: list[tuple[int, EvalResult]] = []
-        by_kind: dict[str, float] = {}
-        for cfg in self.allocator.largest(self.config.train):
-            if cfg.peft.kind not in members:
-                continue
-            res = self.evaluator.evaluate(view(self._state, self.evaluator.shapes(cfg)), cfg)
-            if res is None:
-                return None, {}
-            results.append((members[cfg.peft.kind], res))
-            by_kind[cfg.peft.kind] = res.accuracy
-        return weighted(results), by_kind
+        """The global model's test figures (:func:`~broker_server.fleet_evaluation.evaluate_fleet`)."""
+        return evaluate_fleet(
+            self._state,
+            self.evaluator,
+            train=self.config.train,
+            clusters=self.clusters if self.clustered else None,
+            allocator=self.allocator,
+            devices=self.devices.values(),
+        )
 
     def _learn_rewards(self, record: dict[str, Any]) -> None:
         """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
@@ -1129,11 +1091,4 @@ class AggregationService:
 
     def personalization_summary(self) -> dict[str, float | None]:
         """Means over the devices that measured on held-out samples (None without any)."""
-        measured = [m for m in self.personalization.values() if m.get("holdout", 0) > 0]
-        keys = ("personalized_accuracy", "global_own_accuracy", "prior_accuracy")
-        return {
-            k: float(np.mean([m[k] for m in measured]))
-            if measured and all(k in m for m in measured)
-            else None
-            for k in keys
-        }
+        return personalization_means(self.personalization)
