@@ -10,13 +10,21 @@ statistics round when the head starts from class means (FedNCM): devices send pe
 sums of the frozen model instead of trained deltas. With ``mode="async"`` the rounds after it are
 buffered asynchronous versions (FedBuff).
 
-This class is the I/O shell and the round loops; the pieces around it live in their own modules:
-:mod:`~broker_server.config` (ServiceConfig), :mod:`~broker_server.registry` (devices),
-:mod:`~broker_server.intake` (decode and check an update), :mod:`~broker_server.publisher`
-(encoding, topics, artifacts), :mod:`~broker_server.checkpoint` (restore from SQLite),
-:mod:`~broker_server.cluster_groups` (clusters), :mod:`~broker_server.records` (round records and
-the fleet summary the reports read) and :mod:`~broker_server.rounds.buffered` (the asynchronous
-jobs and buffer, without I/O).
+This class is the I/O shell and the loops that drive the round controllers: it decodes each
+message into an event (:mod:`~broker_server.rounds.events`), hands it to the controller of the
+phase (:class:`~broker_server.rounds.sync.SyncRounds` for synchronous rounds,
+:class:`~broker_server.rounds.buffered.BufferedVersions` for asynchronous versions), and carries
+out the commands it gets back in order (:meth:`AggregationService._execute`): publish, store,
+acknowledge, reject, open and close jobs, aggregate. The controllers decide; nothing here decides
+whether an update is accepted. The pieces around it live in their own modules:
+:mod:`~broker_server.config` (ServiceConfig, the combinations it runs),
+:mod:`~broker_server.registry` (devices), :mod:`~broker_server.intake` (decode and check an
+update), :mod:`~broker_server.broadcast` (the global state, its groups' views, the delta downlink),
+:mod:`~broker_server.publisher` (encoding, topics, artifacts), :mod:`~broker_server.checkpoint`
+(restore from SQLite), :mod:`~broker_server.cluster_groups` (clusters),
+:mod:`~broker_server.rounds.sync` (the synchronous controller and a round's aggregation, with the
+strategy wrappers of :mod:`~broker_server.strategy_wrappers`), :mod:`~broker_server.fleet_evaluation`
+and :mod:`~broker_server.records` (round records and the fleet summary the reports read).
 """
 
 from __future__ import annotations
