@@ -184,3 +184,27 @@ class ServiceConfig:
             sample_rate=self.dp_sample_rate,
             fleet_size=self.expected_clients or self.min_clients,
         )
+
+
+def check_combination(config: ServiceConfig, *, mixed: bool, unlabeled: int) -> None:
+    """Raise :class:`ConfigError` naming a combination the service does not run: ``mixed`` says
+    the fleet is mixed (an allocator assigns configurations), ``unlabeled`` how many unlabeled
+    server-side texts distillation has."""
+    if config.mode == "async" and mixed:
+        raise ConfigError(
+            "--mode async with a mixed fleet (--allocation utility/uniform, --profiles) is not "
+            "supported yet: every device trains the one configured module"
+        )
+    if config.distill_epochs > 0 and (not mixed or unlabeled == 0):
+        raise ConfigError(
+            "distillation fuses the modules of different PEFT kinds: it needs a mixed fleet "
+            "(allocation) and unlabeled server-side text"
+        )
+    if mixed and (config.strategy not in ("fedit", "hetlora") or config.dp_noise_multiplier is not None):
+        raise ConfigError("a mixed fleet (allocation) aggregates with fedit or hetlora, without DP, for now")
+    if mixed and config.strategy in STATEFUL_STRATEGIES:
+        raise ConfigError(
+            f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
+        )
+    if mixed and config.clusters != "off":
+        raise ConfigError("--clusters with a mixed fleet (allocation) is not supported yet")

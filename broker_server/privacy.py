@@ -32,6 +32,7 @@ import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -165,6 +166,23 @@ class DPFedAvg:
         """Round 0: the class-mean head from :meth:`noisy_class_sums`. The rows' norm is fixed, so
         only the sums' directions matter and no class counts are released."""
         return head_from_class_means(self.noisy_class_sums(updates, shape, rng), np.ones(shape[0]), scale)
+
+    def report(self, releases: int, delta: float) -> dict[str, Any]:
+        """What the guarantee is and covers after ``releases`` releases, for the run's report."""
+        return {
+            "epsilon": self.epsilon(releases, delta),
+            "delta": delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "clip_norm": self.clip_norm,
+            "fleet_size": self.fleet_size,
+            "denominator": self.denominator,
+            "releases": releases,
+            "accountant": "dp-accounting RDP, Poisson-sampled Gaussian, composed once per release",
+            "unit": "user: one device with all its data (add/remove)",
+            "covers": "the global modules published each round, the class-mean head of round 0 "
+            "included, and what is computed from them alone; not the report's per-device records",
+        }
 
     def epsilon(self, releases: int, delta: float) -> float:
         """Epsilon at ``delta`` after ``releases`` rounds of this mechanism."""

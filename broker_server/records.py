@@ -212,3 +212,13 @@ def mean_of(values: list[Any]) -> float | None:
     """The mean of the numbers among ``values`` (None if there are none)."""
     nums = [float(v) for v in values if isinstance(v, (int, float))]
     return float(np.mean(nums)) if nums else None
+
+
+def personalization_means(personalization: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    """Means over the devices that measured on held-out samples (None without any)."""
+    measured = [m for m in personalization.values() if m.get("holdout", 0) > 0]
+    keys = ("personalized_accuracy", "global_own_accuracy", "prior_accuracy")
+    return {
+        k: float(np.mean([m[k] for m in measured])) if measured and all(k in m for m in measured) else None
+        for k in keys
+    }

@@ -10,13 +10,21 @@ statistics round when the head starts from class means (FedNCM): devices send pe
 sums of the frozen model instead of trained deltas. With ``mode="async"`` the rounds after it are
 buffered asynchronous versions (FedBuff).
 
-This class is the I/O shell and the round loops; the pieces around it live in their own modules:
-:mod:`~broker_server.config` (ServiceConfig), :mod:`~broker_server.registry` (devices),
-:mod:`~broker_server.intake` (decode and check an update), :mod:`~broker_server.publisher`
-(encoding, topics, artifacts), :mod:`~broker_server.checkpoint` (restore from SQLite),
-:mod:`~broker_server.cluster_groups` (clusters), :mod:`~broker_server.records` (round records and
-the fleet summary the reports read) and :mod:`~broker_server.rounds.buffered` (the asynchronous
-jobs and buffer, without I/O).
+This class is the I/O shell and the loops that drive the round controllers: it decodes each
+message into an event (:mod:`~broker_server.rounds.events`), hands it to the controller of the
+phase (:class:`~broker_server.rounds.sync.SyncRounds` for synchronous rounds,
+:class:`~broker_server.rounds.buffered.BufferedVersions` for asynchronous versions), and carries
+out the commands it gets back in order (:meth:`AggregationService._execute`): publish, store,
+acknowledge, reject, open and close jobs, aggregate. The controllers decide; nothing here decides
+whether an update is accepted. The pieces around it live in their own modules:
+:mod:`~broker_server.config` (ServiceConfig, the combinations it runs),
+:mod:`~broker_server.registry` (devices), :mod:`~broker_server.intake` (decode and check an
+update), :mod:`~broker_server.broadcast` (the global state, its groups' views, the delta downlink),
+:mod:`~broker_server.publisher` (encoding, topics, artifacts), :mod:`~broker_server.checkpoint`
+(restore from SQLite), :mod:`~broker_server.cluster_groups` (clusters),
+:mod:`~broker_server.rounds.sync` (the synchronous controller and a round's aggregation, with the
+strategy wrappers of :mod:`~broker_server.strategy_wrappers`), :mod:`~broker_server.fleet_evaluation`
+and :mod:`~broker_server.records` (round records and the fleet summary the reports read).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from broker_server.aggregation import (
 )
 from broker_server.allocation import Allocator, RewardTable, peft_key
 from broker_server.async_ledger import AsyncLedger, AsyncSnapshot
-from broker_server.asynchronous import Staleness, fedbuff_step, parse_staleness
+from broker_server.broadcast import Broadcast
 from broker_server.checkpoint import read_report_inputs, read_round_checkpoint
 from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import (
@@ -43,12 +51,12 @@ from broker_server.clustering import (
     parse_clusters,
     split_state,
 )
-from broker_server.config import ServiceConfig
+from broker_server.config import ServiceConfig, check_combination
 from broker_server.distillation import fuse_kinds
 from broker_server.evaluation import Evaluator
-from broker_server.heterogeneous import view
-from broker_server.intake import PendingUpdate, check_samples, check_update, decode_update, expected_shapes
-from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE, Group, config_id
+from broker_server.fleet_evaluation import evaluate_fleet, initial_state
+from broker_server.intake import PendingUpdate, decode_update
+from broker_server.layout import DONE_PHASE, PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE
 from broker_server.privacy import PoissonSampler, new_key
 from broker_server.publisher import Publisher
 from broker_server.records import (
@@ -56,29 +64,45 @@ from broker_server.records import (
     FleetSummary,
     Timing,
     final_figures,
+    personalization_means,
     round_record,
     version_record,
-    weighted,
 )
 from broker_server.registry import DeviceRecord, DeviceRegistry
 from broker_server.report import allocation_entry
-from broker_server.rounds.buffered import EventClock, JobBoard
-from broker_server.rounds.sync import RoundAggregation
+from broker_server.rounds.buffered import BufferedVersions, EventClock, JobBoard
+from broker_server.rounds.events import (
+    Accepted,
+    Ack,
+    Checkpoint,
+    CloseJob,
+    CloseRound,
+    Command,
+    Exclude,
+    NewVersion,
+    OpenJob,
+    Publish,
+    Refused,
+    Reject,
+    RoundFailed,
+    Shortfall,
+    Status,
+    Tick,
+    Update,
+)
+from broker_server.rounds.sync import RoundAggregation, SyncRounds
 from broker_server.state import TRAIN_CONFIG_KEY, StateStore
-from broker_server.strategies import STATEFUL_STRATEGIES
 from edge_runtime import wire
 from edge_runtime.artifact_transfer import DEFAULT_CHUNK_BYTES, ArtifactInfo
 from edge_runtime.chunking import ChunkAssembler, is_chunk
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
-from edge_runtime.downlink import RESYNC_STATE, DownlinkEncoder
+from edge_runtime.downlink import RESYNC_STATE
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import EvalResult
 from edge_runtime.errors import (
-    ConfigError,
     DuplicateUpdate,
     FedPeftError,
-    StaleRound,
     UnknownDevice,
     UpdateRejected,
 )
@@ -110,25 +134,18 @@ class AggregationService:
         unlabeled: TextDataset | None = None,
         event_clock: EventClock | None = None,
     ) -> None:
-        if config.mode == "async" and allocator is not None:
-            raise ConfigError(
-                "--mode async with a mixed fleet (--allocation utility/uniform, --profiles) is not "
-                "supported yet: every device trains the one configured module"
-            )
+        check_combination(
+            config, mixed=allocator is not None, unlabeled=0 if unlabeled is None else len(unlabeled)
+        )
         # asynchronous mode: versions, jobs and the buffer in the store (None without one)
         self._ledger = AsyncLedger(store) if store is not None and config.mode == "async" else None
         self.event_clock = event_clock
-        self._async_start = 0.0
-        self._async_now = 0.0  # the asynchronous clock: the last arrival taken
-        self.jobs = JobBoard()  # jobs, arrivals and the buffer (broker_server.rounds.buffered)
+        self._async_start = 0.0  # where the asynchronous clock's 0 is on the service's clock
         self._async_active = False
+        # when the run, the current version and the current step of the asynchronous phase began
+        self._wall_start = self._version_start = self._tick_start = 0.0
         # accepted updates no version took in before the run ended (asynchronous mode)
         self.unaggregated: list[dict[str, Any]] = []
-        if config.distill_epochs > 0 and (allocator is None or unlabeled is None or len(unlabeled) == 0):
-            raise ConfigError(
-                "distillation fuses the modules of different PEFT kinds: it needs a mixed fleet "
-                "(allocation) and unlabeled server-side text"
-            )
         self.unlabeled = unlabeled
         self.distilled: dict[str, dict[str, float]] = {}  # the last round's agreement, by kind
         self.transport = transport
@@ -139,20 +156,7 @@ class AggregationService:
         self.on_accept = on_accept
         self.clock = clock
         self.allocator = allocator
-        if allocator is not None and (
-            config.strategy not in ("fedit", "hetlora") or config.dp_noise_multiplier is not None
-        ):
-            raise ConfigError(
-                "a mixed fleet (allocation) aggregates with fedit or hetlora, without DP, for now"
-            )
-        self.groups: dict[str, Group] = {}
-        if allocator is not None and config.strategy in STATEFUL_STRATEGIES:
-            raise ConfigError(
-                f"--strategy {config.strategy} with a mixed fleet (allocation) is not supported yet"
-            )
         self.clustered = config.clusters != "off"
-        if allocator is not None and self.clustered:
-            raise ConfigError("--clusters with a mixed fleet (allocation) is not supported yet")
         # formed once the expected devices said hello (broker_server.cluster_groups)
         self.clusters = ClusterGroups(
             parse_clusters(config.clusters), seed=config.seed, share=config.cluster_share, store=store
@@ -173,45 +177,27 @@ class AggregationService:
         self.personalization: dict[str, dict[str, float]] = {}
         self.bytes_up_total = 0
         self.bytes_down_reported = 0
-        self.config_id = config_id(config.train)
-        self.global_topic = wire.topic(config.fleet, "global", self.config_id)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._state: dict[str, np.ndarray] = {}
-        self._round = 0
-        self._phase = TRAIN_PHASE
-        self._global_id = ""
-        self._pending: dict[str, PendingUpdate] = {}
-        self._stale = 0
+        # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
+        self._accepted_ids: dict[tuple[str, int], str] = {}
+        # the synchronous rounds' controller: what a round collected, whose turn ended, deadlines
+        self.sync = SyncRounds.from_config(config, accepted_ids=self._accepted_ids)
+        # the asynchronous versions' controller: jobs, arrivals, the buffer, staleness
+        self.buffered = BufferedVersions.from_config(
+            config, event_clock=event_clock, accepted_ids=self._accepted_ids
+        )
         self._round_bytes_up = 0
-        self._round_bytes_down = 0
         # what a restarted service takes back from the store: each device's counters (applied when
         # its record is made) and the interrupted round's (stale updates, bytes up)
         self._resumed_round_counters = (0, 0)
         self._stopped = False
         self._started = False
         self._resumed_payload = b""
-        self._resumed_shared: bytes | None = None
-        self._prepared: tuple[int, str, bytes] | None = None
-        self.resyncs: list[dict[str, Any]] = []  # devices that asked for the whole module
-        self._resync_waiting: set[str] = set()
-        # the downlink's encoder, where deltas apply (one module shared by every device, sync)
-        self._downlink: DownlinkEncoder | None = (
-            DownlinkEncoder(config.train.bits, full_bits=16)
-            if config.delta_downlink
-            and config.mode == "sync"
-            and allocator is None
-            and parse_clusters(config.clusters) == 0
-            else None
-        )
         # DP-FedAvg (broker_server.privacy): the mechanism, its sampler (keyed once the store is
         # open), the releases made so far and this round's sample
         self._dp = config.dp_mechanism()
         self._sampler: PoissonSampler | None = None
-        self._dp_rounds = 0
         self._sampled: set[str] = set()
-        self._answered: set[str] = set()
-        # (device, round) -> content id of every accepted update, to re-acknowledge redeliveries
-        self._accepted_ids: dict[tuple[str, int], str] = {}
         self._chunks = ChunkAssembler(max_bytes=config.max_payload_bytes)
         # ORT training artifacts: whether devices fetch them from here (the simulator hands its
         # workers a local folder instead), where they are built, and what this process published
@@ -219,6 +205,85 @@ class AggregationService:
         self.publisher = Publisher(
             transport, config, artifacts_cache=artifacts_cache, artifact_chunk_bytes=artifact_chunk_bytes
         )
+        # the global module, its groups' views, the delta downlink (broker_server.broadcast)
+        self.broadcast = Broadcast(
+            config,
+            self.publisher,
+            self.registry.devices,
+            clusters=self.clusters if self.clustered else None,
+            mixed=allocator is not None,
+            shapes_of=evaluator.shapes,
+            store=store,
+        )
+        self.config_id = self.broadcast.config_id
+        self.global_topic = self.broadcast.global_topic
+
+    @property
+    def _state(self) -> dict[str, np.ndarray]:
+        """The global state (:attr:`Broadcast.state`)."""
+        return self.broadcast.state
+
+    @_state.setter
+    def _state(self, value: dict[str, np.ndarray]) -> None:
+        self.broadcast.state = value
+
+    @property
+    def _round(self) -> int:
+        """The current round, or asynchronous version."""
+        return self.broadcast.round
+
+    @_round.setter
+    def _round(self, value: int) -> None:
+        self.broadcast.round = value
+
+    @property
+    def _phase(self) -> str:
+        """The current round's phase."""
+        return self.broadcast.phase
+
+    @_phase.setter
+    def _phase(self, value: str) -> None:
+        self.broadcast.phase = value
+
+    @property
+    def resyncs(self) -> list[dict[str, Any]]:
+        """Devices that asked for the whole module, with the round."""
+        return self.broadcast.resyncs
+
+    def module_params(self, config: TrainConfig) -> int:
+        """Trainable parameters of ``config``'s module (its view of the global state)."""
+        return self.broadcast.module_params(config)
+
+    @property
+    def _pending(self) -> dict[str, PendingUpdate]:
+        """The current synchronous round's accepted updates, by device."""
+        return self.sync.pending
+
+    @property
+    def _stale(self) -> int:
+        """Updates of the current round (or version) that were trained on an older module."""
+        return self.buffered.stale if self._async_active else self.sync.stale
+
+    @_stale.setter
+    def _stale(self, value: int) -> None:
+        if self._async_active:
+            self.buffered.stale = value
+        else:
+            self.sync.stale = value
+
+    @property
+    def jobs(self) -> JobBoard:
+        """The asynchronous jobs, arrivals and buffer (:class:`~broker_server.rounds.buffered.JobBoard`)."""
+        return self.buffered.jobs
+
+    @property
+    def _async_now(self) -> float:
+        """The asynchronous clock: the last arrival taken (new jobs start there)."""
+        return self.buffered.now
+
+    @_async_now.setter
+    def _async_now(self, value: float) -> None:
+        self.buffered.now = value
 
     @property
     def devices(self) -> dict[str, DeviceRecord]:
@@ -232,26 +297,13 @@ class AggregationService:
         rate q per release made, round 0's class statistics included."""
         if self._dp is None:
             return None
-        return self._dp.epsilon(self._dp_rounds, self.config.dp_delta)
+        return self._dp.epsilon(self.aggregation.releases, self.config.dp_delta)
 
     def privacy_report(self) -> dict[str, Any] | None:
         """What the DP guarantee is and covers, for the report (None without DP)."""
         if self._dp is None:
             return None
-        return {
-            "epsilon": self.privacy_spent(),
-            "delta": self.config.dp_delta,
-            "noise_multiplier": self._dp.noise_multiplier,
-            "sample_rate": self._dp.sample_rate,
-            "clip_norm": self._dp.clip_norm,
-            "fleet_size": self._dp.fleet_size,
-            "denominator": self._dp.denominator,
-            "releases": self._dp_rounds,
-            "accountant": "dp-accounting RDP, Poisson-sampled Gaussian, composed once per release",
-            "unit": "user: one device with all its data (add/remove)",
-            "covers": "the global modules published each round, the class-mean head of round 0 "
-            "included, and what is computed from them alone; not the report's per-device records",
-        }
+        return self._dp.report(self.aggregation.releases, self.config.dp_delta)
 
     def _dp_key(self) -> bytes:
         """The secret key of the sampling and noise draws, kept in the store across restarts."""
@@ -294,15 +346,89 @@ class AggregationService:
         self._inbox.put(("", b""))
 
     def _reject(self, exc: UpdateRejected, device: str | None, round_: int | None) -> None:
-        reason = f"{exc.code}: {exc.reason}"
-        if device is not None and round_ is not None and device in self.devices:
-            if round_ == self._round:
-                self._answered.add(device)  # a rejected update still ends that device's turn
-            if not isinstance(exc, DuplicateUpdate):  # a duplicate was acknowledged as accepted
-                # tell the device, so it stops resending what will never be accepted
-                self._ack(device, round_, "", False, reason)
-        log.warning("rejected update from %s (round %s): %s", device, round_, reason)
-        self._record_rejection(device, round_, reason)
+        refused = Refused(
+            device, round_, exc.code, exc.reason, known=device in self.devices,
+            duplicate=isinstance(exc, DuplicateUpdate),
+        )  # fmt: skip
+        # a rejected update still ends that device's turn in the round
+        self._execute(self.sync.handle(refused, self.clock()))
+
+    def _execute(self, commands: list[Command]) -> CloseRound | RoundFailed | None:
+        """Carry out a controller's commands in order; the round's end, if one came."""
+        ended: CloseRound | RoundFailed | None = None
+        for command in commands:
+            if isinstance(command, Publish):
+                resumed = self._resumed_payload if command.resumed else None
+                self.broadcast.publish(command.phase, checkpoint=resumed)
+            elif isinstance(command, Checkpoint):
+                self._keep(command)
+            elif isinstance(command, Ack):
+                self._ack(command.device, command.round, command.content_id, command.accepted, command.reason)
+            elif isinstance(command, Accepted):
+                if self.on_accept is not None:
+                    self.on_accept(command.device)
+            elif isinstance(command, Reject) and command.what == "dropped":
+                self._drop(command)
+            elif isinstance(command, Reject):
+                if command.what == "update":
+                    log.warning(
+                        "rejected update from %s (round %s): %s",
+                        command.device,
+                        command.round,
+                        command.reason,
+                    )
+                else:
+                    log.warning(
+                        "device %s failed round %s: %s", command.device, command.round, command.reason
+                    )
+                self._record_rejection(command.device, command.round, command.reason)
+            elif isinstance(command, Shortfall):
+                log.warning(
+                    "round %d: %d of %d updates by the deadline (attempt %d); keeping the global module",
+                    command.round,
+                    command.got,
+                    self.config.min_clients,
+                    command.attempt,
+                )
+            elif isinstance(command, CloseJob):
+                if self._ledger is not None:
+                    self._ledger.close_job(command.job)
+            elif isinstance(command, OpenJob):
+                self._dispatch(command.device, self.buffered.now)
+            elif isinstance(command, Exclude):
+                self.devices[command.device].excluded = command.reason
+            elif isinstance(command, NewVersion):
+                self._new_version(command)
+            elif isinstance(command, CloseRound | RoundFailed):
+                ended = command
+        return ended
+
+    def _keep(self, command: Checkpoint) -> None:
+        """Count an accepted update on its device and store it before it is acknowledged: what is
+        acknowledged survives a crash."""
+        record = self.devices[command.device]
+        record.took(command.pending.update)
+        if command.arrival is not None:  # an asynchronous job's update: into the job ledger
+            if self._ledger is not None:
+                self._ledger.accept(
+                    command.round,
+                    command.device,
+                    command.pending.content_id,
+                    command.payload,
+                    command.arrival,
+                    counters=self._counters(),
+                    device_counters=record.counters(),
+                )
+            return
+        if self.store is not None:
+            self.store.add_update(
+                command.round,
+                command.device,
+                command.pending.content_id,
+                command.payload,
+                counters=self._counters(),
+                device_counters=record.counters(),
+            )
 
     def _record_rejection(self, client: str | None, round_: object, reason: str) -> None:
         """Add a rejection to the report and, with a state store, durably with the counters it
@@ -369,34 +495,6 @@ class AggregationService:
             if self._async_active:  # back (or new): the newest version, unless it is busy
                 self._offer(device, returning=returning)
 
-    def _group(self, config: TrainConfig) -> Group:
-        cid = config_id(config)
-        group = self.groups.get(cid)
-        if group is None:
-            shapes = self._shapes_for(config)
-            group = Group(config, cid, wire.topic(self.config.fleet, "global", cid), shapes)
-            self.groups[cid] = group
-            if self.allocator is not None and self._global_id:  # a newcomer joins the current round
-                payload = self._encode_global(self._phase, cid, view(self._state, shapes))
-                self.publisher.publish_group(group, payload)
-        return group
-
-    def module_params(self, config: TrainConfig) -> int:
-        """Trainable parameters of ``config``'s module (its view of the global state)."""
-        if not self._state:
-            return 0
-        return int(sum(int(np.prod(shape)) for shape in self._shapes_for(config).values()))
-
-    def _shapes_for(self, config: TrainConfig) -> dict[str, tuple[int, ...]]:
-        if self.clustered and self.clusters.base_shapes:
-            return dict(self.clusters.base_shapes)
-        group = self.groups.get(config_id(config))
-        if group is not None:
-            return group.shapes
-        if self.allocator is None:
-            return {k: tuple(v.shape) for k, v in self._state.items()}
-        return self.evaluator.shapes(config)
-
     # --- clusters ----------------------------------------------------------------------------
 
     @property
@@ -416,33 +514,6 @@ class AggregationService:
         for record in self.devices.values():
             if not record.excluded:
                 self._assign(record)
-
-    def _group_of(self, record: DeviceRecord) -> Group:
-        """The group whose global module this device trains: its configuration's, its cluster's, or
-        (asynchronous mode) its own job topic's."""
-        if self.config.mode == "async":
-            key = f"{self.config_id}-{record.device_id}"
-            group = self.groups.get(key)
-            if group is None:
-                shapes = {k: tuple(v.shape) for k, v in self._state.items()}
-                group = Group(self.config.train, key, wire.topic(self.config.fleet, "global", key), shapes)
-                self.groups[key] = group
-            return group
-        if not self.clustered:
-            return self._group(record.config)
-        cluster = self.cluster_of(record.device_id)
-        if cluster is None:
-            raise UnknownDevice(f"{record.device_id!r} has no cluster yet")
-        return self._cluster_group(cluster)
-
-    def _cluster_group(self, cluster: int) -> Group:
-        key = f"{self.config_id}-k{cluster}"
-        group = self.groups.get(key)
-        if group is None:
-            topic = wire.topic(self.config.fleet, "global", key)
-            group = Group(self.config.train, key, topic, dict(self.clusters.base_shapes))
-            self.groups[key] = group
-        return group
 
     def cluster_summary(self) -> dict[str, Any] | None:
         """Clusters for the report: how many, their sizes and the silhouette (None when off)."""
@@ -473,7 +544,7 @@ class AggregationService:
             device_id=record.device_id,
             round=self._round,
             config=record.config.to_dict(),
-            global_topic=self._group_of(record).topic,
+            global_topic=self.broadcast.group_of(record).topic,
             artifact=None if artifact is None else artifact.to_dict(),
         )
         self.publisher.assign(msg)
@@ -487,20 +558,14 @@ class AggregationService:
         if record is not None:
             record.online = status.state != "offline"
         if record is not None and status.state == RESYNC_STATE:
-            self._send_full(device)
+            self.broadcast.send_full(device)
         if record is not None and status.state == "failed":
             # the device could not train this round (over its memory cap, say): end its turn
             round_ = status.detail.get("round")
-            reason = f"device_failed: {status.detail.get('reason', 'no reason given')}"
-            if round_ == self._round:
-                self._answered.add(device)
-            if self.jobs.fail(round_, device) and isinstance(round_, int):
-                # asynchronous mode: do not wait for it, do not give it more
-                record.excluded = f"failed job {round_}: {reason}"
-                if self._ledger is not None:
-                    self._ledger.close_job(round_)
-            log.warning("device %s failed round %s: %s", device, round_, reason)
-            self._record_rejection(device, round_, reason)
+            failed = Status(device, status.state, round_, str(status.detail.get("reason", "no reason given")))
+            ended = self.sync.handle(failed, self.clock())  # ends its turn in the round
+            # asynchronous mode: not waited for, given no more
+            self._execute(self.buffered.handle(failed, self.clock()) + ended)
 
     def _on_update(self, device: str, payload: bytes) -> None:
         self.bytes_up_total += len(payload)
@@ -519,200 +584,17 @@ class AggregationService:
         if record is None:
             raise UnknownDevice(f"{device!r} never said hello", round=update.round)
         record.updates_received += 1
-        cid = wire.content_id(payload)
-        if self._accepted_ids.get((device, update.round)) == cid:
-            # accepted before (perhaps before a crash that ate the ack): acknowledge it again
-            self._ack(device, update.round, cid, True, "duplicate of an accepted update")
-            raise DuplicateUpdate("redelivery of an accepted update, counted once", round=update.round)
-        if self._async_active:
-            self._on_async_update(record, update, payload, cid)
+        group = self.broadcast.group_of(record)
+        event = Update(device, update, payload, group.global_id, group.shapes, record.hello)
+        if not self._async_active:
+            self._execute(self.sync.handle(event, self.clock()))
             return
-        if self._sampler is not None and not self._sampler.includes(update.round, device):
-            # DP-FedAvg uses sampled devices' updates only; every device trains (see README), so
-            # this is expected, not a fault: it ends the device's turn, late or not
-            if update.round == self._round:
-                self._answered.add(device)
-            self._ack(
-                device, update.round, "", False, "not_sampled: DP-FedAvg did not sample it in that round"
-            )
-            return
-        base_id = self._group_of(record).global_id
-        if update.round < self._round or (update.round == self._round and update.base_id != base_id):
-            self._stale += 1
-            raise StaleRound(f"trained on round {update.round}, current is {self._round}", round=update.round)
-        if update.round > self._round:
-            raise StaleRound(
-                f"round {update.round} is ahead of the current {self._round}", round=update.round
-            )
-        previous = self._pending.get(device)
-        self._check_tensors(update)
-        if previous is not None:
-            raise UpdateRejected("a second, different update for the round", round=update.round)
-        check_samples(update, record.hello)
-        self._pending[device] = PendingUpdate(update, cid, len(payload))
-        self._accepted_ids[(device, update.round)] = cid
-        record.took(update)
-        self._round_bytes_down += int(update.metrics.get("bytes_down", 0))
-        if self.store is not None:  # before the ack: what is acknowledged survives a crash
-            self.store.add_update(
-                update.round,
-                device,
-                cid,
-                payload,
-                counters=self._counters(),
-                device_counters=record.counters(),
-            )
-        self._ack(device, update.round, cid, True, "")
-        if self.on_accept is not None:
-            self.on_accept(device)
-
-    def _on_async_update(
-        self, record: DeviceRecord, update: wire.UpdateMessage, payload: bytes, cid: str
-    ) -> None:
-        """Accept an update for one of this device's jobs; it joins the buffer in arrival order."""
-        device = record.device_id
-        job = self.jobs.job_for(update.round, device, update.base_id)
-        self._check_tensors(update)
-        check_samples(update, record.hello)
-        train_s = float(update.metrics.get("train_s", 0.0))
-        if self.event_clock is not None:
-            arrival = self.event_clock.finish(device, job.start, train_s, len(payload), job.nbytes)
-        else:
-            arrival = self.clock() - self._async_start
-        self._accepted_ids[(device, update.round)] = cid
-        record.took(update)
-        # its bytes were counted on arrival (_on_update), with every other payload received
-        if self._ledger is not None:  # before the ack: what is acknowledged survives a crash
-            self._ledger.accept(
-                update.round,
-                device,
-                cid,
-                payload,
-                arrival,
-                counters=self._counters(),
-                device_counters=record.counters(),
-            )
-        self.jobs.arrive(arrival, device, update.round, PendingUpdate(update, cid, len(payload)))
-        self._ack(device, update.round, cid, True, "")
-        if self.on_accept is not None:
-            self.on_accept(device)
-
-    def _check_tensors(self, update: wire.UpdateMessage) -> None:
-        record = self.devices[update.device_id]
-        expected = expected_shapes(self._phase, self._group_of(record).shapes)
-        check_update(update, expected, self._phase, self.config.norm_bound)
+        self._execute(self.buffered.handle(event, self.clock() - self._async_start))
 
     def _ack(self, device: str, round_: int, cid: str, accepted: bool, reason: str) -> None:
         self.publisher.ack(device, round_, cid, accepted, reason)
 
     # --- rounds ------------------------------------------------------------------------------
-
-    def _meta(self, phase: str) -> dict[str, Any]:
-        return self.publisher.meta(phase)
-
-    def _encode_global(
-        self, phase: str, cid: str, tensors: dict[str, np.ndarray], round_: int | None = None
-    ) -> bytes:
-        return self.publisher.encode_global(phase, cid, tensors, self._round if round_ is None else round_)
-
-    def _encode_shared(self, phase: str, round_: int) -> bytes:
-        """The downlink message of a version; the state becomes what devices rebuild from it."""
-        assert self._downlink is not None
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[:2] == (round_, phase):
-            return prepared[2]
-        if phase == STATS_PHASE and self._downlink.held is None:
-            # class statistics come from the frozen base: the round needs no tensors
-            return self._encode_global(phase, self.config_id, {}, round_)
-        payload, self._state = self._downlink.encode(
-            self._state,
-            round_=round_,
-            config_id=self.config_id,
-            meta=self._meta(phase),
-            seed=self.config.seed,
-        )
-        return payload
-
-    def _prepare_shared(self, round_: int) -> None:
-        """Right after aggregating: encode the next version now, so that the evaluation (and the
-        report) measure the module devices will hold, not the one before its quantization."""
-        if self._downlink is None or self._stopped:
-            return
-        if round_ < self.config.rounds:
-            nxt = (round_ + 1, TRAIN_PHASE)
-        else:
-            nxt = (
-                self.config.rounds + 1,
-                PERSONALIZE_PHASE if self.config.personalize_epochs > 0 else DONE_PHASE,
-            )
-        self._prepared = (*nxt, self._encode_shared(nxt[1], nxt[0]))
-
-    def _send_full(self, device: str) -> None:
-        """A device that cannot apply the shared delta gets the held module whole, on its own topic."""
-        if self._downlink is None or self._downlink.held is None:
-            return
-        if self._prepared is not None:
-            # the encoder already holds the next version, which devices get only when it is
-            # published: answer once it is out, with that version
-            self._resync_waiting.add(device)
-            return
-        self.resyncs.append({"client": device, "round": self._round})
-        if self.store is not None:  # the round's record lists them, also after a restart
-            self.store.set_meta("resyncs", self.resyncs)
-        payload = self._downlink.full(
-            round_=self._round, config_id=self.config_id, meta=self._meta(self._phase)
-        )
-        self.publisher.send_full(device, payload)
-        log.info("device %s asked for the full module: sent %d bytes", device, len(payload))
-
-    def _publish_global(self, phase: str, checkpoint: bytes | None = None) -> None:
-        """Checkpoint the whole state, then publish every group's view of it (retained).
-
-        ``checkpoint`` is the stored payload when resuming: published again byte for byte, so the
-        content ids that devices trained on before a crash stay valid (views are re-encoded from
-        it deterministically).
-        """
-        shared: bytes | None = None
-        if self._downlink is not None:
-            shared = self._encode_shared(phase, self._round) if checkpoint is None else self._resumed_shared
-        if checkpoint is None:
-            checkpoint = self._encode_global(phase, self.config_id, self._state)
-            self._global_id = wire.content_id(checkpoint)
-            if self.store is not None:
-                stored: tuple[bytes, bytes] | None = None
-                if shared is not None and self._downlink is not None:
-                    residual = {k: v.astype(np.float32) for k, v in self._downlink.residual.items()}
-                    module = wire.GlobalModule(self._round, "downlink-residual", residual)
-                    stored = (shared, wire.encode_global(module, bits=32))
-                self.store.save_global(self._round, self._global_id, checkpoint, downlink=stored)
-        if self.config.mode == "async":  # every device on its own topic
-            for device_record in self.devices.values():
-                if not device_record.excluded:
-                    self._group_of(device_record)
-            for group in self.groups.values():
-                payload = self._encode_global(phase, group.config_id, self._state)
-                self.publisher.publish_group(group, payload)
-            return
-        if self.clustered:
-            assert self.clustering is not None
-            states = split_state(self._state, self.clustering.k)
-            for cluster, state in states.items():
-                group = self._cluster_group(cluster)
-                payload = self._encode_global(phase, group.config_id, state)
-                self.publisher.publish_group(group, payload)
-            return
-        if self.allocator is None:
-            payload = checkpoint if shared is None else shared
-            # messages on the shared topic never name another module: their id is their content's
-            self._group(self.config.train).global_id = wire.content_id(payload)
-            self.publisher.publish_retained(self.global_topic, payload)
-            waiting, self._resync_waiting = self._resync_waiting, set()
-            for device in sorted(waiting):
-                self._send_full(device)
-            return
-        for group in self.groups.values():
-            payload = self._encode_global(phase, group.config_id, view(self._state, group.shapes))
-            self.publisher.publish_group(group, payload)
 
     def _wait_for_devices(self) -> None:
         want = self.config.expected_clients or self.config.min_clients
@@ -738,54 +620,25 @@ class AggregationService:
         """Handle messages until every participant answered or the deadline; True if at least
         ``enough`` (default min_clients) updates came in. With ``enough`` 0 an empty round closes
         at once."""
-        enough = self.config.min_clients if enough is None else enough
-        for attempt in range(self.config.max_round_retries + 1):
-            deadline = self.clock() + self.config.round_timeout_s
-            while not self._stopped and self.clock() < deadline:
-                if (participants or enough == 0) and participants <= set(self._pending) | self._answered:
-                    return True
-                self._pump(min(deadline, self.clock() + 0.5))
-            if len(self._pending) >= enough:
-                return True
-            log.warning(
-                "round %d: %d of %d updates by the deadline (attempt %d); keeping the global module",
-                self._round,
-                len(self._pending),
-                self.config.min_clients,
-                attempt + 1,
-            )
-            if self._stopped:
-                return False
-        return False
+        self.sync.collect(participants, self.clock(), enough)
+        while True:
+            commands = self.sync.stop() if self._stopped else self.sync.handle(Tick(), self.clock())
+            ended = self._execute(commands)
+            if ended is not None:
+                return isinstance(ended, CloseRound)
+            self._pump(min(self.sync.deadline, self.clock() + 0.5))
 
     def _aggregate(self) -> None:
         updates = [
             ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
             for _, p in sorted(self._pending.items())  # arrival order must not change the floats
         ]
-        if self._dp is not None:
-            self._aggregate_private(updates)
-        elif self._phase == STATS_PHASE:
-            self._state = self.aggregation.statistics(self._state, updates)
+        if self._phase == STATS_PHASE:
+            self._state = self.aggregation.statistics(self._state, updates, self._round)
         else:
             self._state = self.aggregation.train(self._state, updates, self._round)
             if self.config.distill_epochs > 0 and not self.clustered and self.aggregation.rule is None:
                 self._distill()
-
-    def _aggregate_private(self, updates: list[ClientUpdate]) -> None:
-        """DP-FedAvg's release for this round: the class-mean head in round 0, else the module.
-        Each release, even one with no sampled update, is one step of the accountant."""
-        assert self._dp is not None and self._sampler is not None
-        rng = self._sampler.noise_rng(self._round)
-        if self._phase == STATS_PHASE:
-            c, h = self._state["head.weight"].shape
-            self._state = {
-                **self._state,
-                **self._dp.class_head(updates, (c, h), self.config.head_scale, rng),
-            }
-        else:
-            self._state = self._dp.aggregate(self._state, updates, rng)
-        self._dp_rounds += 1
 
     def _distill(self) -> None:
         """Let knowledge flow across the PEFT kinds of the fleet (:mod:`broker_server.distillation`)."""
@@ -805,36 +658,19 @@ class AggregationService:
         self.distilled = {"before": result.agreement_before, "after": result.agreement_after}
 
     def _initial_state(self) -> dict[str, np.ndarray]:
-        if self.allocator is None:
-            return self.evaluator.initial_state()
-        # the union of every kind's largest module, and one head
-        state: dict[str, np.ndarray] = {}
-        for cfg in self.allocator.largest(self.config.train):
-            for name, value in self.evaluator.initial_state(cfg).items():
-                state.setdefault(name, value)
-        return state
+        """The first global state (:func:`~broker_server.fleet_evaluation.initial_state`)."""
+        return initial_state(self.evaluator, self.allocator, self.config.train)
 
     def _evaluate(self) -> tuple[EvalResult | None, dict[str, float]]:
-        """The global model's test figures; in a mixed fleet, per kind, weighted by its devices."""
-        if self.clustered:
-            return self.clusters.evaluate(self._state, self.evaluator), {}
-        if self.allocator is None:
-            return self.evaluator.evaluate(self._state), {}
-        members: dict[str, int] = {}
-        for rec in self.devices.values():
-            if not rec.excluded:
-                members[rec.config.peft.kind] = members.get(rec.config.peft.kind, 0) + 1
-        results: list[tuple[int, EvalResult]] = []
-        by_kind: dict[str, float] = {}
-        for cfg in self.allocator.largest(self.config.train):
-            if cfg.peft.kind not in members:
-                continue
-            res = self.evaluator.evaluate(view(self._state, self.evaluator.shapes(cfg)), cfg)
-            if res is None:
-                return None, {}
-            results.append((members[cfg.peft.kind], res))
-            by_kind[cfg.peft.kind] = res.accuracy
-        return weighted(results), by_kind
+        """The global model's test figures (:func:`~broker_server.fleet_evaluation.evaluate_fleet`)."""
+        return evaluate_fleet(
+            self._state,
+            self.evaluator,
+            train=self.config.train,
+            clusters=self.clusters if self.clustered else None,
+            allocator=self.allocator,
+            devices=self.devices.values(),
+        )
 
     def _learn_rewards(self, record: dict[str, Any]) -> None:
         """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
@@ -855,7 +691,7 @@ class AggregationService:
             return None
         inputs = read_report_inputs(self.store)
         self.rejected = inputs.rejected
-        self.resyncs = inputs.resyncs
+        self.broadcast.resyncs = inputs.resyncs
         self.registry.stored_counters = inputs.device_counters
         if inputs.counters is not None:
             self.bytes_up_total = int(inputs.counters["bytes_up_total"])
@@ -868,7 +704,7 @@ class AggregationService:
             clustered=self.clustered,
             carries=carries,
             personalize_round=self.config.rounds + 1 if self.config.personalize_epochs > 0 else None,
-            downlink=self._downlink is not None,
+            downlink=self.broadcast.downlink is not None,
         )
         if ckpt is None:
             return None
@@ -880,10 +716,10 @@ class AggregationService:
         for device, hello in ckpt.hellos.items():
             device_record = self.registry.register(device, hello)
             if not device_record.excluded and not self.clustered and self.config.mode == "sync":
-                self._group(device_record.config)
+                self.broadcast.group(device_record.config)
         if self.allocator is not None:
             self.allocator.rewards = RewardTable.from_dict(ckpt.rewards)
-        self._global_id = ckpt.global_id  # after the groups exist: run() publishes them, in phase
+        self.broadcast.global_id = ckpt.global_id  # after the groups exist: run() publishes them, in phase
         for device, count in ckpt.accepted_counts.items():
             if device in self.devices:
                 self.devices[device].updates_accepted = count
@@ -894,19 +730,22 @@ class AggregationService:
         if ckpt.legacy_bytes_up is not None:
             self.bytes_up_total = ckpt.legacy_bytes_up
         if self._dp is not None:  # the privacy budget spent before the crash: one step a release
-            self._dp_rounds = sum(1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE))
+            self.aggregation.releases = sum(
+                1 for rec in self.rounds if rec.get("phase") in (STATS_PHASE, TRAIN_PHASE)
+            )
         self.aggregation.restore(ckpt.carries)
-        self._accepted_ids = ckpt.accepted_ids
-        self._pending = ckpt.pending
+        self._accepted_ids.clear()  # shared with the controllers: refilled, not replaced
+        self._accepted_ids.update(ckpt.accepted_ids)
+        self.sync.pending = ckpt.pending
         self._resumed_round_counters = ckpt.round_counters
         self.personalization.update(ckpt.personalization)
         self._resumed_payload = ckpt.payload
-        self._resumed_shared = None
-        if self._downlink is not None and ckpt.downlink is not None:
+        self.broadcast.resumed_shared = None
+        if self.broadcast.downlink is not None and ckpt.downlink is not None:
             shared, residual = ckpt.downlink
             if residual is not None:
-                self._downlink.restore(self._state, wire.content_id(shared), residual)
-            self._resumed_shared = shared
+                self.broadcast.downlink.restore(self._state, wire.content_id(shared), residual)
+            self.broadcast.resumed_shared = shared
             # without a stored delta (a statistics round) devices get the checkpoint itself
         log.warning(
             "resumed round %d from %s with %d acknowledged updates",
@@ -930,6 +769,8 @@ class AggregationService:
             self.store.set_meta(TRAIN_CONFIG_KEY, self.config.train.to_dict())
         if self._dp is not None:
             self._sampler = PoissonSampler(self._dp_key(), self._dp.sample_rate)
+            self.sync.sampler = self._sampler
+            self.aggregation.noise = self._sampler.noise_rng
         resume_round = self._resume()
         snapshot = self._ledger.restore() if self._ledger is not None else None
         if snapshot is not None:  # asynchronous versions had begun: continue them
@@ -952,19 +793,15 @@ class AggregationService:
             self._round = r
             self._phase = STATS_PHASE if (r == 0 and self.config.head_init == "ncm") else TRAIN_PHASE
             resuming = r == resume_round
-            if resuming:
-                # what the interrupted round had counted, and whose turn a rejection had ended
-                self._answered = self._turns_ended(r)
-                self._stale, self._round_bytes_up = self._resumed_round_counters
-                self._round_bytes_down = sum(
-                    int(p.update.metrics.get("bytes_down", 0)) for p in self._pending.values()
-                )
-            else:
-                self._answered = set()
-                self._pending = {}
-                self._stale = 0
-                self._round_bytes_up = 0
-                self._round_bytes_down = 0
+            # resuming: what the interrupted round had counted, and whose turn a rejection had ended
+            opening = self.sync.open_round(
+                r,
+                self._phase,
+                resumed=resuming,
+                turns_ended=self._turns_ended(r) if resuming else (),
+                stale=self._resumed_round_counters[0],
+            )
+            self._round_bytes_up = self._resumed_round_counters[1] if resuming else 0
             participants = self.registry.participants()
             if self._sampler is not None:
                 # Poisson sampling over every registered device; an offline one sampled is a dropout
@@ -973,21 +810,16 @@ class AggregationService:
                 )
                 participants &= self._sampled
             round_start = self.clock()
-            if resuming:
-                # Publish exactly the checkpointed bytes again: same content id, so devices'
-                # updates trained on it before the crash stay valid.
-                self._publish_global(self._phase, checkpoint=self._resumed_payload)
-                # The crash may have come between storing an update and acknowledging it.
-                for device, pending in sorted(self._pending.items()):
-                    self._ack(device, r, pending.content_id, True, "accepted before a restart")
-            else:
-                self._publish_global(self._phase)
+            # resuming: exactly the checkpointed bytes again (same content id, so devices' updates
+            # trained on it before the crash stay valid), and the stored updates acknowledged again
+            self._execute(opening)
             # DP: the fixed denominator makes any number of updates (none too) a valid release
             if not self._collect(participants, 0 if self._dp is not None else None):
                 raise FedPeftError(f"round {r} got too few updates after every retry")
             server_start = self.clock()
             self._aggregate()
-            self._prepare_shared(r)
+            if not self._stopped:
+                self.broadcast.prepare_shared(r)
             result, by_kind = self._evaluate()
             now = self.clock()
             timing = Timing(now - start, now - round_start, now - start, now - server_start)
@@ -996,10 +828,10 @@ class AggregationService:
                 self._phase,
                 timing,
                 result,
-                self._pending,
-                stale=self._stale,
+                self.sync.pending,
+                stale=self.sync.stale,
                 bytes_up_all=self._round_bytes_up,
-                bytes_down=self._round_bytes_down,
+                bytes_down=self.sync.bytes_down,
                 resyncs=[x["client"] for x in self.resyncs if x["round"] == r],
             )
             if by_kind:
@@ -1029,20 +861,13 @@ class AggregationService:
             if self._stopped:
                 return
         self._round = self.config.rounds + (2 if self.config.personalize_epochs > 0 else 1)
-        self._publish_global(DONE_PHASE)
+        self.broadcast.publish(DONE_PHASE)
 
     # --- asynchronous mode --------------------------------------------------------------------
 
     def _offer(self, device: str, *, returning: bool = False) -> None:
-        """Give ``device`` the newest version unless the job board says it must wait
-        (:meth:`JobBoard.replace_for`); the jobs a returning device's new one replaces are closed."""
-        replaced = self.jobs.replace_for(device, self._round, returning=returning)
-        if replaced is None:
-            return
-        for job_id in replaced:
-            if self._ledger is not None:
-                self._ledger.close_job(job_id)
-        self._dispatch(device, self._async_now)
+        """Give ``device`` the newest version unless it must wait (:meth:`BufferedVersions.offer`)."""
+        self._execute(self.buffered.offer(device, returning=returning))
 
     def _dispatch(self, device: str, t: float) -> None:
         """Give ``device`` a job: the current global version, on its own topic (retained); with a
@@ -1051,8 +876,8 @@ class AggregationService:
         if not record.online or record.excluded:
             return
         start = self.event_clock.start(device, t) if self.event_clock is not None else t
-        group = self._group_of(record)
-        payload = self._encode_global(TRAIN_PHASE, group.config_id, self._state, self.jobs.next_id())
+        group = self.broadcast.group_of(record)
+        payload = self.broadcast.encode_global(TRAIN_PHASE, group.config_id, self._state, self.jobs.next_id())
         group.global_id = wire.content_id(payload)
         job_id = self.jobs.open(device, self._round, start, group.global_id, len(payload))
         if self._ledger is not None:
@@ -1104,11 +929,11 @@ class AggregationService:
             if job.answered or job.device not in self.devices:
                 continue
             stored_version = self._ledger.version_payload(job.version)
-            group = self._group_of(self.devices[job.device])
+            group = self.broadcast.group_of(self.devices[job.device])
             payload = b""
             if stored_version is not None:
                 state = wire.decode_global(stored_version, max_bytes=big).tensors
-                payload = self._encode_global(TRAIN_PHASE, group.config_id, dict(state), job_id)
+                payload = self.broadcast.encode_global(TRAIN_PHASE, group.config_id, dict(state), job_id)
             if wire.content_id(payload) == job.content_id:
                 group.global_id = job.content_id
                 self.publisher.publish_retained(group.topic, payload)
@@ -1126,10 +951,10 @@ class AggregationService:
 
     def _run_async(self, wall_start: float, snapshot: AsyncSnapshot | None = None) -> None:
         """FedBuff: devices train the newest version whenever they are free; every K updates (in
-        order of arrival, on the simulated clock if there is one) make a new version."""
+        order of arrival, on the simulated clock if there is one) make a new version. The
+        controller (:class:`BufferedVersions`) decides; this loop feeds it and carries out."""
         self._async_active = True
         self._phase = TRAIN_PHASE
-        staleness = parse_staleness(self.config.staleness)
         self._stale = 0
         self._round_bytes_up = 0
         if snapshot is None:
@@ -1139,25 +964,19 @@ class AggregationService:
                 self._ledger.save_version(0, self._version_payload(), None, [], self._counters())
         else:
             now = self._restore_async(snapshot)
-        self._async_now = now
+        self.buffered.begin(self._state, self._round, now)
         self._async_start = self.clock() - now
-        round_start = self.clock()
+        self._wall_start = wall_start
+        self._version_start = self.clock()
         for device in sorted(self.devices):
             self._offer(device)
         while self._round < self.config.rounds and not self._stopped:
             # with a simulated clock an arrival is final only once no job in flight can land earlier
-            taken = self.jobs.next_arrival(simulated=self.event_clock is not None)
-            if taken is not None:
-                arrival, device, job_id, _ = taken
-                now = self._async_now = max(now, arrival)
-                if self.jobs.take(taken, self._round, self.config.max_staleness) is None:
-                    self._drop(device, job_id, self.jobs.jobs[job_id].version)
-                if len(self.jobs.buffer) >= self.config.buffer_size:
-                    self._async_aggregate(staleness, now, wall_start, round_start)
-                    round_start = self.clock()
-                self._offer(device)
+            if self.buffered.ready():
+                self._tick_start = self.clock()
+                self._execute(self.buffered.handle(Tick(), self.clock() - self._async_start))
                 continue
-            if not self.jobs.in_flight() and not self.jobs.arrivals:
+            if self.buffered.idle():
                 raise FedPeftError(
                     f"version {self._round}: no device is training and the buffer holds "
                     f"{len(self.jobs.buffer)} of {self.config.buffer_size} updates"
@@ -1168,62 +987,50 @@ class AggregationService:
                     break
             else:
                 if not self._stopped:
-                    lost = self.jobs.unanswered()
+                    lost = len(self.jobs.unanswered())
                     log.warning(
-                        "%d jobs unanswered after %.0f s: given up", len(lost), self.config.round_timeout_s
+                        "%d jobs unanswered after %.0f s: given up", lost, self.config.round_timeout_s
                     )
-                    for job_id, job in lost:
-                        job.answered = True
-                        if self._ledger is not None:
-                            self._ledger.close_job(job_id)
-                        self._record_rejection(job.device, self._round, "deadline: job unanswered")
+                    self._execute(self.buffered.give_up())
         self._async_active = False
         self.unaggregated = self.jobs.unaggregated()
 
-    def _drop(self, device: str, job_id: int, version: int) -> None:
+    def _drop(self, command: Reject) -> None:
         """An update staler than the bound: rejected with the reason, durably marked dropped."""
-        self._stale += 1
-        reason = (
-            f"stale_round: job {job_id} trained on version {version}, now {self._round} "
-            f"(bound {self.config.max_staleness})"
-        )
-        log.warning("dropped update from %s: %s", device, reason)
-        if self._ledger is None:
-            self._record_rejection(device, self._round, reason)
+        log.warning("dropped update from %s: %s", command.device, command.reason)
+        if self._ledger is None or command.job is None or command.device is None:
+            self._record_rejection(command.device, command.round, command.reason)
             return
-        self.rejected.append({"client": device, "round": self._round, "reason": reason})
-        record = self.devices.get(device)
+        self.rejected.append({"client": command.device, "round": command.round, "reason": command.reason})
+        record = self.devices.get(command.device)
         self._ledger.drop(
-            job_id,
-            device,
+            command.job,
+            command.device,
             self._round,
-            reason,
+            command.reason,
             time.time(),
             counters=self._counters(),
             device_counters=None if record is None else record.counters(),
         )
 
-    def _async_aggregate(
-        self, staleness: Staleness, now: float, wall_start: float, round_start: float
-    ) -> None:
-        server_start = self.clock()
-        ordered = self.jobs.drain()
-        self._state = fedbuff_step(self._state, [b for _, b in ordered], staleness, self.config.server_lr)
-        self._round += 1
+    def _new_version(self, command: NewVersion) -> None:
+        """A version the buffer made: evaluated, recorded, saved with the buffer it consumed."""
+        self._state, self._round = command.state, command.version
         result, _ = self._evaluate()
         end = self.clock()
-        timing = Timing(end - wall_start, end - round_start, now, end - server_start)
+        timing = Timing(
+            end - self._wall_start, end - self._version_start, self.buffered.now, end - self._tick_start
+        )
         record = version_record(
             self._round,
             TRAIN_PHASE,
             timing,
             result,
-            ordered,
-            staleness,
-            stale=self._stale,
+            command.taken,
+            self.buffered.staleness,
+            stale=command.stale,
             bytes_up=self._round_bytes_up,
         )
-        self._stale = 0
         self._round_bytes_up = 0
         if self._ledger is not None:  # the version and the buffer it consumed, in one transaction
             self._ledger.save_version(
@@ -1234,6 +1041,7 @@ class AggregationService:
         self.rounds.append(record)
         if self.on_round is not None:
             self.on_round(record)
+        self._version_start = self.clock()
 
     def _personalize(self, resume_round: int | None) -> None:
         """The personalization phase after the last round: devices fine-tune the final global module
@@ -1243,14 +1051,9 @@ class AggregationService:
         if resume_round is not None and resume_round > r:
             return  # done before a restart
         self._round, self._phase = r, PERSONALIZE_PHASE
-        self._answered = self._turns_ended(r) if resume_round == r else set()
-        if resume_round == r:
-            self._publish_global(self._phase, checkpoint=self._resumed_payload)
-            for device, pending in sorted(self._pending.items()):
-                self._ack(device, r, pending.content_id, True, "accepted before a restart")
-        else:
-            self._pending = {}
-            self._publish_global(self._phase)
+        resumed = resume_round == r
+        turns_ended = self._turns_ended(r) if resumed else set()
+        self._execute(self.sync.open_round(r, self._phase, resumed=resumed, turns_ended=turns_ended))
         participants = self.registry.participants()
         if not self._collect(participants):
             log.warning("personalization: %d devices reported by the deadline", len(self._pending))
@@ -1296,11 +1099,4 @@ class AggregationService:
 
     def personalization_summary(self) -> dict[str, float | None]:
         """Means over the devices that measured on held-out samples (None without any)."""
-        measured = [m for m in self.personalization.values() if m.get("holdout", 0) > 0]
-        keys = ("personalized_accuracy", "global_own_accuracy", "prior_accuracy")
-        return {
-            k: float(np.mean([m[k] for m in measured]))
-            if measured and all(k in m for m in measured)
-            else None
-            for k in keys
-        }
+        return personalization_means(self.personalization)

@@ -96,9 +96,11 @@ class StrategyRule:
         return self.step(state, updates, {} if carry is None else carry)
 
 
-def _stateless(
+def stateless(
     rule: Strategy,
 ) -> Callable[[Mapping[str, np.ndarray], Sequence[ClientUpdate], Carry], tuple[State, Carry]]:
+    """A stateless rule as a step that keeps no carry."""
+
     def step(
         state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], carry: Carry
     ) -> tuple[State, Carry]:
@@ -122,5 +124,5 @@ def build_strategy(name: str, peft: PeftSpec | None = None) -> StrategyRule:
 
         return StrategyRule(name, exact_step, keeps_carry=True)
     if name == "ffa":
-        return StrategyRule(name, _stateless(ffa_fedavg))
-    return StrategyRule(name, _stateless(get_strategy(name)))
+        return StrategyRule(name, stateless(ffa_fedavg))
+    return StrategyRule(name, stateless(get_strategy(name)))

@@ -93,7 +93,9 @@ def test_tiers_train_different_ranks_of_one_global_module(tmp_path: Path, strate
             )
     # the reward table learnt from the training round
     assert sum(len(v) for v in allocator.rewards.observations.values()) >= 1
-    retained = wire.decode_global(broker.retained[service._group(service.devices["small"].config).topic])
+    retained = wire.decode_global(
+        broker.retained[service.broadcast.group(service.devices["small"].config).topic]
+    )
     assert retained.meta["phase"] == "done"
 
 

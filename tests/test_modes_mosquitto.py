@@ -270,9 +270,9 @@ def test_clusters_by_label_distribution_each_with_its_own_published_module(
     assert set(service.personalization) == {f"d{i}" for i in range(6)}
     # the broker holds one retained module per cluster, on the cluster's own topic: the final one
     published = retained_modules(mosquitto, "fl/clu/global/+", 3)
-    assert sorted(published) == sorted(service._cluster_group(c).topic for c in range(3))
+    assert sorted(published) == sorted(service.broadcast.cluster_group(c).topic for c in range(3))
     for c in range(3):
-        module = published[service._cluster_group(c).topic]
+        module = published[service.broadcast.cluster_group(c).topic]
         assert module.meta["phase"] == "done"
         for name, value in states[c].items():
             np.testing.assert_array_equal(module.tensors[name], value)

@@ -5,7 +5,10 @@ Each name of :func:`broker_server.strategies.registered_strategies` is built wit
 by Hypothesis: the result does not depend on the order of the clients; one client of weight 1 gets
 its module back; inputs are not mutated; outputs are finite; and the carry (the exact strategy's
 residual, empty for the others) survives the checkpoint's encoding, so a restarted service
-aggregates the next round as the one before it would have.
+aggregates the next round as the one before it would have. The registered wrappers
+(:mod:`broker_server.strategy_wrappers`: clipping, DP-FedAvg's release) run through the same
+properties around the strategies they take, with a clip norm that no update reaches and no noise, so
+that the identities hold; what they add is tested on its own below.
 
 Modules are compared as functions: a LoRA pair by its product B A (the exact strategy
 re-factorizes, and SVD factors are unique only up to sign), every other tensor as is.
@@ -14,7 +17,7 @@ re-factorizes, and SVD factors are unique only up to sign), every other tensor a
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,9 @@ from hypothesis import strategies as st
 from broker_server.aggregation import ClientUpdate
 from broker_server.checkpoint import decode_carry, encode_carry
 from broker_server.exact import lora_pairs
+from broker_server.privacy import DPFedAvg
 from broker_server.strategies import StrategyRule, build_strategy, registered_strategies
+from broker_server.strategy_wrappers import WRAPPERS, wrap
 from edge_runtime.errors import ConfigError
 from edge_runtime.peft_specs import LoraSpec
 
@@ -35,7 +40,32 @@ PROPERTY = settings(max_examples=25, deadline=None)
 Arrays = dict[str, np.ndarray]
 
 
+NO_CLIP = 1e6
+"""A clip norm no update of these federations reaches."""
+SILENT = DPFedAvg(clip_norm=NO_CLIP, noise_multiplier=0.0, sample_rate=1.0, fleet_size=1)
+"""DP-FedAvg without noise over a fleet of one: the release is the state plus the sum of the deltas."""
+
+
+def _clipped(name: str) -> Callable[[], StrategyRule]:
+    return lambda: wrap("clip", build_strategy(name, SPEC), clip_norm=NO_CLIP)
+
+
+def _silent_dp() -> StrategyRule:
+    return wrap("dp", build_strategy("fedit"), mechanism=SILENT, noise=lambda: np.random.default_rng(0))
+
+
+WRAPPED: dict[str, Callable[[], StrategyRule]] = {
+    **{f"clip({n})": _clipped(n) for n in registered_strategies()},
+    "dp(fedit)": _silent_dp,
+}
+"""Each registered wrapper around the strategies it takes, by the name of the rule it builds."""
+
+MATRIX = [*registered_strategies(), *WRAPPED]
+
+
 def _rule(name: str) -> StrategyRule:
+    if name in WRAPPED:
+        return WRAPPED[name]()
     return build_strategy(name, SPEC)
 
 
@@ -59,7 +89,7 @@ def federations(draw: Any, ffa: bool = False) -> tuple[Arrays, list[ClientUpdate
 
 
 def _federation(name: str) -> Any:
-    return federations(ffa=name == "ffa")
+    return federations(ffa=name in ("ffa", "clip(ffa)"))
 
 
 def function_of(state: Mapping[str, np.ndarray]) -> Arrays:
@@ -86,9 +116,52 @@ def test_the_matrix_covers_every_registered_name() -> None:
         build_strategy("nope", SPEC)
     with pytest.raises(ConfigError, match="LoraSpec"):
         build_strategy("exact", None)
+    # every wrapper is in the matrix, and each wrapped rule says what it wraps
+    assert {name.split("(")[0] for name in WRAPPED} == set(WRAPPERS)
+    assert all(_rule(name).name == name for name in WRAPPED)
 
 
-@pytest.mark.parametrize("name", registered_strategies())
+def test_the_clip_wrapper_gives_its_inner_rule_the_clipped_updates() -> None:
+    rng = np.random.default_rng(0)
+    state = {"w": rng.normal(size=(3, 4)).astype(np.float32)}
+    updates = [
+        ClientUpdate(f"c{i}", 1 + i, {"w": (10.0 * rng.normal(size=(3, 4))).astype(np.float32)})
+        for i in range(3)
+    ]
+    small = [
+        ClientUpdate(u.device_id, u.num_samples, {"w": u.delta["w"] / np.linalg.norm(u.delta["w"])})
+        for u in updates
+    ]
+    wrapped, _ = wrap("clip", build_strategy("fedit"), clip_norm=1.0).aggregate(state, updates)
+    by_hand, _ = build_strategy("fedit").aggregate(state, small)
+    np.testing.assert_allclose(wrapped["w"], by_hand["w"], rtol=1e-5, atol=1e-6)
+    assert np.linalg.norm(wrapped["w"] - state["w"]) <= 1.0 + 1e-5  # a mean of clipped steps
+    unclipped, _ = build_strategy("fedit").aggregate(state, updates)
+    assert np.linalg.norm(unclipped["w"] - state["w"]) > 2.0  # so the wrapper did clip
+    # the inner rule's carry passes through (exact keeps its residual)
+    assert wrap("clip", build_strategy("exact", SPEC), clip_norm=1.0).keeps_carry
+
+
+def test_the_dp_wrapper_is_dp_fedavg_s_release_and_refuses_a_rule_it_cannot_stand_in_for() -> None:
+    rng = np.random.default_rng(1)
+    state = {"w": rng.normal(size=(5,)).astype(np.float32)}
+    updates = [ClientUpdate(f"c{i}", 7, {"w": rng.normal(size=(5,)).astype(np.float32)}) for i in range(3)]
+    mechanism = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, sample_rate=0.5, fleet_size=8)
+    rule = wrap("dp", build_strategy("fedit"), mechanism=mechanism, noise=lambda: np.random.default_rng(3))
+    released, carry = rule.aggregate(state, updates)
+    np.testing.assert_array_equal(
+        released["w"], mechanism.aggregate(state, updates, np.random.default_rng(3))["w"]
+    )
+    again, _ = rule.aggregate(state, list(reversed(updates)))
+    np.testing.assert_allclose(again["w"], released["w"], rtol=1e-6)  # fresh noise of the same key
+    assert carry == {}
+    with pytest.raises(ConfigError, match="dp around --strategy median"):
+        wrap("dp", build_strategy("median"), mechanism=mechanism, noise=lambda: np.random.default_rng(3))
+    with pytest.raises(ConfigError, match="unknown strategy wrapper"):
+        wrap("distill", build_strategy("fedit"))
+
+
+@pytest.mark.parametrize("name", MATRIX)
 def test_client_order_does_not_matter(name: str) -> None:
     @PROPERTY
     @given(_federation(name), st.randoms(use_true_random=False))
@@ -104,7 +177,7 @@ def test_client_order_does_not_matter(name: str) -> None:
     check()
 
 
-@pytest.mark.parametrize("name", registered_strategies())
+@pytest.mark.parametrize("name", MATRIX)
 def test_one_client_of_weight_one_gets_its_module_back(name: str) -> None:
     @PROPERTY
     @given(_federation(name))
@@ -122,7 +195,7 @@ def test_one_client_of_weight_one_gets_its_module_back(name: str) -> None:
     check()
 
 
-@pytest.mark.parametrize("name", registered_strategies())
+@pytest.mark.parametrize("name", MATRIX)
 def test_inputs_are_not_mutated_and_outputs_are_finite(name: str) -> None:
     @PROPERTY
     @given(_federation(name))
@@ -148,7 +221,7 @@ def test_inputs_are_not_mutated_and_outputs_are_finite(name: str) -> None:
     check()
 
 
-@pytest.mark.parametrize("name", registered_strategies())
+@pytest.mark.parametrize("name", MATRIX)
 def test_the_carry_survives_a_checkpoint_round_trip(name: str) -> None:
     @PROPERTY
     @given(_federation(name), st.integers(0, 10))

@@ -1,2 +1,3 @@
-"""Round logic without I/O: a synchronous round's aggregation (``sync``) and the bookkeeping of
-buffered asynchronous versions (``buffered``)."""
+"""Round logic without I/O: events in, commands out (``events``); the synchronous rounds' controller
+and a round's aggregation (``sync``); the buffered asynchronous versions' controller and its jobs,
+arrivals and buffer (``buffered``)."""

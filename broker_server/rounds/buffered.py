@@ -1,4 +1,5 @@
-"""Buffered asynchronous aggregation (FedBuff): jobs, arrivals and the buffer, without I/O.
+"""Buffered asynchronous aggregation (FedBuff): the controller (:class:`BufferedVersions`, events in
+and commands out) and its jobs, arrivals and buffer (:class:`JobBoard`), without I/O.
 
 A *job* gives one device the current global version; its update *arrives* (on the wall clock, or
 on a simulated one); arrivals are taken into the *buffer* in order of arrival, with their
@@ -10,13 +11,35 @@ update for an open job of its device); the service does the I/O and the durable 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker_server.aggregation import ClientUpdate
+import numpy as np
+
+from broker_server.aggregation import ClientUpdate, State
 from broker_server.async_ledger import StoredJob
-from broker_server.asynchronous import StaleUpdate
-from broker_server.intake import PendingUpdate
+from broker_server.asynchronous import Staleness, StaleUpdate, fedbuff_step, parse_staleness
+from broker_server.config import ServiceConfig
+from broker_server.intake import PendingUpdate, check_samples, check_update, expected_shapes
+from broker_server.layout import TRAIN_PHASE
+from broker_server.rounds.events import (
+    Accepted,
+    Ack,
+    Checkpoint,
+    CloseJob,
+    Command,
+    Event,
+    Exclude,
+    NewVersion,
+    OpenJob,
+    Refused,
+    Reject,
+    Status,
+    Update,
+    redelivery,
+    refusal,
+)
 from edge_runtime.errors import StaleRound, UpdateRejected
 
 
@@ -164,3 +187,156 @@ class JobBoard:
             job = Job(j.device, j.version, j.start, j.content_id, j.nbytes, j.answered, j.updated)
             self.jobs[j.job] = job
         self.seq = max(self.jobs, default=0)
+
+
+class BufferedVersions:
+    """The buffered asynchronous controller (FedBuff): jobs on the newest version, updates that
+    arrive for them, and a new version every ``buffer_size`` of them, weighted by their samples
+    and their staleness. No I/O: events in, commands out (:mod:`broker_server.rounds.events`).
+
+    Times are seconds on the asynchronous clock: for an :class:`Update`, the wall time since the
+    asynchronous phase began, unless an :class:`EventClock` says when the job's work lands.
+    """
+
+    def __init__(
+        self,
+        *,
+        buffer_size: int,
+        max_staleness: int,
+        staleness: Staleness,
+        server_lr: float,
+        norm_bound: float,
+        event_clock: EventClock | None = None,
+        accepted_ids: dict[tuple[str, int], str] | None = None,
+    ) -> None:
+        self.buffer_size = buffer_size
+        self.max_staleness = max_staleness
+        self.staleness = staleness
+        self.server_lr = server_lr
+        self.norm_bound = norm_bound
+        self.event_clock = event_clock
+        self.accepted_ids = {} if accepted_ids is None else accepted_ids
+        self.jobs = JobBoard()  # jobs, arrivals and the buffer
+        self.state: State = {}
+        self.version = 0
+        self.now = 0.0  # the asynchronous clock: the last arrival taken
+        self.stale = 0  # updates dropped as too stale since the last version
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ServiceConfig,
+        *,
+        event_clock: EventClock | None = None,
+        accepted_ids: dict[tuple[str, int], str] | None = None,
+    ) -> BufferedVersions:
+        """A controller with the service configuration's buffer, bound and staleness weights."""
+        return cls(
+            buffer_size=config.buffer_size,
+            max_staleness=config.max_staleness,
+            staleness=parse_staleness(config.staleness),
+            server_lr=config.server_lr,
+            norm_bound=config.norm_bound,
+            event_clock=event_clock,
+            accepted_ids=accepted_ids,
+        )
+
+    def begin(self, state: Mapping[str, np.ndarray], version: int, now: float = 0.0) -> None:
+        """Start (or continue) from ``state`` as version ``version`` at ``now``."""
+        self.state, self.version, self.now = dict(state), version, now
+
+    def handle(self, event: Event, now: float) -> list[Command]:
+        """The commands that ``event``, at time ``now``, calls for."""
+        if isinstance(event, Update):
+            return self._update(event, now)
+        if isinstance(event, Refused):
+            return refusal(event, self.version)[1]
+        if isinstance(event, Status):
+            return self._status(event)
+        return self._take_next()
+
+    def ready(self) -> bool:
+        """Whether an arrival is final, so that a :class:`Tick` takes it."""
+        arrivals = self.jobs.arrivals
+        return bool(arrivals) and (
+            self.event_clock is None or arrivals[0][0] <= self.jobs.earliest_in_flight()
+        )
+
+    def idle(self) -> bool:
+        """No device is training and no update waits: nothing can make the next version."""
+        return not self.jobs.in_flight() and not self.jobs.arrivals
+
+    def offer(self, device: str, *, returning: bool = False) -> list[Command]:
+        """Give ``device`` a job on the newest version unless the job board says it must wait
+        (:meth:`JobBoard.replace_for`); the jobs a returning device's new one replaces close."""
+        replaced = self.jobs.replace_for(device, self.version, returning=returning)
+        if replaced is None:
+            return []
+        return [*(CloseJob(job) for job in replaced), OpenJob(device)]
+
+    def give_up(self) -> list[Command]:
+        """The deadline passed with no update: stop waiting for every job in flight."""
+        commands: list[Command] = []
+        for job_id, job in self.jobs.unanswered():
+            job.answered = True
+            commands += [CloseJob(job_id), Reject(job.device, self.version, "deadline: job unanswered")]
+        return commands
+
+    def _status(self, event: Status) -> list[Command]:
+        if event.state != "failed" or not isinstance(event.round, int):
+            return []
+        if not self.jobs.fail(event.round, event.device):
+            return []
+        # do not wait for it, do not give it more
+        reason = f"failed job {event.round}: device_failed: {event.reason}"
+        return [Exclude(event.device, reason), CloseJob(event.round)]
+
+    def _update(self, event: Update, now: float) -> list[Command]:
+        """Accept an update for one of its device's jobs; it joins the arrivals at its time."""
+        again = redelivery(self.accepted_ids, event)
+        if again is not None:
+            return again
+        u, device = event.update, event.device
+        try:
+            job = self.jobs.job_for(u.round, device, u.base_id)
+            check_update(u, expected_shapes(TRAIN_PHASE, event.shapes), TRAIN_PHASE, self.norm_bound)
+            check_samples(u, event.hello)
+        except UpdateRejected as exc:
+            return refusal(Refused(device, exc.round, exc.code, exc.reason, known=True), self.version)[1]
+        train_s = float(u.metrics.get("train_s", 0.0))
+        if self.event_clock is not None:
+            now = self.event_clock.finish(device, job.start, train_s, len(event.payload), job.nbytes)
+        cid = event.content_id
+        pending = PendingUpdate(u, cid, len(event.payload))
+        self.accepted_ids[(device, u.round)] = cid
+        self.jobs.arrive(now, device, u.round, pending)
+        return [
+            Checkpoint(device, u.round, pending, event.payload, arrival=now),
+            Ack(device, u.round, cid, True, ""),
+            Accepted(device),
+        ]
+
+    def _take_next(self) -> list[Command]:
+        """Take the next final arrival into the buffer (or drop it as too stale); a full buffer
+        makes a new version; the device that sent it gets its next job."""
+        if not self.ready():
+            return []
+        arrival = heapq.heappop(self.jobs.arrivals)
+        at, device, job_id, _ = arrival
+        self.now = max(self.now, at)
+        commands: list[Command] = []
+        if self.jobs.take(arrival, self.version, self.max_staleness) is None:
+            self.stale += 1
+            trained_on = self.jobs.jobs[job_id].version
+            reason = (
+                f"stale_round: job {job_id} trained on version {trained_on}, now {self.version} "
+                f"(bound {self.max_staleness})"
+            )
+            commands.append(Reject(device, self.version, reason, what="dropped", job=job_id))
+        if len(self.jobs.buffer) >= self.buffer_size:
+            taken = self.jobs.drain()
+            self.state = fedbuff_step(self.state, [b for _, b in taken], self.staleness, self.server_lr)
+            self.version += 1
+            commands.append(NewVersion(self.version, self.state, taken, stale=self.stale))
+            self.stale = 0
+        return commands + self.offer(device)
