@@ -57,7 +57,9 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for i in range(a.repeats):
         for name, cfg in configs.items():
-            m = measure_training(cfg, steps=a.steps, threads=a.threads, artifacts=folders[name])
+            m = measure_training(
+                cfg, steps=a.steps, threads=a.threads, artifacts=folders[name], lean_memory=True
+            )
             runs[name].append(asdict(m))
             print(
                 f"repeat {i + 1}/{a.repeats} {name}: peak {m.peak_rss_mb:.0f} MiB, {m.step_s:.3f} s/step",

@@ -263,7 +263,9 @@ class DeviceAgent:
         key = json.dumps([config.to_dict(), str(self.artifact_folder)], sort_keys=True)
         if key not in self._engine_cache:
             self._engine_cache.clear()  # one engine at a time: a device has little memory
-            self._engine_cache[key] = create_engine(config, seed=self.seed, artifacts=self.artifact_folder)
+            self._engine_cache[key] = create_engine(
+                config, seed=self.seed, artifacts=self.artifact_folder, device_cap_mb=self.mem_cap_mb
+            )
         return self._engine_cache[key]
 
     def _on_global(self, topic: str, payload: bytes) -> None:

@@ -66,8 +66,13 @@ def create_engine(
     seed: int = 0,
     threads: int | None = None,
     artifacts: str | Path | None = None,
+    device_cap_mb: float | None = None,
 ) -> TrainingEngine:
     """The engine named in ``config.engine``; torch is imported only when it is the torch engine.
+
+    ``device_cap_mb`` is the device's own memory cap, if any: under it (or under the assignment's
+    ``config.mem_cap_mb``) the ORT engines use the lean allocator, which trades step time for peak
+    memory (:func:`edge_runtime.engines.ort_engine.wants_lean_memory`).
 
     The ORT engines need the folder of artifacts built for ``config``
     (:func:`broker_server.artifacts.build_artifacts`; flavour ``step`` for ``ort-plain``).
@@ -86,16 +91,19 @@ def create_engine(
             raise ConfigError(
                 "the ORT engine needs its training artifacts (broker_server.artifacts.build_artifacts)"
             )
-        from edge_runtime.engines.ort_engine import OrtEngine
+        from edge_runtime.engines.ort_engine import OrtEngine, wants_lean_memory
 
-        return OrtEngine(config, artifacts=artifacts, seed=seed, threads=threads)
+        lean = wants_lean_memory(config, device_cap_mb)
+        return OrtEngine(config, artifacts=artifacts, seed=seed, threads=threads, lean_memory=lean)
     if config.engine == "ort-plain":
         if artifacts is None:
             raise ConfigError(
                 "the plain ORT engine needs its step graph "
                 "(broker_server.artifacts.build_artifacts(config, flavour='step'))"
             )
+        from edge_runtime.engines.ort_engine import wants_lean_memory
         from edge_runtime.engines.ort_step_engine import OrtStepEngine
 
-        return OrtStepEngine(config, artifacts=artifacts, seed=seed, threads=threads)
+        lean = wants_lean_memory(config, device_cap_mb)
+        return OrtStepEngine(config, artifacts=artifacts, seed=seed, threads=threads, lean_memory=lean)
     raise ConfigError(f"engine {config.engine!r} is not available in this build")

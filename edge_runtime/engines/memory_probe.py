@@ -88,8 +88,11 @@ def measure_training(
     threads: int | None = None,
     timeout_s: float = 600.0,
     artifacts: str | None = None,
+    lean_memory: bool | None = None,
 ) -> TrainingMeasurement:
     """Train ``steps`` steps of ``config`` (batch and length overridable) in a fresh process.
+
+    ``lean_memory`` sets the ORT engines' allocator (None: their policy, lean only under a cap).
 
     With ``config.engine`` ``ort`` or ``ort-plain``, ``artifacts`` is the folder from
     :func:`broker_server.artifacts.build_artifacts`, and the child makes torch, transformers and
@@ -119,6 +122,8 @@ def measure_training(
         if artifacts is None:
             raise ConfigError("measuring the ORT engine needs its artifact folder")
         cmd += ["--artifacts", str(artifacts)]
+        if lean_memory is not None:
+            cmd += ["--lean", str(int(lean_memory))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
@@ -174,7 +179,11 @@ def measure_in_process(
 
 
 def _probe(
-    config: TrainConfig, steps: int, threads: int | None, artifacts: str | None
+    config: TrainConfig,
+    steps: int,
+    threads: int | None,
+    artifacts: str | None,
+    lean_memory: bool | None = None,
 ) -> TrainingMeasurement:
     """Runs in the child: build the engine of ``config.engine``, train, measure."""
 
@@ -182,11 +191,15 @@ def _probe(
         if config.engine == "ort":
             from edge_runtime.engines.ort_engine import OrtEngine
 
-            return OrtEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
+            return OrtEngine(
+                config, artifacts=str(artifacts), seed=0, threads=threads, lean_memory=lean_memory
+            )
         if config.engine == "ort-plain":
             from edge_runtime.engines.ort_step_engine import OrtStepEngine
 
-            return OrtStepEngine(config, artifacts=str(artifacts), seed=0, threads=threads)
+            return OrtStepEngine(
+                config, artifacts=str(artifacts), seed=0, threads=threads, lean_memory=lean_memory
+            )
         from edge_runtime.engines.torch_engine import TorchEngine
 
         return TorchEngine(config, seed=0, threads=threads)
@@ -201,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--artifacts", default=None, help="ORT artifact folder (engines ort, ort-plain)")
+    parser.add_argument(
+        "--lean", type=int, choices=(0, 1), default=None, help="ORT allocator (default: policy)"
+    )
     args = parser.parse_args(argv)
     config = TrainConfig.from_dict(json.loads(args.config))
     if config.engine in ("ort", "ort-plain"):  # as on a device with the edge extra only
@@ -209,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             blocked += ("onnxruntime.training",)
         for name in blocked:
             sys.modules[name] = None  # type: ignore[assignment]
-    result = _probe(config, args.steps, args.threads, args.artifacts)
+    lean = None if args.lean is None else bool(args.lean)
+    result = _probe(config, args.steps, args.threads, args.artifacts, lean)
     print(json.dumps(result.__dict__))
     return 0
 

@@ -92,8 +92,9 @@ def use_lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
     By default glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), so the
     activation buffers of one training step stay in the heap and the next step's land beside
     them: resident memory grows by what fragmentation costs. A fixed 1 MiB threshold measured
-    about 120 MiB less peak memory training MiniLM (batch 32, 64 tokens) for a few percent more
-    time per step. The setting is process-wide; returns False where it does not apply (no glibc).
+    about 150 MiB less peak memory training MiniLM (batch 32, 64 tokens) for 1.32x the time per
+    step (``bench/ort_allocator.py``). The setting is process-wide; returns False where it does not
+    apply (no glibc).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -104,6 +105,17 @@ def use_lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):
         return False
+
+
+def wants_lean_memory(config: TrainConfig, device_cap_mb: float | None = None) -> bool:
+    """Whether an ORT engine should trade step time for peak memory (:func:`use_lean_allocator`).
+
+    Only under a memory cap, the assignment's (``config.mem_cap_mb``) or the device's own: the lean
+    allocator measured 0.86x the peak (887 against 1,035 MiB) and 1.32x the step time training
+    MiniLM (LoRA r=8, batch 32, 64 tokens; ``bench/ort_allocator.py``), so an uncapped device trains
+    faster without it.
+    """
+    return config.mem_cap_mb is not None or device_cap_mb is not None
 
 
 # What to install for the ort engine, and where that is possible at all: the error every missing
@@ -201,10 +213,12 @@ class OrtEngine:
         artifacts: str | Path,
         seed: int = 0,
         threads: int | None = None,
-        lean_memory: bool = True,
+        lean_memory: bool | None = None,
     ) -> None:
         check_ort_support(config)
-        if lean_memory:
+        # None: lean only under a memory cap (wants_lean_memory); the setting is process-wide
+        self.lean_memory = wants_lean_memory(config) if lean_memory is None else lean_memory
+        if self.lean_memory:
             use_lean_allocator()
         self.config = config
         self.seed = seed

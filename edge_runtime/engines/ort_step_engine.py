@@ -42,7 +42,12 @@ from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1, refuse_image_model
 from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
-from edge_runtime.engines.ort_engine import TOKENIZER_NAME, load_manifest, use_lean_allocator
+from edge_runtime.engines.ort_engine import (
+    TOKENIZER_NAME,
+    load_manifest,
+    use_lean_allocator,
+    wants_lean_memory,
+)
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec
 from edge_runtime.tokenizer import load_tokenizer
@@ -95,10 +100,12 @@ class OrtStepEngine:
         artifacts: str | Path,
         seed: int = 0,
         threads: int | None = None,
-        lean_memory: bool = True,
+        lean_memory: bool | None = None,
     ) -> None:
         check_step_support(config)
-        if lean_memory:
+        # None: lean only under a memory cap (wants_lean_memory); the setting is process-wide
+        self.lean_memory = wants_lean_memory(config) if lean_memory is None else lean_memory
+        if self.lean_memory:
             use_lean_allocator()
         self.config = config
         self.seed = seed
