@@ -12,7 +12,10 @@ head) adapted by the LoRA module, then
     logits = head(normalize(mean of last_hidden_state over attention_mask))
 
 (:class:`~edge_runtime.engines.torch_engine.TextClassifier`): masked mean pooling, L2
-normalisation, a linear head whose rows carry the cosine head's scale. This is not peft's or
+normalisation, a linear head whose rows carry the cosine head's scale. Decoders (the ``llama``
+family) pool by their last real token instead of the mean, as the engine trains them; the manifest's
+``classifier`` line says which. For a decoder's ONNX graph the causal and padding mask goes in as
+one additive 4-D tensor, since transformers' own causal-mask code does not trace. This is not peft's or
 transformers' sequence-classification head (a pooler on the first token), so the head travels in a
 file of its own rather than as a ``modules_to_save`` entry of a model class users would not have.
 
@@ -96,7 +99,7 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError, EngineError, FedPeftError, NonFinite, ShapeMismatch
-from edge_runtime.families import QA_TASK, family_of_dir
+from edge_runtime.families import QA_TASK, family_of, family_of_dir
 from edge_runtime.models import hub_name, resolve_model
 from edge_runtime.module_store import GLOBAL_MODULE, PERSONAL_MODULE, ModuleStore
 from edge_runtime.peft_specs import LoraSpec
@@ -117,6 +120,18 @@ ONNX_TOLERANCE = 1e-4  # largest absolute logit difference between onnxruntime a
 SERVICE_DB = "state.sqlite"
 DEVICE_MODULES = "modules"
 CLASSIFIER = "logits = head(normalize(mean of last_hidden_state over attention_mask))"
+# decoders (the llama family) read the last real token instead of the mean; see classifier_line()
+POOLED_BY = {
+    "mean": "mean of last_hidden_state over attention_mask",
+    "last_token": "last_hidden_state at each row's last real token (rows padded on the right)",
+}
+
+
+def classifier_line(pooling: str) -> str:
+    """The manifest's one-line description of a text classifier that pools by ``pooling``."""
+    return f"logits = head(normalize({POOLED_BY[pooling]}))"
+
+
 PROBE_TEXTS = (
     "A short one.",
     "The striker scored twice before half time and the league title is within reach.",
@@ -460,12 +475,40 @@ def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
     elif task == "image-classification":
         classifier = ImageClassifier(peft_model, hidden, labels)
     else:
-        classifier = TextClassifier(peft_model, hidden, labels)
+        classifier = TextClassifier(peft_model, hidden, labels, None, family_of(base.config).pooling)
     with torch.no_grad():
         classifier.head.weight.copy_(torch.from_numpy(tensors["head.weight"]))
         classifier.head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
     classifier.eval()
     return _Adapted(classifier, tokenizer, spec, len(tensors), task, path)
+
+
+def _causal_mask_encoder(inner: Any) -> Any:
+    """``inner``, a decoder, wrapped to take its causal and padding mask as one additive 4-D tensor.
+
+    transformers builds a decoder's causal mask with code the TorchScript tracer cannot follow
+    (``torch.onnx.export`` fails with ``unordered_map::at`` on LLaMA); given a 4-D mask it uses it
+    as it is. The mask lets each position see itself and the real tokens before it, the mask
+    transformers builds from a right-padded ``attention_mask``, so the hidden states at real tokens
+    are the unwrapped decoder's.
+    """
+    import torch
+    from torch import nn
+
+    class CausalMaskEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            n = input_ids.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+            blocked = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            return self.inner(input_ids=input_ids, attention_mask=blocked, use_cache=False)
+
+    return CausalMaskEncoder()
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,7 +550,9 @@ def _write_folder(out: Path, fill: Any) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _manifest(source: ModuleSource, spec: LoraSpec, kind: str, hidden: int) -> dict[str, Any]:
+def _manifest(
+    source: ModuleSource, spec: LoraSpec, kind: str, hidden: int, pooling: str = "mean"
+) -> dict[str, Any]:
     return {
         "fedpeft_export": EXPORT_VERSION,
         "format": kind,
@@ -519,7 +564,7 @@ def _manifest(source: ModuleSource, spec: LoraSpec, kind: str, hidden: int) -> d
         "hidden": hidden,
         "seq_len": source.config.seq_len,
         "train": source.config.to_dict(),
-        "classifier": CLASSIFIER,
+        "classifier": classifier_line(pooling),
     }
 
 
@@ -549,7 +594,8 @@ def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = 
         }
         save_file(head, str(folder / HEAD_NAME))
         tokenizer.save_pretrained(str(folder))
-        manifest = _manifest(source, spec, "peft", hidden) | {"head": HEAD_NAME}
+        pooling = str(getattr(classifier, "pooling", "mean"))
+        manifest = _manifest(source, spec, "peft", hidden, pooling) | {"head": HEAD_NAME}
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
     _write_folder(out, fill)
@@ -610,7 +656,7 @@ def load_exported(
         raise ShapeMismatch(
             f"{HEAD_NAME}: shape {tuple(head['weight'].shape)} does not fit the manifest's model"
         )
-    classifier = TextClassifier(adapted, hidden, labels)
+    classifier = TextClassifier(adapted, hidden, labels, None, family_of(encoder.config).pooling)
     with torch.no_grad():
         classifier.head.weight.copy_(head["weight"])
         classifier.head.bias.copy_(head["bias"])
@@ -648,7 +694,9 @@ def export_onnx(
         merged_encoder = classifier.encoder.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge refuses weights that would turn NaN
         raise NonFinite(f"merging the LoRA module: {exc}") from None
-    merged = TextClassifier(merged_encoder, hidden, labels)
+    if classifier.pooling == "last_token":  # a decoder: trace its causal mask as plain tensor ops
+        merged_encoder = _causal_mask_encoder(merged_encoder)
+    merged = TextClassifier(merged_encoder, hidden, labels, None, classifier.pooling)
     merged.head.load_state_dict(classifier.head.state_dict())
     merged.eval()
 
@@ -697,7 +745,7 @@ def export_onnx(
             )
         measured["max_abs_diff"] = diff
         tokenizer.save_pretrained(str(folder))
-        manifest = _manifest(source, spec, "onnx", hidden) | {
+        manifest = _manifest(source, spec, "onnx", hidden, classifier.pooling) | {
             "onnx": {
                 "file": ONNX_NAME,
                 "opset": ONNX_OPSET,
