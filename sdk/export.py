@@ -49,8 +49,8 @@ and its logits are compared with the unmerged torch model's: a largest absolute 
 :data:`ONNX_TOLERANCE` fails the export, and the measured one goes into ``fedpeft_export.json``.
 The folder also holds the tokenizer files.
 
-Image classifiers and question answering (ONNX only)
-----------------------------------------------------
+Image classifiers and question answering
+----------------------------------------
 A ViT module (a model folder of the ``vit`` family) exports with ``--format onnx`` as
 ``logits = head(normalize(class token's last hidden state))``
 (:class:`~edge_runtime.engines.torch_engine.ImageClassifier`), LoRA merged the same way. Input
@@ -67,8 +67,11 @@ batch x sequence, dynamic); outputs ``start_logits`` and ``end_logits`` (batch x
 padding is not masked). The answer is the best span of context tokens
 (:func:`edge_runtime.qa_eval.best_span`). The check runs :data:`PROBE_QUESTIONS`; the tokenizer
 files go beside the graph. Both compare every output with the unmerged torch model within
-:data:`ONNX_TOLERANCE`. ``--format peft`` refuses both (its folder and :func:`load_exported`
-rebuild text classifiers only).
+:data:`ONNX_TOLERANCE`. ``--format peft`` writes both as it writes a text classifier (adapter,
+``head.safetensors``, the manifest with ``task``; the image model's manifest has
+``preprocessing`` and no tokenizer files, the span model's ``segments`` and ``seq_len``), and
+:func:`load_exported` rebuilds the :class:`~edge_runtime.engines.torch_engine.ImageClassifier` or
+:class:`~edge_runtime.engines.torch_engine.SpanExtractor` by the manifest's ``task``.
 
 Where modules come from (:func:`read_module`)
 ---------------------------------------------
@@ -190,16 +193,28 @@ class ExportResult:
 class ExportedModel:
     """What :func:`load_exported` returns: the rebuilt classifier, its tokenizer and the manifest.
 
-    ``model(input_ids, attention_mask)`` gives the logits; ``model.encoder`` is the
-    ``PeftModel`` and ``model.head`` the head.
+    A text classifier's ``model(input_ids, attention_mask)`` gives the logits (:meth:`logits`
+    tokenizes for it); an image classifier's ``model(pixel_values)`` (:meth:`image_logits`
+    preprocesses for it); a question answering model's ``model(input_ids, attention_mask[,
+    token_type_ids])`` the start and end logits (:meth:`span_logits`). ``model.encoder`` is the
+    ``PeftModel`` and ``model.head`` the head. ``tokenizer`` is None for an image model.
     """
 
-    model: TextClassifier
+    model: TextClassifier | ImageClassifier | SpanExtractor
     tokenizer: Any
     manifest: dict[str, Any]
 
+    @property
+    def task(self) -> str:
+        return str(self.manifest.get("task", "classification"))
+
+    def _want(self, task: str, call: str) -> None:
+        if self.task != task:
+            raise ConfigError(f"{call} is for {task} exports; this one is {self.task}")
+
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask as the engines make them (truncated at the run's seq_len)."""
+        self._want("classification", "encode")
         return _encode(self.tokenizer, texts, int(self.manifest["seq_len"]))
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
@@ -210,6 +225,40 @@ class ExportedModel:
         with torch.no_grad():
             logits: torch.Tensor = self.model(input_ids, mask)
         return logits
+
+    def pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``pixel_values`` of ``images`` (H x W x 3 uint8 arrays), preprocessed as the manifest says."""
+        import torch
+
+        from edge_runtime.engines.torch_engine import pixel_values
+
+        self._want("image-classification", "pixels")
+        pre = self.manifest["preprocessing"]
+        shape = (int(pre["channels"]), 1, 1)
+        mean = torch.tensor(pre["image_mean"], dtype=torch.float32).reshape(shape)
+        std = torch.tensor(pre["image_std"], dtype=torch.float32).reshape(shape)
+        return pixel_values(list(images), int(pre["image_size"]), int(pre["channels"]), mean, std)
+
+    def image_logits(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Class logits of ``images``."""
+        import torch
+
+        pixels = self.pixels(images)
+        with torch.no_grad():
+            logits: torch.Tensor = self.model(pixels)
+        return logits
+
+    def span_logits(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits of (question, context) pairs, encoded as the engine encodes them."""
+        import torch
+
+        self._want(QA_TASK, "span_logits")
+        feeds = encode_pairs(
+            self.tokenizer, pairs, int(self.manifest["seq_len"]), bool(self.manifest["segments"])
+        )
+        with torch.no_grad():
+            start, end = self.model(*feeds.values())
+        return start, end
 
 
 # --- where modules come from -----------------------------------------------------------------------
@@ -574,16 +623,23 @@ def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = 
 
     out = Path(out).expanduser()
     _check_out(out)
-    task = export_task(source.config)
-    if task != "classification":
-        what = "an image model" if task == "image-classification" else "a question answering module"
-        raise ConfigError(
-            f"model {source.config.model!r} is {what}: --format peft writes text classifiers only "
-            "(export it with --format onnx)"
-        )
     adapted = _adapted(source, threads)
     classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
     hidden = int(classifier.head.in_features)
+    extra: dict[str, Any] = {"task": adapted.task, "head": HEAD_NAME}
+    if adapted.task == "image-classification":
+        from edge_runtime.engines.torch_engine import preprocessor_stats
+
+        config = classifier.encoder.config
+        size, channels = int(config.image_size), int(config.num_channels)
+        mean, std = preprocessor_stats(adapted.path, channels)
+        extra |= {
+            "classifier": IMAGE_CLASSIFIER,
+            "preprocessing": _image_preprocessing(size, channels, mean, std),
+        }
+    elif adapted.task == QA_TASK:
+        segments, seq_len = _span_encoding(classifier.encoder, source.config.seq_len)
+        extra |= {"classifier": SPAN_EXTRACTOR, "segments": segments, "seq_len": seq_len}
 
     def fill(folder: Path) -> None:
         # no embedding layers: LoRA never trains them, and checking would look the base up on the hub
@@ -593,9 +649,10 @@ def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = 
             "bias": classifier.head.bias.detach().clone(),
         }
         save_file(head, str(folder / HEAD_NAME))
-        tokenizer.save_pretrained(str(folder))
-        pooling = str(getattr(classifier, "pooling", "mean"))
-        manifest = _manifest(source, spec, "peft", hidden, pooling) | {"head": HEAD_NAME}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+        pooling = str(getattr(classifier, "pooling", "mean")) if adapted.task == "classification" else "mean"
+        manifest = _manifest(source, spec, "peft", hidden, pooling) | extra
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
     _write_folder(out, fill)
@@ -631,10 +688,11 @@ def load_exported(
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from edge_runtime.engines.torch_engine import TextClassifier
+    from edge_runtime.engines.torch_engine import ImageClassifier, SpanExtractor, TextClassifier
 
     folder = Path(path).expanduser()
     manifest = _read_manifest(folder)
+    task = str(manifest.get("task", "classification"))
     if manifest.get("format") != "peft":
         raise ConfigError(
             f"{folder} holds an {manifest.get('format')} export: open {ONNX_NAME} with "
@@ -646,17 +704,24 @@ def load_exported(
     model_path = str(base) if base is not None else resolve_model(str(manifest["model"]))
     try:
         encoder = AutoModel.from_pretrained(model_path, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = None if task == "image-classification" else AutoTokenizer.from_pretrained(str(folder))
     except OSError as exc:
         raise EngineError(f"cannot load the base model {model_path!r}: {exc}") from None
     adapted = PeftModel.from_pretrained(encoder, str(folder))
     head = load_file(str(folder / HEAD_NAME))
     labels, hidden = (int(n) for n in head["weight"].shape)
-    if labels != manifest.get("num_labels") or hidden != encoder.config.hidden_size:
+    rows = 2 if task == QA_TASK else manifest.get("num_labels")  # QA: a start and an end logit
+    if labels != rows or hidden != encoder.config.hidden_size:
         raise ShapeMismatch(
             f"{HEAD_NAME}: shape {tuple(head['weight'].shape)} does not fit the manifest's model"
         )
-    classifier = TextClassifier(adapted, hidden, labels, None, family_of(encoder.config).pooling)
+    classifier: TextClassifier | ImageClassifier | SpanExtractor
+    if task == "image-classification":
+        classifier = ImageClassifier(adapted, hidden, labels)
+    elif task == QA_TASK:
+        classifier = SpanExtractor(adapted, hidden)
+    else:
+        classifier = TextClassifier(adapted, hidden, labels, None, family_of(encoder.config).pooling)
     with torch.no_grad():
         classifier.head.weight.copy_(head["weight"])
         classifier.head.bias.copy_(head["bias"])
@@ -852,6 +917,7 @@ def _export_onnx_image(
         raise ConfigError(f"model {source.config.model!r} takes {channels}-channel images; 1 or 3 are read")
     mean, std = preprocessor_stats(adapted.path, channels)
     pixels = pixel_values(probe_images(size), size, channels, mean, std)
+    preprocessing = _image_preprocessing(size, channels, mean, std)
     with torch.no_grad():
         features = classifier.features(pixels)
         references = {"logits": classifier.head(features).numpy(), "features": features.numpy()}
@@ -886,14 +952,7 @@ def _export_onnx_image(
         measured["max_abs_diff"] = diff
         manifest = _manifest(source, spec, "onnx", hidden) | {
             "classifier": IMAGE_CLASSIFIER,
-            "preprocessing": {
-                "image_size": size,
-                "channels": channels,
-                "resize": "bilinear, antialiased, to image_size x image_size",
-                "scale": "pixel / 255; one channel: the mean of R, G and B",
-                "image_mean": mean.reshape(-1).tolist(),
-                "image_std": std.reshape(-1).tolist(),
-            },
+            "preprocessing": preprocessing,
             "onnx": {
                 "file": ONNX_NAME,
                 "opset": ONNX_OPSET,
@@ -916,6 +975,29 @@ def _export_onnx_image(
         tensors=adapted.tensors,
         max_abs_diff=measured["max_abs_diff"],
     )
+
+
+def _image_preprocessing(size: int, channels: int, mean: Any, std: Any) -> dict[str, Any]:
+    """How the engine turns an image into ``pixel_values``: the manifest's ``preprocessing``."""
+    return {
+        "image_size": size,
+        "channels": channels,
+        "resize": "bilinear, antialiased, to image_size x image_size",
+        "scale": "pixel / 255; one channel: the mean of R, G and B",
+        "image_mean": [float(v) for v in mean.reshape(-1).tolist()],
+        "image_std": [float(v) for v in std.reshape(-1).tolist()],
+    }
+
+
+def _span_encoding(encoder: Any, seq_len: int) -> tuple[bool, int]:
+    """Whether pairs carry segment ids, and the tokens a pair gets, as the torch engine decides:
+    segment ids where the model has a table for two segments (BERT); at most ``seq_len`` tokens and
+    no more than the position table holds past RoBERTa's padding offset."""
+    config = encoder.config
+    segments = int(getattr(config, "type_vocab_size", 0) or 0) >= 2
+    padding_idx = getattr(getattr(encoder.get_base_model(), "embeddings", None), "padding_idx", None)
+    room = int(config.max_position_embeddings) - (padding_idx + 1 if padding_idx is not None else 0)
+    return segments, min(seq_len, room)
 
 
 def encode_pairs(
@@ -948,14 +1030,7 @@ def _export_onnx_spans(
 
     classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
     hidden = int(classifier.head.in_features)
-    config = classifier.encoder.config
-    # as the engine decides: segment ids where the model has a table for two segments
-    segments = int(getattr(config, "type_vocab_size", 0) or 0) >= 2
-    padding_idx = getattr(
-        getattr(classifier.encoder.get_base_model(), "embeddings", None), "padding_idx", None
-    )
-    room = int(config.max_position_embeddings) - (padding_idx + 1 if padding_idx is not None else 0)
-    seq_len = min(source.config.seq_len, room)
+    segments, seq_len = _span_encoding(classifier.encoder, source.config.seq_len)
     feeds = encode_pairs(tokenizer, PROBE_QUESTIONS, seq_len, segments)
     with torch.no_grad():
         start, end = classifier(*feeds.values())

@@ -28,6 +28,7 @@ from sdk.export import (
     encode_pairs,
     export_onnx,
     export_peft,
+    load_exported,
 )
 from tests.helpers import write_qa_folder
 from tests.tiny_model import make_tiny_bert, make_tiny_vit
@@ -109,13 +110,24 @@ def test_a_vit_with_its_merged_module_runs_in_onnxruntime_with_torch_s_logits(
     assert (engine.evaluate(images).predictions == logits.argmax(-1)).all()
 
 
-def test_a_vit_module_is_refused_by_the_peft_format_naming_onnx(
+def test_a_vit_module_round_trips_through_peft_with_the_engine_s_logits(
     vit_export: dict[str, Any], tmp_path: Path
 ) -> None:
+    engine: TorchEngine = vit_export["engine"]
     source = ModuleSource(vit_export["state"], vit_export["cfg"], "a random module on a tiny ViT")
-    with pytest.raises(ConfigError, match=r"is an image model: --format peft writes text classifiers only"):
-        export_peft(source, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    out = export_peft(source, tmp_path / "out").out
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    exported = load_exported(out, threads=1)
+    assert exported.task == "image-classification" and exported.tokenizer is None
+    rng = np.random.default_rng(5)
+    images = tuple(rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in [(16, 16), (9, 30), (40, 40)])
+    expected_pixels = engine._pixels(ImageDataset(images, np.zeros(3), ("a", "b", "c")))
+    torch.testing.assert_close(exported.pixels(images), expected_pixels, rtol=0, atol=0)
+    with torch.no_grad():
+        expected = engine.model(expected_pixels)
+    assert torch.equal(exported.image_logits(images), expected)
+    with pytest.raises(ConfigError, match="is for classification exports; this one is image-classification"):
+        exported.logits(["a text"])
 
 
 # --- question answering ---------------------------------------------------------------------------
@@ -174,11 +186,17 @@ def test_a_question_answering_model_runs_in_onnxruntime_with_torch_s_span_logits
     assert (folder / "tokenizer.json").is_file()
 
 
-def test_a_question_answering_module_is_refused_by_the_peft_format_naming_onnx(
+def test_a_question_answering_module_round_trips_through_peft_with_the_engine_s_span_logits(
     qa_export: dict[str, Any], tmp_path: Path
 ) -> None:
+    engine: TorchEngine = qa_export["engine"]
+    test = qa_export["test"]
     source = ModuleSource(qa_export["state"], qa_export["cfg"], "a random QA module")
-    with pytest.raises(
-        ConfigError, match=r"is a question answering module: --format peft writes text classifiers"
-    ):
-        export_peft(source, tmp_path / "out")
+    exported = load_exported(export_peft(source, tmp_path / "out").out, threads=1)
+    assert exported.task == "question-answering" and exported.manifest["segments"] is True
+    pairs = list(zip(test.questions, test.contexts, strict=True))
+    feeds = encode_pairs(engine.tokenizer, pairs, 48, segments=True)
+    with torch.no_grad():
+        start, end = engine.model(*feeds.values())
+    got_start, got_end = exported.span_logits(pairs)
+    assert torch.equal(got_start, start) and torch.equal(got_end, end)
