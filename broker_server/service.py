@@ -118,6 +118,7 @@ class AggregationService:
         self.config = config
         self.evaluator = evaluator
         self.store = store
+        self.on_round = on_round  # read at each record: callers may set it after construction
         self.on_accept = on_accept
         self.clock = clock
         self.allocator = allocator
@@ -193,7 +194,7 @@ class AggregationService:
             "clock": clock,
             "stopped": lambda: self._stopped,
             "store": store,
-            "on_round": on_round,
+            "on_round": self._recorded,
         }
         self.rounds_loop = RoundLoop(
             config,
@@ -331,6 +332,11 @@ class AggregationService:
         """The current round (or version) and its stale updates, for the stored counters."""
         stale = self.buffered.stale if self.versions.active else self.sync.stale
         return self.broadcast.round, stale
+
+    def _recorded(self, record: dict[str, Any]) -> None:
+        """A round's (or version's) record is in: tell :attr:`on_round`, if set."""
+        if self.on_round is not None:
+            self.on_round(record)
 
     def _kind_configs(self) -> list[TrainConfig]:
         """The largest configuration of each PEFT kind the fleet trains (distillation's students)."""
