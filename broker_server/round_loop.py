@@ -90,6 +90,12 @@ class RoundLoop:
         self.resumed_round_counters = (0, 0)
         self.resumed_payload = b""
 
+    def key_dp(self, key: bytes) -> None:
+        """Key DP-FedAvg's sampling of devices and its noise (the same draws after a restart)."""
+        assert self.aggregation.dp is not None
+        self.sampler = self.sync.sampler = PoissonSampler(key, self.aggregation.dp.sample_rate)
+        self.aggregation.noise = self.sampler.noise_rng
+
     # --- the fleet ---------------------------------------------------------------------------
 
     def wait_for_devices(self) -> None:

@@ -10,11 +10,10 @@ statistics round when the head starts from class means (FedNCM). With ``mode="as
 after it are buffered asynchronous versions (FedBuff).
 
 This class is the I/O shell: it builds the pieces, routes each decoded message to the controller
-of the phase (:class:`~broker_server.rounds.sync.SyncRounds` for synchronous rounds,
+of the phase (:class:`~broker_server.rounds.sync.SyncRounds`, or
 :class:`~broker_server.rounds.buffered.BufferedVersions` for asynchronous versions) and carries
-out the commands it gets back in order (:meth:`AggregationService.execute`): publish, store,
-acknowledge, reject, open and close jobs. The controllers decide; nothing here decides whether an
-update is accepted. The pieces live in their own modules:
+out the commands it gets back in order (:meth:`AggregationService.execute`). The controllers
+decide; nothing here decides whether an update is accepted. The pieces have their own modules:
 
 - :mod:`~broker_server.inbound`: the inbox; decode, check and route hellos, updates and statuses;
 - :mod:`~broker_server.round_loop`: the synchronous rounds, personalization, restart;
@@ -41,6 +40,7 @@ import numpy as np
 from broker_server.allocation import Allocator
 from broker_server.async_ledger import AsyncLedger
 from broker_server.broadcast import Broadcast
+from broker_server.checkpoint import dp_key
 from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import Clustering, parse_clusters, split_state
 from broker_server.config import ServiceConfig, check_combination
@@ -50,7 +50,6 @@ from broker_server.fleet_evaluation import evaluate_fleet, initial_state
 from broker_server.inbound import Inbound
 from broker_server.journal import Journal
 from broker_server.layout import DONE_PHASE
-from broker_server.privacy import PoissonSampler, new_key
 from broker_server.publisher import Publisher
 from broker_server.records import DeviceSummary, FleetSummary, final_figures, personalization_means
 from broker_server.registry import DeviceRecord, DeviceRegistry
@@ -242,16 +241,6 @@ class AggregationService:
         return self.journal.bytes_up_total
 
     @property
-    def final_eval(self) -> dict[str, float]:
-        """The latest test figures of the global module."""
-        return self.journal.final_eval
-
-    @property
-    def unaggregated(self) -> list[dict[str, Any]]:
-        """Accepted updates no version took in before the run ended (asynchronous mode)."""
-        return self.journal.unaggregated
-
-    @property
     def jobs(self) -> JobBoard:
         """The asynchronous jobs, arrivals and buffer (:class:`~broker_server.rounds.buffered.JobBoard`)."""
         return self.buffered.jobs
@@ -397,17 +386,10 @@ class AggregationService:
             elif isinstance(command, Reject) and command.what == "dropped":
                 self.journal.drop(command)
             elif isinstance(command, Reject):
-                if command.what == "update":
-                    log.warning(
-                        "rejected update from %s (round %s): %s",
-                        command.device,
-                        command.round,
-                        command.reason,
-                    )
-                else:
-                    log.warning(
-                        "device %s failed round %s: %s", command.device, command.round, command.reason
-                    )
+                said = "rejected update from %s (round %s): %s"
+                if command.what != "update":
+                    said = "device %s failed round %s: %s"
+                log.warning(said, command.device, command.round, command.reason)
                 self.journal.reject(command.device, command.round, command.reason)
             elif isinstance(command, Shortfall):
                 log.warning(
@@ -417,9 +399,8 @@ class AggregationService:
                     self.config.min_clients,
                     command.attempt,
                 )
-            elif isinstance(command, CloseJob):
-                if self.journal.ledger is not None:
-                    self.journal.ledger.close_job(command.job)
+            elif isinstance(command, CloseJob) and self.journal.ledger is not None:
+                self.journal.ledger.close_job(command.job)
             elif isinstance(command, OpenJob):
                 self.versions.dispatch(command.device, self.buffered.now)
             elif isinstance(command, Exclude):
@@ -430,17 +411,6 @@ class AggregationService:
                 ended = command
         return ended
 
-    def _dp_key(self) -> bytes:
-        """The secret key of the sampling and noise draws, kept in the store across restarts."""
-        if self.store is None:
-            return new_key()
-        stored = self.store.get_meta("dp_key")
-        if stored is None:
-            key = new_key()
-            self.store.set_meta("dp_key", key.hex())
-            return key
-        return bytes.fromhex(str(stored))
-
     def restore(self) -> int | None:
         """Start from the first global state and take back the last checkpoint, if the store
         holds one (what :meth:`run` does first); the round to continue, or None if fresh."""
@@ -448,11 +418,8 @@ class AggregationService:
         if self.store is not None:
             # what the checkpointed modules belong to: ``fedpeft export`` rebuilds them on this model
             self.store.set_meta(TRAIN_CONFIG_KEY, self.config.train.to_dict())
-        dp = self.aggregation.dp
-        if dp is not None:
-            sampler = PoissonSampler(self._dp_key(), dp.sample_rate)
-            self.rounds_loop.sampler = self.sync.sampler = sampler
-            self.aggregation.noise = sampler.noise_rng
+        if self.aggregation.dp is not None:
+            self.rounds_loop.key_dp(dp_key(self.store))
         return self.rounds_loop.resume()
 
     def run(self) -> None:
@@ -506,7 +473,7 @@ class AggregationService:
             for d, r in self.devices.items()
         }
         final = final_figures(
-            self.final_eval,
+            self.journal.final_eval,
             self.personalization_summary(),
             self.cluster_summary(),
             self.privacy_spent(),
@@ -519,7 +486,7 @@ class AggregationService:
             devices=devices,
             bytes_up_total=self.bytes_up_total,
             rejected=[dict(r) for r in self.rejected],
-            unaggregated=list(self.unaggregated),
+            unaggregated=list(self.journal.unaggregated),
             fleet_params=self.module_params(self.config.train),
         )
 
