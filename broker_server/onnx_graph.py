@@ -1,6 +1,8 @@
-"""The ONNX side of the lowering (:mod:`broker_server.onnx_lowering`): the graph being built, its
-sizes (constant or computed in the graph), the element types, and the interface through which each
-operator's lowering (:mod:`broker_server.onnx_operators`) sees the walk.
+"""The ONNX side of the lowering: the graph being built, its sizes, element types, and the walk's face.
+
+Sizes are constant or computed in the graph (:class:`Dyn`); :class:`LoweringContext` is what each
+operator's lowering (:mod:`broker_server.onnx_operators`) sees of the walk
+(:class:`~broker_server.onnx_lowering.Lowering`).
 """
 
 from __future__ import annotations

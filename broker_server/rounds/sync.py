@@ -1,5 +1,6 @@
-"""Synchronous rounds: the controller that collects a round (:class:`SyncRounds`), events in and
-commands out, without I/O. The aggregation that closes a round is
+"""Synchronous rounds: the controller that collects a round (:class:`SyncRounds`), without I/O.
+
+Events in, commands out. The aggregation that closes a round is
 :class:`~broker_server.rounds.aggregation.RoundAggregation`; the loop that drives both is
 :mod:`broker_server.round_loop`.
 """
