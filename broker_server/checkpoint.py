@@ -16,6 +16,7 @@ import numpy as np
 
 from broker_server.clustering import Clustering
 from broker_server.intake import PendingUpdate
+from broker_server.privacy import new_key
 from broker_server.state import StateStore
 from edge_runtime import wire
 
@@ -31,6 +32,19 @@ def decode_carry(payload: bytes) -> Arrays:
     """The carry stored by :func:`encode_carry`, in float64 (what the strategies compute in)."""
     module = wire.decode_global(payload, max_bytes=max(len(payload), wire.DEFAULT_MAX_PAYLOAD))
     return {k: np.asarray(v, dtype=np.float64) for k, v in module.tensors.items()}
+
+
+def dp_key(store: StateStore | None) -> bytes:
+    """DP-FedAvg's secret key of the sampling and noise draws: kept in the store across restarts
+    (made and stored on first use; a fresh one without a store)."""
+    if store is None:
+        return new_key()
+    stored = store.get_meta("dp_key")
+    if stored is None:
+        key = new_key()
+        store.set_meta("dp_key", key.hex())
+        return key
+    return bytes.fromhex(str(stored))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from broker_server.aggregation import ClientUpdate, State, Strategy, clip_update
+from broker_server.aggregation import ClientUpdate, State
 from broker_server.clustering import (
     Clustering,
     cluster_clients,
@@ -27,8 +27,10 @@ from broker_server.clustering import (
 from broker_server.evaluation import Evaluator
 from broker_server.records import weighted
 from broker_server.state import StateStore
+from broker_server.strategies import Carry, StrategyRule
 from edge_runtime import wire
 from edge_runtime.engines.base import EvalResult
+from edge_runtime.errors import ConfigError
 
 log = logging.getLogger("fedpeft.server")
 
@@ -132,21 +134,29 @@ class ClusterGroups:
         self.shared = []
         return join_states({c: {**states[c], **heads[c]} for c in states})
 
-    def step(
-        self,
-        state: Mapping[str, np.ndarray],
-        updates: Sequence[ClientUpdate],
-        rule: Strategy,
-        clip_norm: float | None,
-    ) -> State:
-        """Each cluster aggregates its own devices with ``rule``; tensors the clusters agree on are shared."""
-        assert self.clustering is not None
-        states = split_state(state, self.clustering.k)
-        by_cluster = self._by_cluster(updates)
-        if clip_norm is not None:
-            by_cluster = {c: [clip_update(u, clip_norm) for u in us] for c, us in by_cluster.items()}
-        new, self.shared = clustered_step(states, by_cluster, rule, self.share)
-        return join_states(new)
+    def around(self, inner: StrategyRule) -> StrategyRule:
+        """``inner`` per cluster over the joined state: each cluster aggregates its own devices'
+        updates from its own module, and tensors the clusters agree on are shared
+        (:func:`~broker_server.clustering.clustered_step`). A wrapper like those of
+        :mod:`broker_server.strategy_wrappers`, kept out of their registry because it needs this
+        run's clustering, which exists only once the devices said hello. Rules that keep a carry
+        are refused: one carry cannot follow several clusters' modules."""
+        if inner.keeps_carry:
+            raise ConfigError(f"--clusters works with the stateless rules, not {inner.name!r}")
+
+        def per_cluster(state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+            return inner.aggregate(state, updates)[0]
+
+        def step(
+            state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], carry: Carry
+        ) -> tuple[State, Carry]:
+            if self.clustering is None:
+                raise ConfigError("the clusters are formed once the expected devices said hello")
+            states = split_state(state, self.clustering.k)
+            new, self.shared = clustered_step(states, self._by_cluster(updates), per_cluster, self.share)
+            return join_states(new), {}
+
+        return StrategyRule(f"clusters({inner.name})", step)
 
     def evaluate(self, state: Mapping[str, np.ndarray], evaluator: Evaluator) -> EvalResult | None:
         """Each cluster's module on the test set; the mean weighted by the clusters' devices."""

@@ -86,10 +86,14 @@ class ServiceConfig:
     staleness: str = field(default="poly:0.5", metadata={"help": "async: constant, poly:A or hinge:A:B"})
     max_staleness: int = field(default=8, metadata={"help": "async: drop updates staler than this"})
     server_lr: float = field(
-        default=1.0, metadata={"help": "the server's step size eta (sync: on the rule's step, FedAvgM)"}
+        default=1.0,
+        metadata={"help": "the server's step size eta (sync: on the rule's step, FedAvgM; not with exact)"},
     )
     server_momentum: float = field(
-        default=0.0, metadata={"help": "sync: the server's momentum beta (FedAvgM); 0 = none"}
+        default=0.0,
+        metadata={
+            "help": "sync: the server's momentum beta (FedAvgM, clusters too; not with exact); 0 = none"
+        },
     )
     seed: int = 0
 
@@ -156,6 +160,13 @@ class ServiceConfig:
             )
         if self.server_momentum > 0 and (self.mode != "sync" or self.dp_noise_multiplier is not None):
             raise ConfigError("--server-momentum applies to synchronous rounds without DP")
+        if self.strategy == "exact" and (self.server_lr != 1.0 or self.server_momentum > 0):
+            # the fedavgm wrapper refuses it too (broker_server.strategy_wrappers); said here first
+            raise ConfigError(
+                "--server-lr/--server-momentum with --strategy exact is not supported: exact "
+                "re-factorizes the LoRA pairs each round, so the change of the factors is no step to "
+                "take with momentum (use --strategy ffa or fedit for FedAvgM)"
+            )
         if self.dp_noise_multiplier is not None and self.server_lr != 1.0:
             raise ConfigError("DP-FedAvg publishes its noisy mean as is: no --server-lr with DP")
         if self.down_bits not in (32, 16):

@@ -15,14 +15,15 @@ of kinds. The shared head stays as aggregated: only each kind's own tensors move
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from broker_server.aggregation import State
+from broker_server.aggregation import ClientUpdate, State
 from broker_server.evaluation import Evaluator
 from broker_server.heterogeneous import corner, view
+from broker_server.strategies import Carry, StrategyRule
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import TextDataset
 from edge_runtime.errors import ConfigError
@@ -83,3 +84,59 @@ def fuse_kinds(
             if not name.startswith("head."):
                 new[name][corner(value.shape)] = value
     return DistillResult(new, before, after)
+
+
+class KindDistillation:
+    """Cross-kind distillation after each training round, as a wrapper around the round's rule.
+
+    A wrapper like those of :mod:`broker_server.strategy_wrappers` (same ``StrategyRule`` in and
+    out), kept out of their registry because it needs objects of the run, not keyword parameters:
+    the evaluator that builds each kind's engine, the configurations of the kinds in the fleet
+    (asked for each round: devices come and go) and the unlabeled text. Each call is seeded with
+    ``seed + round``, the round being the one :attr:`round` names when the rule runs; the agreement
+    of the last call is kept in :attr:`agreement` for the round's record.
+    """
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        configs: Callable[[], Sequence[TrainConfig]],
+        texts: TextDataset,
+        *,
+        alpha: float,
+        epochs: int,
+        seed: int,
+    ) -> None:
+        self.evaluator = evaluator
+        self.configs = configs
+        self.texts = texts
+        self.alpha = alpha
+        self.epochs = epochs
+        self.seed = seed
+        self.round = 0
+        self.agreement: dict[str, dict[str, float]] = {}  # the last round's, before and after
+
+    def fuse(self, state: Mapping[str, np.ndarray]) -> State:
+        """Every kind's module distilled toward the other kinds' ensemble (:func:`fuse_kinds`)."""
+        result = fuse_kinds(
+            self.evaluator,
+            state,
+            self.configs(),
+            self.texts,
+            alpha=self.alpha,
+            epochs=self.epochs,
+            seed=self.seed + self.round,
+        )
+        self.agreement = {"before": result.agreement_before, "after": result.agreement_after}
+        return result.state
+
+    def around(self, inner: StrategyRule) -> StrategyRule:
+        """``inner``, then every kind distilled toward the others; ``inner``'s carry passes through."""
+
+        def step(
+            state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], carry: Carry
+        ) -> tuple[State, Carry]:
+            new, carry = inner.aggregate(state, updates, carry)
+            return self.fuse(new), carry
+
+        return StrategyRule(f"distill({inner.name})", step, keeps_carry=inner.keeps_carry)

@@ -258,20 +258,20 @@ def test_a_device_that_comes_back_gets_the_newest_version_at_once(tiny: tuple[Pa
     broker = InMemoryBroker()
     config = ServiceConfig(fleet="back", rounds=3, train=cfg, mode="async", buffer_size=2)
     service = AggregationService(InMemoryTransport(broker, "server"), config, Evaluator(cfg, test, seed=0))
-    service._state = service._initial_state()
+    assert service.restore() is None  # the first global state; no store, nothing to take back
     hello = wire.encode_hello(
         wire.Hello(device_id="pi", profile={}, num_samples=5, label_histogram=(5, 0, 0))
     )
-    service._on_hello("pi", hello)  # registered and assigned its own job topic
+    service.inbound.handle("fl/back/hello/pi", hello)  # registered and assigned its own job topic
     topic = f"fl/back/global/{service.config_id}-pi"
     assert topic not in broker.retained  # no job before the asynchronous phase
-    service._async_active, service._async_now = True, 42.0
+    service.versions.active, service.buffered.now = True, 42.0  # the asynchronous phase, at t = 42
     service.devices["pi"].online = False  # its last will said offline
-    service._on_hello("pi", hello)  # ... and it is back
+    service.inbound.handle("fl/back/hello/pi", hello)  # ... and it is back
     job = wire.decode_global(broker.retained[topic])
     assert job.meta["phase"] == "train" and service.jobs.jobs[job.round].device == "pi"
     assert service.jobs.jobs[job.round].start == 42.0 and service.devices["pi"].online
-    service._on_hello("pi", hello)  # a repeated hello while it trains gets no second job
+    service.inbound.handle("fl/back/hello/pi", hello)  # a repeated hello while it trains: no second job
     assert sum(1 for j in service.jobs.jobs.values() if j.device == "pi") == 1
 
 

@@ -232,7 +232,7 @@ def test_a_device_that_goes_offline_comes_back_to_the_newest_version(
                     a.run_pending()
                     for n, a in list(agents.items())
                     if a is agents[n]  # not d2's old agent, gone with its connection
-                    and not (n == "d2" and service._async_active and not back.is_set())
+                    and not (n == "d2" and service.versions.active and not back.is_set())
                 ]
                 if not any(worked):
                     wake.wait(0.1)
@@ -258,7 +258,7 @@ def test_a_device_that_goes_offline_comes_back_to_the_newest_version(
         away.close()
         while sum(r.get("mode") == "async" for r in service.rounds) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        seen = service._round
+        seen = service.round
         assert seen >= 2 and not service.devices["d2"].online
         agents["d2"] = agent("d2", "d2-back")  # the same device, reconnected: it says hello again
         back.set()

@@ -291,8 +291,7 @@ def test_a_federation_keeps_one_module_per_cluster(tiny: tuple[Path, Path], tmp_
     again = AggregationService(
         InMemoryTransport(InMemoryBroker(), "server2"), config, Evaluator(cfg, test, seed=0), store=store
     )
-    again._state = again._initial_state()
-    assert again._resume() is not None
+    assert again.restore() is not None
     assert again.clustering is not None and again.clustering.members == clustering.members
     for c, state in again.cluster_states().items():
         for name, value in state.items():

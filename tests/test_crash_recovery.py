@@ -150,7 +150,7 @@ def test_an_acknowledgement_lost_in_a_crash_is_sent_again(tmp_path: Path, crash:
     first = AggregationService(
         InMemoryTransport(broker, "server-1"), config, evaluator, store=StateStore(tmp_path / "a.db")
     )
-    first._ack = lambda *args: None  # type: ignore[method-assign]  # the ack never leaves
+    first.publisher.ack = lambda *args: None  # type: ignore[method-assign]  # the ack never leaves
 
     def on_accept(device: str) -> None:
         if crash.startswith("between"):
@@ -205,7 +205,7 @@ def test_rejections_and_counters_survive_a_crash(tmp_path: Path) -> None:
     junk = InMemoryTransport(broker, "junk")
 
     def on_accept(device: str) -> None:
-        if first._round == 1:
+        if first.round == 1:
             raise _Crash  # kill -9 right after round 1's update was stored: never acknowledged
         # queued now, handled in round 1 before the device's update for it
         accepted = first.store.updates(0)[0][2] if first.store is not None else b""
@@ -234,15 +234,15 @@ def test_rejections_and_counters_survive_a_crash(tmp_path: Path) -> None:
         return AggregationService(transport, config, evaluator, store=StateStore(state))
 
     second = restarted("server-2")
-    assert second._resume() == 1  # what run() does first
+    assert second.restore() == 1  # what run() does first
     assert second.rejected == rejected
     assert second.bytes_up_total == first.bytes_up_total > 0
-    assert second._resumed_round_counters == (first._stale, first._round_bytes_up)
+    assert second.rounds_loop.resumed_round_counters == (first.sync.stale, first.journal.round_bytes_up)
     assert second.devices["d"].counters() == device.counters()
     assert second.devices["d"].updates_accepted == device.updates_accepted
     assert second.rounds == first.rounds
     # a rejection for a round ends that device's turn in it, also after a restart (ghost is unknown)
-    assert second._turns_ended(0) == {"d"} and second._turns_ended(1) == set()
+    assert second.journal.turns_ended(0) == {"d"} and second.journal.turns_ended(1) == set()
 
     # run on to the end: the report's inputs keep what came before the crash
     third = restarted("server-3")
@@ -255,6 +255,6 @@ def test_rejections_and_counters_survive_a_crash(tmp_path: Path) -> None:
     third.run()
     assert third.rejected[: len(rejected)] == rejected
     assert [r["round"] for r in third.rounds] == [0, 1, 2]
-    assert third.rounds[1]["bytes_up_all"] >= first._round_bytes_up  # junk of round 1 included
+    assert third.rounds[1]["bytes_up_all"] >= first.journal.round_bytes_up  # junk of round 1 included
     assert third.bytes_up_total >= first.bytes_up_total
     assert third.devices["d"].updates_accepted == 3

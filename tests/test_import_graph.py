@@ -1,4 +1,5 @@
-"""The import graph of the project's packages: no circle, and the one dependency rule.
+"""The import graph of the project's packages: no circle, the one dependency rule, and no module of
+the aggregation service over :data:`MAX_LINES` lines (issue 12).
 
 Every ``.py`` file of ``hw_profiles``, ``edge_runtime``, ``broker_server`` and ``sdk`` is parsed
 with :mod:`ast` (nothing is imported), and every ``import`` statement counts, at module level, in a
@@ -30,6 +31,12 @@ LAYERS = ("hw_profiles", "edge_runtime", "broker_server", "sdk")
 
 SERVER_ONLY_LIBRARIES = ("sklearn", "scipy")
 """Third-party packages in the server extra only: the edge install does not have them."""
+
+MAX_LINES = 500
+"""The most lines a ``broker_server`` module may have (issue 12: "no module over about 500 lines")."""
+
+GENERATED_MARK = "(generated)"
+"""A module whose first docstring line says this is a generated table, exempt from :data:`MAX_LINES`."""
 
 Graph = dict[str, set[str]]
 
@@ -205,3 +212,31 @@ def test_the_graph_follows_every_kind_of_import(tmp_path: Path) -> None:
     # the same project with the lazy import gone has no circle
     (tmp_path / "pkg/rules.py").write_text("def pick():\n    return None\n")
     assert find_cycle(import_graph(tmp_path, ("low", "pkg"))) is None
+
+
+def oversized(root: Path, package: str, limit: int = MAX_LINES) -> list[str]:
+    """Modules of ``package`` longer than ``limit`` lines, generated tables left out."""
+    out = []
+    for module, path in sorted(project_modules(root, (package,)).items()):
+        text = path.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if GENERATED_MARK in doc.split("\n")[0]:
+            continue
+        lines = len(text.splitlines())
+        if lines > limit:
+            out.append(f"{module}: {lines} lines")
+    return out
+
+
+def test_no_module_of_the_aggregation_service_is_over_500_lines() -> None:
+    assert oversized(REPO, "broker_server") == []
+
+
+def test_the_size_check_counts_lines_and_spares_only_generated_tables(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "small.py").write_text('"""Small."""\n' + "x = 1\n" * 10)
+    (tmp_path / "pkg" / "big.py").write_text('"""Big."""\n' + "x = 1\n" * 20)
+    (tmp_path / "pkg" / "table.py").write_text('"""A table (generated)."""\n' + "x = 1\n" * 20)
+    (tmp_path / "pkg" / "liar.py").write_text('"""Hand-written.\n\nNot (generated)."""\n' + "x = 1\n" * 20)
+    assert oversized(tmp_path, "pkg", limit=15) == ["pkg.big: 21 lines", "pkg.liar: 23 lines"]

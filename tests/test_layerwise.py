@@ -128,13 +128,13 @@ def test_devices_measure_every_layer_on_held_out_samples(tiny: tuple[Path, Path]
     service = AggregationService(InMemoryTransport(broker, "server"), config, Evaluator(cfg, test, seed=0))
     service.start()
     seen: list[dict[str, float]] = []
-    original = service._aggregate
+    original = service.aggregation.train
 
-    def spy() -> None:
-        seen.extend(dict(p.update.metrics) for p in service._pending.values())
-        original()
+    def spy(state: dict[str, np.ndarray], updates: list[ClientUpdate], round_: int) -> dict[str, np.ndarray]:
+        seen.extend(dict(u.metrics) for u in updates)  # what each training round aggregates
+        return original(state, updates, round_)
 
-    service._aggregate = spy  # type: ignore[method-assign]
+    service.aggregation.train = spy  # type: ignore[method-assign,assignment]
     agents = []
     for i in range(3):
         part = np.arange(i, len(train), 3)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,14 +299,15 @@ def test_distillation_moves_every_kinds_module_in_a_mixed_fleet(
             allocator=allocator,
             unlabeled=unlabeled(train.texts[:24], train.label_names),
         )
-        distill = service._distill
+        assert service.distillation is not None
+        distill = service.distillation.fuse
 
-        def watched() -> None:
-            before = dict(service._state)
-            distill()
-            fused.append((before, dict(service._state)))
+        def watched(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            fused_state = distill(state)  # each round's aggregate, distilled across kinds
+            fused.append((dict(state), dict(fused_state)))
+            return fused_state
 
-        service._distill = watched  # type: ignore[method-assign]
+        service.distillation.fuse = watched  # type: ignore[method-assign]
         return service
 
     subset = train.subset(np.arange(0, len(train), 3))
@@ -350,18 +351,16 @@ def test_layerwise_weights_layers_by_measured_importance_not_by_samples(
 
     def make(transport: MqttTransport) -> AggregationService:
         service = AggregationService(transport, config, Evaluator(cfg, test, seed=0, threads=1))
-        aggregate = service._aggregate
+        aggregate = service.aggregation.train
 
-        def watched() -> None:
-            before = dict(service._state)
-            updates = [
-                ClientUpdate(d, p.update.num_samples, p.update.tensors, dict(p.update.metrics))
-                for d, p in sorted(service._pending.items())
-            ]
-            aggregate()
-            steps.append((before, updates, dict(service._state)))
+        def watched(
+            state: dict[str, np.ndarray], updates: list[ClientUpdate], round_: int
+        ) -> dict[str, np.ndarray]:
+            after = aggregate(state, updates, round_)  # each training round's step
+            steps.append((dict(state), list(updates), dict(after)))
+            return after
 
-        service._aggregate = watched  # type: ignore[method-assign]
+        service.aggregation.train = watched  # type: ignore[method-assign,assignment]
         return service
 
     devices = []

@@ -12,7 +12,7 @@ import pytest
 from broker_server.aggregation import ClientUpdate
 from broker_server.checkpoint import decode_carry
 from broker_server.config import ServiceConfig
-from broker_server.rounds.sync import RoundAggregation
+from broker_server.rounds.aggregation import RoundAggregation
 from broker_server.state import StateStore
 from edge_runtime.config import TrainConfig
 from edge_runtime.peft_specs import LoraSpec

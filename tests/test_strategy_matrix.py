@@ -25,12 +25,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_server.aggregation import ClientUpdate
+from broker_server.aggregation import ClientUpdate, server_momentum_step
 from broker_server.checkpoint import decode_carry, encode_carry
 from broker_server.exact import lora_pairs
 from broker_server.privacy import DPFedAvg
 from broker_server.strategies import StrategyRule, build_strategy, registered_strategies
-from broker_server.strategy_wrappers import WRAPPERS, wrap
+from broker_server.strategy_wrappers import MOMENTUM_PREFIX, NO_MOMENTUM, WRAPPERS, split_carry, wrap
 from edge_runtime.errors import ConfigError
 from edge_runtime.peft_specs import LoraSpec
 
@@ -50,12 +50,18 @@ def _clipped(name: str) -> Callable[[], StrategyRule]:
     return lambda: wrap("clip", build_strategy(name, SPEC), clip_norm=NO_CLIP)
 
 
+def _momentum(name: str) -> Callable[[], StrategyRule]:
+    # lr 1: the first round from an empty momentum is the inner rule's step itself
+    return lambda: wrap("fedavgm", build_strategy(name, SPEC), lr=1.0, beta=0.5)
+
+
 def _silent_dp() -> StrategyRule:
     return wrap("dp", build_strategy("fedit"), mechanism=SILENT, noise=lambda: np.random.default_rng(0))
 
 
 WRAPPED: dict[str, Callable[[], StrategyRule]] = {
     **{f"clip({n})": _clipped(n) for n in registered_strategies()},
+    **{f"fedavgm({n})": _momentum(n) for n in registered_strategies() if n not in NO_MOMENTUM},
     "dp(fedit)": _silent_dp,
 }
 """Each registered wrapper around the strategies it takes, by the name of the rule it builds."""
@@ -89,7 +95,7 @@ def federations(draw: Any, ffa: bool = False) -> tuple[Arrays, list[ClientUpdate
 
 
 def _federation(name: str) -> Any:
-    return federations(ffa=name in ("ffa", "clip(ffa)"))
+    return federations(ffa=name.split("(")[-1].rstrip(")") == "ffa")
 
 
 def function_of(state: Mapping[str, np.ndarray]) -> Arrays:
@@ -161,6 +167,44 @@ def test_the_dp_wrapper_is_dp_fedavg_s_release_and_refuses_a_rule_it_cannot_stan
         wrap("distill", build_strategy("fedit"))
 
 
+def test_the_fedavgm_wrapper_is_a_server_momentum_step_over_its_inner_rule_and_keeps_the_inner_carry() -> (
+    None
+):
+    rng = np.random.default_rng(2)
+    state = {"w": rng.normal(size=(4,)).astype(np.float32)}
+    rounds = [
+        [ClientUpdate(f"c{i}", 1 + i, {"w": rng.normal(size=(4,)).astype(np.float32)}) for i in range(3)]
+    ]
+    rounds.append([ClientUpdate(u.device_id, u.num_samples, {"w": 2 * u.delta["w"]}) for u in rounds[0]])
+    rule = wrap("fedavgm", build_strategy("median"), lr=0.5, beta=0.9)
+    assert rule.name == "fedavgm(median)" and rule.keeps_carry
+    carry: dict[str, np.ndarray] = {}
+    momentum: dict[str, np.ndarray] = {}
+    here, by_hand = state, state
+    for updates in rounds:
+        here, carry = rule.aggregate(here, updates, carry)
+        inner, _ = build_strategy("median").aggregate(by_hand, updates)
+        by_hand, momentum = server_momentum_step(by_hand, inner, momentum, lr=0.5, beta=0.9)
+        np.testing.assert_allclose(here["w"], by_hand["w"], rtol=1e-6)
+    assert set(carry) == {MOMENTUM_PREFIX + "w"}
+    np.testing.assert_allclose(carry[MOMENTUM_PREFIX + "w"], momentum["w"])
+    # the second round's momentum made it differ from the plain rule's step
+    plain, _ = build_strategy("median").aggregate(state, rounds[0])
+    plain, _ = build_strategy("median").aggregate(plain, rounds[1])
+    assert not np.allclose(plain["w"], here["w"], atol=1e-4)
+    # the name says what it wraps; exact (bare or clipped) is refused
+    wrapped_clip = wrap("fedavgm", wrap("clip", build_strategy("ffa", SPEC), clip_norm=1.0), lr=1.0, beta=0.5)
+    assert wrapped_clip.name == "fedavgm(clip(ffa))"
+    for refused in (
+        build_strategy("exact", SPEC),
+        wrap("clip", build_strategy("exact", SPEC), clip_norm=1.0),
+    ):
+        with pytest.raises(ConfigError, match="re-factorizes"):
+            wrap("fedavgm", refused, lr=1.0, beta=0.5)
+    with pytest.raises(ConfigError, match="beta"):
+        wrap("fedavgm", build_strategy("fedit"), lr=1.0, beta=1.0)
+
+
 @pytest.mark.parametrize("name", MATRIX)
 def test_client_order_does_not_matter(name: str) -> None:
     @PROPERTY
@@ -189,7 +233,8 @@ def test_one_client_of_weight_one_gets_its_module_back(name: str) -> None:
         }
         new, carry = _rule(name).aggregate(state, [alone])
         assert_close(function_of(new), function_of(own))
-        for value in carry.values():  # nothing is owed when one module of the global rank is sent
+        owed, _ = split_carry(carry)  # FedAvgM's momentum is a step taken, not a debt
+        for value in owed.values():  # nothing is owed when one module of the global rank is sent
             assert float(np.abs(value).max(initial=0.0)) < 1e-4
 
     check()

@@ -1,35 +1,20 @@
-"""Synchronous rounds: the controller that collects a round (:class:`SyncRounds`, events in and
-commands out) and the aggregation that closes it (:class:`RoundAggregation`).
+"""Synchronous rounds: the controller that collects a round (:class:`SyncRounds`), without I/O.
 
-The aggregation of one synchronous round: (state, accepted updates) -> the next state.
-
-It picks the rule the configuration names (a registered strategy, the coverage mean of a mixed
-fleet, per-cluster steps), clips, applies the server's momentum (FedAvgM) and keeps what the rule
-carries between rounds, writing each carry to the state store with its round, so that a restart
-aggregates the interrupted round as the run before it would have. No transport, no round loop;
-DP-FedAvg's releases and cross-kind distillation stay with the service, which owns their inputs.
+Events in, commands out. The aggregation that closes a round is
+:class:`~broker_server.rounds.aggregation.RoundAggregation`; the loop that drives both is
+:mod:`broker_server.round_loop`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Protocol
-
-import numpy as np
 
 from broker_server.aggregation import (
     ClientUpdate,
-    State,
-    head_from_class_means,
-    robust_head_from_statistics,
-    server_momentum_step,
-    sum_class_statistics,
 )
-from broker_server.checkpoint import encode_carry
-from broker_server.cluster_groups import ClusterGroups
 from broker_server.config import ServiceConfig
-from broker_server.heterogeneous import coverage_mean
 from broker_server.intake import PendingUpdate, check_samples, check_update, expected_shapes
 from broker_server.layout import TRAIN_PHASE
 from broker_server.rounds.events import (
@@ -49,119 +34,7 @@ from broker_server.rounds.events import (
     redelivery,
     refusal,
 )
-from broker_server.state import StateStore
-from broker_server.strategies import (
-    ROBUST_STRATEGIES,
-    STATEFUL_STRATEGIES,
-    StrategyRule,
-    build_strategy,
-    get_strategy,
-    stateless,
-)
-from broker_server.strategy_wrappers import wrap
-from edge_runtime.errors import ConfigError, StaleRound, UpdateRejected
-
-
-class RoundAggregation:
-    """How a synchronous run aggregates its rounds, and the carries it keeps between them."""
-
-    def __init__(
-        self,
-        config: ServiceConfig,
-        *,
-        mixed: bool = False,
-        clusters: ClusterGroups | None = None,
-        store: StateStore | None = None,
-        noise: Callable[[int], np.random.Generator] | None = None,
-    ) -> None:
-        self.config = config
-        stateful = config.strategy in STATEFUL_STRATEGIES
-        # the stateless rule (per cluster too); exact and ffa need the LoRA pairs and run as a StrategyRule
-        self.strategy = get_strategy("fedit" if stateful else config.strategy)
-        self.rule = build_strategy(config.strategy, config.train.peft) if stateful else None
-        # a mixed fleet: zero-pad and average each element over the clients that trained it
-        # (hetlora pads and weighs ranks itself)
-        self.mixed = mixed and config.strategy != "hetlora"
-        inner = self.rule or StrategyRule(
-            config.strategy, stateless(coverage_mean if self.mixed else self.strategy)
-        )
-        # clipping wraps the rule (broker_server.strategy_wrappers); clusters clip per cluster
-        self.step = inner if config.clip_norm is None else wrap("clip", inner, clip_norm=config.clip_norm)
-        # DP-FedAvg (broker_server.privacy): the mechanism, its noise by round (keyed by the
-        # service once its store is open) and the releases made so far
-        self.dp = config.dp_mechanism()
-        self.noise = noise
-        self.releases = 0
-        self.clusters = clusters
-        self.store = store
-        self.carry: dict[str, np.ndarray] = {}  # the rule's (exact: the fed-back residual)
-        self.momentum: dict[str, np.ndarray] = {}  # FedAvgM's
-
-    def restore(self, carries: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        """Take back the carries a checkpoint stored (see :mod:`broker_server.checkpoint`)."""
-        if "residual" in carries:
-            self.carry = dict(carries["residual"])
-        if "server_momentum" in carries:
-            self.momentum = dict(carries["server_momentum"])
-
-    def head(self, updates: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:
-        """The class-mean head from a statistics round's updates (screened under robust rules)."""
-        if self.config.strategy in ROBUST_STRATEGIES:
-            return robust_head_from_statistics(updates, self.config.head_scale, self.config.strategy)
-        sums, counts = sum_class_statistics(updates)
-        return head_from_class_means(sums, counts, self.config.head_scale)
-
-    def statistics(
-        self, state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], round_: int = 0
-    ) -> State:
-        """A statistics round: the class-mean head (one per cluster with clusters; with DP, from
-        the noisy sums of the sampled devices' statistics, one release)."""
-        if self.dp is not None:
-            self.releases += 1
-            c, h = state["head.weight"].shape
-            return {
-                **state,
-                **self.dp.class_head(updates, (c, h), self.config.head_scale, self._noise(round_)),
-            }
-        if self.clusters is not None:
-            return self.clusters.heads(state, updates, self.head)
-        return {**state, **self.head(updates)}
-
-    def train(self, state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], round_: int) -> State:
-        """A training round's step from ``state``; carries are stored under ``round_``. Each DP
-        release, even one with no sampled update, is one step of the accountant."""
-        if self.dp is not None:
-            self.releases += 1
-            noise = self._noise
-            release = wrap("dp", build_strategy("fedit"), mechanism=self.dp, noise=lambda: noise(round_))
-            return release.aggregate(state, updates)[0]
-        if self.clusters is not None:
-            return self.clusters.step(state, updates, self.strategy, self.config.clip_norm)
-        new, carry = self.step.aggregate(state, updates, self.carry)
-        if self.rule is not None:
-            self.carry = carry
-            if self.rule.keeps_carry and self.store is not None:
-                self.store.save_residual(round_, encode_carry(round_, "residual", self.carry))
-            return new
-        return self._server_step(dict(state), new, round_)
-
-    def _noise(self, round_: int) -> np.random.Generator:
-        """The secret generator of a round's DP noise (the same when a round is redone)."""
-        if self.noise is None:
-            raise ConfigError("DP-FedAvg needs the service's noise generator (its key is in the store)")
-        return self.noise(round_)
-
-    def _server_step(self, before: State, after: State, round_: int) -> State:
-        """FedAvgM over the rule's step, with its momentum kept in the state store."""
-        lr, beta = self.config.server_lr, self.config.server_momentum
-        if lr == 1.0 and beta == 0.0:
-            return after
-        new, self.momentum = server_momentum_step(before, after, self.momentum, lr=lr, beta=beta)
-        if self.store is not None and beta > 0:
-            momentum = {k: v.astype(np.float32) for k, v in self.momentum.items()}
-            carry = encode_carry(round_, "server-momentum", momentum)
-            self.store.save_carry(round_, "server_momentum", carry)
-        return new
+from edge_runtime.errors import StaleRound, UpdateRejected
 
 
 class Sampler(Protocol):
@@ -301,12 +174,15 @@ class SyncRounds:
         self.deadline = now + self.round_timeout_s
         return [Shortfall(self.round, got, self.attempt)]
 
-    def _close(self, *, complete: bool) -> CloseRound:
-        updates = [
+    def updates(self) -> list[ClientUpdate]:
+        """The round's accepted updates in device order (arrival order must not change the floats)."""
+        return [
             ClientUpdate(p.update.device_id, p.update.num_samples, p.update.tensors, p.update.metrics)
-            for _, p in sorted(self.pending.items())  # arrival order must not change the floats
+            for _, p in sorted(self.pending.items())
         ]
-        return CloseRound(self.round, updates, complete)
+
+    def _close(self, *, complete: bool) -> CloseRound:
+        return CloseRound(self.round, self.updates(), complete)
 
     def _refuse(self, event: Refused) -> list[Command]:
         ends_turn, commands = refusal(event, self.round)
