@@ -347,6 +347,19 @@ TASK_NAMES = {
     ITM_TASK: "image-text matching",
     LM_TASK: "causal-LM fine-tuning",
 }
+TASK_FIGURES = {
+    ITM_TASK: (
+        "text_to_image_recall@1",
+        "image_to_text_recall@1",
+        "text_to_image_recall@5",
+        "image_to_text_recall@5",
+        "mean_recall@1",
+        "mean_recall@5",
+    ),
+    LM_TASK: ("next_token_accuracy", "perplexity"),
+}
+"""The figures a task reports by name beside ``accuracy`` and ``macro_f1``
+(:attr:`~edge_runtime.engines.base.EvalResult.extra`)."""
 TASK_FAMILIES = {
     QA_TASK: QA_FAMILIES,
     ITM_TASK: "CLIP models (both towers)",
