@@ -1004,6 +1004,7 @@ class TorchEngine:
         if isinstance(data, LMDataset):
             return self._evaluate_lm(data, batch_size)
         if isinstance(self.model, (ImageTextMatcher, CausalLM)):
+            check_data_task(self.family, data.task, self.config.model)  # the reason, where it has one
             raise ConfigError(f"this engine trains {self.task}; it cannot evaluate {data.task} data")
         logits = self._head()(self._pooled(data, batch_size))
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
