@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.models import bundled_minilm_path
 
@@ -194,11 +195,18 @@ def make_tiny_clip(
 
 
 def make_tiny_causal_llama(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny LLaMA decoder with its LM head (random) and MiniLM's tokenizer into ``folder``."""
+    """Save a tiny LLaMA decoder with its LM head (random) and MiniLM's tokenizer into ``folder``.
+
+    Weights are drawn with std 0.2 rather than LLaMA's 0.02: with 32 hidden units behind an
+    RMSNorm, LLaMA's scale leaves every logit near 0, and no PEFT module could move the frozen LM
+    head's output far from uniform over the 30522 tokens (loss ln 30522 = 10.3 whatever it learns).
+    """
     import torch
     from transformers import LlamaForCausalLM
 
     _copy_minilm_tokenizer(folder)
     torch.manual_seed(seed)
-    LlamaForCausalLM(tiny_config("llama", hidden=hidden, layers=layers)).save_pretrained(folder)  # type: ignore[arg-type]
+    config: Any = tiny_config("llama", hidden=hidden, layers=layers)
+    config.initializer_range = 0.2
+    LlamaForCausalLM(config).save_pretrained(folder)
     return folder
