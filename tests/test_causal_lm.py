@@ -324,3 +324,14 @@ def test_centralized_fine_tunes_a_decoder_on_the_union(
     assert report["final"]["perplexity"] == report["rounds"][-1]["perplexity"]
     assert report["rounds"][-1]["loss"] < report["rounds"][0]["loss"]  # it trained
     assert "centralized next-token accuracy" in capsys.readouterr().out
+
+
+def test_the_export_refuses_a_causal_lm_module(llama: Path, tmp_path: Path) -> None:
+    from edge_runtime.engines.torch_engine import TorchEngine
+    from sdk.export import ModuleSource, export_module
+
+    cfg = _config(llama)
+    source = ModuleSource(TorchEngine(cfg, seed=0, threads=1).trainable_state(), cfg, "a test module")
+    for fmt in ("peft", "onnx"):
+        with pytest.raises(ConfigError, match="exporting a causal-lm module is not implemented"):
+            export_module(source, tmp_path / f"out-{fmt}", fmt)

@@ -9,6 +9,7 @@ Every model here is random-initialised and every image is drawn with numpy: noth
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -327,10 +328,15 @@ def test_two_clients_one_round_over_the_in_memory_transport(clip: Path, pairs: P
 
 
 def test_the_fedpeft_simulate_command_trains_clip_and_reports_recalls(
-    clip: Path, pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    clip: Path,
+    pairs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from sdk.cli import main
 
+    caplog.set_level(logging.INFO, logger="fedpeft.simulate")
     argv = ["simulate", "--data", str(pairs), "--model", str(clip), "--clients", "2", "--rounds", "1"]
     argv += ["--partition", "iid", "--samples-per-client", "12", "--test-samples", "6", "--workers", "1"]
     argv += ["--batch-size", "6", "--lr", "0.01", "--engine", "auto"]
@@ -349,6 +355,8 @@ def test_the_fedpeft_simulate_command_trains_clip_and_reports_recalls(
     train = report["config"]["train"]
     assert (train["task"], train["logit_adjust"]) == (ITM, 0.0)
     assert train["peft"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    # --engine auto falls back to torch and says why
+    assert "--engine auto trains image-text-matching data with torch: the ORT engines train" in caplog.text
     out = capsys.readouterr()
     assert f"final mean recall@1 {final['accuracy']:.3f}, mean recall@5 {final['macro_f1']:.3f}" in out.out
 
@@ -403,3 +411,14 @@ def test_serve_refuses_pairs_and_centralized_trains_them(
     )
     assert report["rounds"][-1]["loss"] < report["rounds"][0]["loss"]  # it trained
     assert "centralized mean recall@1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["peft", "onnx"])
+def test_the_export_refuses_an_image_text_module(clip: Path, tmp_path: Path, fmt: str) -> None:
+    from edge_runtime.engines.torch_engine import TorchEngine
+    from sdk.export import ModuleSource, export_module
+
+    cfg = _config(clip)
+    source = ModuleSource(TorchEngine(cfg, seed=0, threads=1).trainable_state(), cfg, "a test module")
+    with pytest.raises(ConfigError, match="exporting a image-text-matching module is not implemented"):
+        export_module(source, tmp_path / "out", fmt)
