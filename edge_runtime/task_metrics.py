@@ -1,5 +1,7 @@
-"""Scores of the classless tasks in numpy: retrieval recall@k (image-text matching) and next-token
-accuracy, macro F1 and perplexity (causal LM).
+"""Scores of the tasks without classes, in numpy: recall@k (image-text matching), next-token figures.
+
+Image-text matching is scored by retrieval recall@k both ways; causal LM by next-token accuracy,
+macro F1 and perplexity.
 
 Retrieval: row ``i`` of a texts x images similarity matrix is caption ``i``, and its match is image
 ``i`` (the diagonal). A caption's rank is the number of *other* images scoring at least as high as

@@ -1,4 +1,4 @@
-"""The PyTorch training engine: a frozen Hugging Face model, a PEFT module and a linear head.
+"""The PyTorch training engine: a frozen Hugging Face model, a PEFT module and the task's head.
 
 torch, transformers and peft are imported here and nowhere else in ``edge_runtime``, so a device
 that runs the ONNX Runtime engine never loads them.
