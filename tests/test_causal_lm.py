@@ -141,10 +141,14 @@ def test_the_loss_is_the_mean_next_token_cross_entropy_of_the_lm_head(llama: Pat
     assert engine.task == LM and engine.model.pooling == "next_token"
     state = engine.trainable_state()
     assert len(state) == 2 * 2 * 2 and not any(n.startswith("head.") for n in state)  # layers x q,v x A,B
-    _, test = load_folder(texts)
+    _, split = load_folder(texts)
+    # texts of different lengths, so that the engine's batches are right-padded
+    test = LMDataset((*split.texts[:3], "a b", "the cat sat on the mat and then the dog ran in the park"))
+    assert len({len(engine.tokenizer(t)["input_ids"]) for t in test.texts}) >= 3
     result = engine.evaluate(test)
     # by hand: the model's log-probability of each real next token, text by text
     nll, hits, count = 0.0, 0, 0
+    per_text = []
     with torch.no_grad():
         for text in test.texts:
             ids = torch.tensor([engine.tokenizer(text)["input_ids"]])
@@ -152,13 +156,16 @@ def test_the_loss_is_the_mean_next_token_cross_entropy_of_the_lm_head(llama: Pat
             logp = torch.log_softmax(logits, -1)
             nxt = ids[0, 1:]
             nll -= float(logp[torch.arange(len(nxt)), nxt].sum())
-            hits += int((logits.argmax(-1) == nxt).sum())
+            right = int((logits.argmax(-1) == nxt).sum())
+            per_text.append(right / len(nxt))
+            hits += right
             count += len(nxt)
     assert result.extra["tokens"] == count
     assert result.loss == pytest.approx(nll / count, rel=1e-4)
     assert result.accuracy == pytest.approx(hits / count)
     assert result.extra["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert result.task == LM and len(result.predictions) == len(test)
+    assert result.task == LM
+    np.testing.assert_allclose(result.predictions, per_text)  # each text's own accuracy, batched or not
 
 
 @pytest.mark.parametrize("spec", [LLAMA_LORA, AdapterSpec(bottleneck=4), PromptSpec(length=2)])

@@ -1053,19 +1053,31 @@ class TorchEngine:
         inputs = self._inputs(data)
         if not isinstance(inputs, LMInputs):
             raise EngineError(f"causal-LM data gave {type(inputs).__name__} inputs")
-        order = np.argsort([len(s) for s in inputs.input_ids], kind="stable")
+        assert isinstance(self.model, CausalLM)
+        order = np.argsort([len(s) for s in inputs.input_ids], kind="stable")  # similar lengths pad less
         preds: list[np.ndarray] = []
         golds: list[np.ndarray] = []
         per_text = np.zeros(len(data))
         loss_sum = 0.0
         for first in range(0, len(data), batch_size):
             rows = order[first : first + batch_size]
-            for r in rows:  # one text at a time keeps each row's own accuracy at hand
-                loss, pred, target = self._lm_scores(inputs, np.asarray([r]))
-                loss_sum += float(loss.item())
-                preds.append(pred.numpy())
-                golds.append(target.numpy())
-                per_text[int(r)] = float((pred == target).float().mean())
+            ids, mask = self._batch(inputs.input_ids, rows)
+            logits = self.model(ids, mask)
+            target = next_token_targets(ids, mask)
+            scored = target != -100
+            loss_sum += float(
+                nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                ).item()
+            )
+            pred = logits.argmax(-1)
+            preds.append(pred[scored].numpy())
+            golds.append(target[scored].numpy())
+            right = ((pred == target) & scored).sum(1).float() / scored.sum(1).clamp_min(1).float()
+            per_text[rows] = right.numpy()
         figures = next_token_figures(np.concatenate(preds), np.concatenate(golds), loss_sum)
         return EvalResult(
             accuracy=figures["next_token_accuracy"],
