@@ -108,10 +108,10 @@ class ServiceConfig:
             raise ConfigError("ServiceConfig.expected_clients must be at least min_clients")
         if self.head_init not in ("ncm", "random"):
             raise ConfigError(f"ServiceConfig.head_init must be ncm or random, got {self.head_init!r}")
-        if self.head_init == "ncm" and self.train.task == "question-answering":
+        if self.head_init == "ncm" and self.train.task != "classification":
             raise ConfigError(
-                "ServiceConfig.head_init 'ncm' builds the head from class means; question answering "
-                "(train.task) has no classes: use head_init='random'"
+                "ServiceConfig.head_init 'ncm' builds the head from class means; "
+                f"{self.train.task} (train.task) has no classes: use head_init='random'"
             )
         if not (math.isfinite(self.head_scale) and self.head_scale > 0):
             raise ConfigError(f"ServiceConfig.head_scale must be a positive number, got {self.head_scale!r}")

@@ -17,7 +17,7 @@ from broker_server.asynchronous import Staleness, StaleUpdate
 from broker_server.intake import PendingUpdate
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.base import EvalResult
-from edge_runtime.families import QA_TASK
+from edge_runtime.families import QA_TASK, TASK_FIGURES
 
 PER_CLIENT_KEYS = ("client_train_s", "client_bytes")
 """Round-record fields the simulator's clock reads and the report leaves out."""
@@ -89,15 +89,28 @@ def _evaluated(result: EvalResult | None) -> dict[str, float | None]:
     if result is not None and result.task == QA_TASK:
         # question answering reports SQuAD's figures where classification's go, and by name
         figures |= {"exact_match": result.accuracy, "f1": result.macro_f1}
+    if result is not None:
+        # image-text matching's recalls both ways, causal LM's perplexity: by name
+        figures |= {k: float(v) for k, v in result.extra.items()}
     return figures
 
 
-def task_figures(final: Mapping[str, Any], task: str) -> dict[str, Any]:
+def task_figures(
+    final: Mapping[str, Any], task: str, rounds: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     """The report's ``final`` block with the task named; for question answering, ``accuracy``
-    (exact match) and ``macro_f1`` (token F1) are also given as ``exact_match`` and ``f1``."""
+    (exact match) and ``macro_f1`` (token F1) are also given as ``exact_match`` and ``f1``; for
+    image-text matching and causal LM, the task's named figures (:data:`TASK_FIGURES`: recalls,
+    perplexity) are those of the last round record that has them (the evaluation ``final``
+    reports)."""
     out = dict(final) | {"task": task}
     if task == QA_TASK:
         out |= {"exact_match": out.get("accuracy"), "f1": out.get("macro_f1")}
+    names = TASK_FIGURES.get(task, ())
+    for record in reversed(rounds):
+        if names and all(record.get(k) is not None for k in names):
+            out |= {k: record[k] for k in names}
+            break
     return out
 
 
@@ -199,12 +212,14 @@ def weighted(results: list[tuple[int, EvalResult]]) -> EvalResult | None:
     if not results:
         return None
     total = sum(n for n, _ in results)
+    shared = set.intersection(*(set(r.extra) for _, r in results))
     return EvalResult(
         accuracy=sum(n * r.accuracy for n, r in results) / total,
         macro_f1=sum(n * r.macro_f1 for n, r in results) / total,
         loss=sum(n * r.loss for n, r in results) / total,
         predictions=results[0][1].predictions,
         task=results[0][1].task,
+        extra={k: sum(n * r.extra[k] for n, r in results) / total for k in sorted(shared)},
     )
 
 

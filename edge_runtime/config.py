@@ -10,9 +10,11 @@ from edge_runtime.peft_specs import LoraSpec, PeftSpec, spec_from_dict
 
 ENGINES = ("torch", "ort", "ort-plain")
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
-TRAIN_TASKS = ("classification", "question-answering")
+TRAIN_TASKS = ("classification", "question-answering", "image-text-matching", "causal-lm")
 """``classification``: the model family's classifier (texts, or images for ViT);
-``question-answering``: extractive answer spans of a text encoder."""
+``question-answering``: extractive answer spans of a text encoder; ``image-text-matching``: CLIP's
+two towers, contrastive; ``causal-lm``: next-token prediction of a decoder. The last three have no
+classes and no head (question answering's span head aside): ``num_labels`` is 2 for them."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class TrainConfig:
     mem_cap_mb: float | None = None
     task: str = field(
         default="classification",
-        metadata={"help": "classification, or question-answering (a start/end span head)"},
+        metadata={
+            "help": "classification, question-answering (a start/end span head), "
+            "image-text-matching (CLIP) or causal-lm (a decoder's next tokens)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -59,10 +64,10 @@ class TrainConfig:
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"TrainConfig.{name} is invalid: {getattr(self, name)!r}")
-        if self.task == "question-answering" and self.num_labels != 2:
+        if self.task != "classification" and self.num_labels != 2:
             raise ConfigError(
-                "TrainConfig.num_labels must be 2 for question-answering (a start and an end "
-                f"logit per token), got {self.num_labels}"
+                f"TrainConfig.num_labels must be 2 for {self.task} (question answering's start "
+                f"and end logits; the other tasks have no classes), got {self.num_labels}"
             )
 
     def to_dict(self) -> dict[str, Any]:

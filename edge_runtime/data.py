@@ -1,7 +1,10 @@
-"""Data folders: texts (``.jsonl``/``.csv`` and ``labels.txt``), image folders, or SQuAD-style questions.
+"""Data folders: labelled texts, image folders, questions, image-text pairs or unlabelled texts.
 
-Image folders are read by :mod:`edge_runtime.image_data`, question answering folders (SQuAD-style
-JSON lines) by :mod:`edge_runtime.qa_data`; the rest of this module reads texts.
+:func:`folder_task` tells a folder's task from its files. Image folders are read by
+:mod:`edge_runtime.image_data`, question answering folders (SQuAD-style JSON lines) by
+:mod:`edge_runtime.qa_data`, image-text pairs by :mod:`edge_runtime.pair_data`, unlabelled texts
+for causal language modelling by :mod:`edge_runtime.lm_data`; the rest of this module reads
+labelled texts.
 
 A data folder holds one file per split, ``{split}.jsonl`` (``{"text": str, "label": int}`` a line)
 or else ``{split}.csv`` (header ``text,label``; a label is an integer or a class name from
@@ -34,9 +37,12 @@ import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.image_data import ImageDataset, image_labels, load_image_folder, load_image_split
+from edge_runtime.jsonl import first_record
 from edge_runtime.labels import read_labels_file as _read_labels_file
 from edge_runtime.labels import stratified_sample as _stratified_sample
-from edge_runtime.qa_data import QADataset, is_qa_folder, load_qa_folder, load_qa_split
+from edge_runtime.lm_data import LM_TASK, LMDataset, is_lm_record, load_lm_folder, load_lm_split
+from edge_runtime.pair_data import ITM_TASK, PairDataset, is_pair_record, load_pair_folder, load_pair_split
+from edge_runtime.qa_data import QA_TASK, QADataset, load_qa_folder, load_qa_split
 
 CLEAN_MODES = ("auto", "newsgroups", "none")
 EMPTY_TEXT = " "
@@ -93,8 +99,14 @@ class TextDataset:
         return "classification"
 
 
-Dataset = TextDataset | ImageDataset | QADataset
-"""Data of any kind (texts, images, questions); engines read ``task`` to know which they were given."""
+Dataset = TextDataset | ImageDataset | QADataset | PairDataset | LMDataset
+"""Data of any kind (texts, images, questions, image-text pairs, unlabelled texts); engines read
+``task`` to know which they were given."""
+
+DATASET_TYPES = (TextDataset, ImageDataset, QADataset, PairDataset, LMDataset)
+"""The classes of :data:`Dataset`, for ``isinstance``."""
+
+FOLDER_TASKS = ("classification", "image-classification", QA_TASK, ITM_TASK, LM_TASK)
 
 
 # --- where data lives ---------------------------------------------------------------------------
@@ -141,10 +153,15 @@ def _derived_names(max_label: int) -> tuple[str, ...]:
 def load_labels(folder: str | Path) -> tuple[str, ...]:
     """Class names from ``labels.txt``, else ``"0".."K-1"`` from the largest label in the splits."""
     folder = Path(folder)
-    if is_image_folder(folder):
+    task = folder_task(folder)
+    if task == "image-classification":
         return image_labels(folder)
-    if is_qa_folder(folder):
+    if task == QA_TASK:
         return ("answer",)  # question answering has no classes: the one pseudo-class
+    if task == ITM_TASK:
+        return ("pair",)
+    if task == LM_TASK:
+        return ("text",)
     names = _read_labels_file(folder)
     if names is not None:
         return names
@@ -438,16 +455,51 @@ def is_image_folder(folder: str | Path) -> bool:
     return True
 
 
+def folder_task(folder: str | Path) -> str:
+    """The task of a data folder, from its files (one of :data:`FOLDER_TASKS`).
+
+    The first record of ``train.jsonl`` (else of ``test.jsonl``) decides among the JSON-lines
+    layouts: ``context`` and ``question`` keys say question answering, ``image`` and ``text`` say
+    image-text matching, ``text`` without ``label`` says causal-LM texts, anything else (and a
+    first line that is not JSON, which the text loader then reports with its line) says labelled
+    texts. Without a ``.jsonl`` split, ``train/`` or ``test/`` folders say image classification,
+    and CSV splits say labelled texts. The loaders then hold every record to the layout chosen.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataFormatError(folder, "data folder not found")
+    for split in ("train", "test"):
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            continue
+        record = first_record(path)
+        if isinstance(record, dict) and "context" in record and "question" in record:
+            return QA_TASK
+        if is_pair_record(record):
+            return ITM_TASK
+        if is_lm_record(record):
+            return LM_TASK
+        break
+    if is_image_folder(folder):
+        return "image-classification"
+    return "classification"
+
+
 def load_split(
     folder: str | Path, split: str, *, limit: int | None = None, seed: int = 0, clean: str = "auto"
 ) -> Dataset:
     """Read one split; with ``limit``, a seeded class-stratified sample of that many rows."""
     _check_options(limit, clean)
     folder = Path(folder)
-    if is_image_folder(folder):
+    task = folder_task(folder)
+    if task == "image-classification":
         return load_image_split(folder, split, limit=limit, seed=seed)
-    if is_qa_folder(folder):
+    if task == QA_TASK:
         return load_qa_split(folder, split, limit=limit, seed=seed)
+    if task == ITM_TASK:
+        return load_pair_split(folder, split, limit=limit, seed=seed)
+    if task == LM_TASK:
+        return load_lm_split(folder, split, limit=limit, seed=seed)
     names = _read_labels_file(folder)
     texts, labels, _ = _load_split(folder, split, names, limit, seed, clean)
     # Without labels.txt the names come from this split alone; load_folder unifies both splits.
@@ -466,10 +518,15 @@ def load_folder(
     _check_options(train_limit, clean, "train_limit")
     _check_options(test_limit, clean, "test_limit")
     folder = Path(folder)
-    if is_image_folder(folder):
+    task = folder_task(folder)
+    if task == "image-classification":
         return load_image_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
-    if is_qa_folder(folder):
+    if task == QA_TASK:
         return load_qa_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
+    if task == ITM_TASK:
+        return load_pair_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
+    if task == LM_TASK:
+        return load_lm_folder(folder, train_limit=train_limit, test_limit=test_limit, seed=seed)
     names = _read_labels_file(folder)
     train_texts, train_labels, cleaned = _load_split(folder, "train", names, train_limit, seed, clean)
     # The test split follows the train split's "auto" decision so both look alike to the model.

@@ -15,9 +15,8 @@ that architecture:
 - the shape numbers of each tower for the cost model (:class:`~edge_runtime.peft_specs.ModelDims`).
 
 The torch engine trains text classification (BERT, DistilBERT, LLaMA families), extractive
-question answering (BERT and DistilBERT families) and image classification (ViT) (``trains``);
-CLIP is registered with its shapes so that the allocator can size it, and is refused by the
-engine until its tasks exist.
+question answering (BERT and DistilBERT families), image classification (ViT), causal-LM
+fine-tuning (LLaMA family) and image-text matching (CLIP, both towers) (``trains``).
 
 This module reads plain dicts (a ``config.json``) or transformers config objects (through their
 ``to_dict``) and imports neither torch nor transformers, so the edge install keeps it.
@@ -38,7 +37,7 @@ from edge_runtime.peft_specs import ModelDims
 
 POOLINGS = ("mean", "last_token", "cls", "projection")
 PROMPT_SITES = ("input_embeddings", "patch_embeddings")
-TASKS = ("classification", "causal-lm", "image-classification", "contrastive", "question-answering")
+TASKS = ("classification", "causal-lm", "image-classification", "image-text-matching", "question-answering")
 ATTENTION_KEYWORD = "attention"  # --lora-targets attention: every attention projection of the family
 DEFAULT_KEYWORD = "default"  # --lora-targets default: the family's query and value projections
 
@@ -286,7 +285,7 @@ register_family(
         prompt_site="input_embeddings",
         pooling="last_token",
         tasks=("classification", "causal-lm"),
-        trains=("classification",),
+        trains=("classification", "causal-lm"),
         shapes=_llama_shapes,
     )
 )
@@ -313,8 +312,8 @@ register_family(
         adapter_sites=r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.out_proj|mlp\.fc2)$",
         prompt_site="input_embeddings",  # the text tower's; the vision tower would take patches
         pooling="projection",
-        tasks=("contrastive", "image-classification"),
-        trains=(),
+        tasks=("image-text-matching", "image-classification"),
+        trains=("image-text-matching",),
         shapes=_clip_shapes,
     )
 )
@@ -339,47 +338,73 @@ TRAINED_TASKS = ("classification", "image-classification")
 
 QA_TASK = "question-answering"
 QA_FAMILIES = "BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT)"
+ITM_TASK = "image-text-matching"
+LM_TASK = "causal-lm"
+CLASSLESS_TASKS = (QA_TASK, ITM_TASK, LM_TASK)
+"""Tasks without classes: no class-mean head, no label prior, no label skew, no distillation."""
+TASK_NAMES = {
+    QA_TASK: "question answering",
+    ITM_TASK: "image-text matching",
+    LM_TASK: "causal-LM fine-tuning",
+}
+TASK_FIGURES = {
+    ITM_TASK: (
+        "text_to_image_recall@1",
+        "image_to_text_recall@1",
+        "text_to_image_recall@5",
+        "image_to_text_recall@5",
+        "mean_recall@1",
+        "mean_recall@5",
+    ),
+    LM_TASK: ("next_token_accuracy", "perplexity"),
+}
+"""The figures a task reports by name beside ``accuracy`` and ``macro_f1``
+(:attr:`~edge_runtime.engines.base.EvalResult.extra`)."""
+TASK_FAMILIES = {
+    QA_TASK: QA_FAMILIES,
+    ITM_TASK: "CLIP models (both towers)",
+    LM_TASK: "LLaMA-style decoders (LLaMA, Mistral)",
+}
 
 
 def trained_task(family: ModelFamily, model: str = "") -> str:
-    """The task a model of ``family`` trains (``classification`` or ``image-classification``);
-    a family that trains neither is refused with the reason."""
+    """The classification task a model of ``family`` trains (``classification`` or
+    ``image-classification``); a family that trains neither is refused with the reason."""
     for task in TRAINED_TASKS:
         if task in family.trains:
             return task
     what = f"model {model!r} is a {family.name} model" if model else f"a {family.name} model"
+    trains = ", ".join(TASK_NAMES.get(t, t) for t in family.trains)
     raise ConfigError(
-        f"{what}: the torch engine does not train {family.name} yet (its tasks: "
-        f"{', '.join(family.tasks)}); text classification trains BERT, RoBERTa, DistilBERT and "
-        "LLaMA-style models, image classification trains ViT"
+        f"{what}: it does not train classification (it trains {trains}); text classification "
+        "trains BERT, RoBERTa, DistilBERT and LLaMA-style models, image classification trains ViT"
     )
 
 
 def engine_task(family: ModelFamily, config_task: str, model: str = "") -> str:
     """The task the torch engine trains for a model of ``family`` under ``TrainConfig.task``:
-    the family's classification task, or ``question-answering`` where the family trains it."""
-    if config_task != QA_TASK:
+    the family's classification task, or a classless task where the family trains it."""
+    if config_task not in CLASSLESS_TASKS:
         return trained_task(family, model)
-    if QA_TASK in family.trains:
-        return QA_TASK
+    if config_task in family.trains:
+        return config_task
     what = f"model {model!r} is a {family.name} model" if model else f"a {family.name} model"
     raise ConfigError(
-        f"{what}: question answering trains {QA_FAMILIES} on the torch engine, "
-        f"not {family.name} (its tasks: {', '.join(family.tasks)})"
+        f"{what}: {TASK_NAMES[config_task]} trains {TASK_FAMILIES[config_task]} on the torch "
+        f"engine, not {family.name} (its tasks: {', '.join(family.tasks)})"
     )
 
 
 def check_data_task(family: ModelFamily, data_task: str, model: str = "") -> None:
     """Raise :class:`ConfigError` unless a model of ``family`` trains the task of the data
-    (``classification`` for texts, ``image-classification`` for images, ``question-answering``
-    for questions)."""
+    (``classification`` for texts, ``image-classification`` for images, or a classless task)."""
     what = f"model {model!r}" if model else "the model"
-    if data_task == QA_TASK:
-        if QA_TASK in family.trains:
+    if data_task in CLASSLESS_TASKS:
+        if data_task in family.trains:
             return
         raise ConfigError(
-            f"the data folder holds question answering data, but {what} is a {family.name} model: "
-            f"question answering trains {QA_FAMILIES}"
+            f"the data folder holds {TASK_NAMES[data_task]} data, but {what} is a {family.name} "
+            f"model: {TASK_NAMES[data_task]} trains {TASK_FAMILIES[data_task]}"
         )
     task = trained_task(family, model)
     if task == data_task:

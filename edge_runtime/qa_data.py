@@ -21,7 +21,7 @@ CSV files do not apply to this layout.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
+from edge_runtime.jsonl import first_record, json_objects, text_field
 
 QA_TASK = "question-answering"
 QA_SPLITS = ("train", "test")
@@ -126,41 +127,6 @@ class QADataset:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, decoded text) of every non-blank line."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataFormatError(path, f"not valid UTF-8 (byte {exc.start})", n) from None
-            if n == 1 and line.startswith("\ufeff"):
-                line = line[1:]
-            yield n, line
-
-
-def _parse(path: Path, n: int, line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", n) from None
-    except RecursionError:
-        raise DataFormatError(path, "invalid JSON (nested too deeply)", n) from None
-
-
-def _text_field(obj: dict[str, Any], key: str, path: Path, n: int) -> str:
-    if key not in obj:
-        raise DataFormatError(path, f"{key!r} is missing", n)
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataFormatError(path, f"{key!r} must be a string, got {type(value).__name__}", n)
-    if not value.strip():
-        raise DataFormatError(path, f"{key!r} is empty", n)
-    return value
-
-
 def _answers(obj: dict[str, Any], context: str, path: Path, n: int) -> tuple[Answer, ...]:
     if "answers" not in obj:
         raise DataFormatError(path, "'answers' is missing", n)
@@ -210,18 +176,13 @@ def read_qa_file(path: str | Path) -> QADataset:
     questions: list[str] = []
     answers: list[tuple[Answer, ...]] = []
     seen: dict[str, int] = {}
-    for n, line in _lines(path):
-        obj = _parse(path, n, line)
-        if not isinstance(obj, dict):
-            raise DataFormatError(
-                path, f"expected a JSON object with {', '.join(QA_KEYS)}, got {type(obj).__name__}", n
-            )
-        qid = _text_field(obj, "id", path, n)
+    for n, obj in json_objects(path, ", ".join(QA_KEYS)):
+        qid = text_field(obj, "id", path, n)
         if qid in seen:
             raise DataFormatError(path, f"id {qid!r} repeats line {seen[qid]}", n)
         seen[qid] = n
-        context = _text_field(obj, "context", path, n)
-        questions.append(_text_field(obj, "question", path, n))
+        context = text_field(obj, "context", path, n)
+        questions.append(text_field(obj, "question", path, n))
         answers.append(_answers(obj, context, path, n))
         ids.append(qid)
         contexts.append(context)
@@ -239,13 +200,8 @@ def is_qa_folder(folder: str | Path) -> bool:
         path = folder / f"{split}.jsonl"
         if not path.is_file():
             continue
-        try:
-            for _n, line in _lines(path):
-                obj = json.loads(line)
-                return isinstance(obj, dict) and "context" in obj and "question" in obj
-        except (DataFormatError, ValueError, RecursionError):
-            return False
-        return False
+        obj = first_record(path)
+        return isinstance(obj, dict) and "context" in obj and "question" in obj
     return False
 
 

@@ -587,8 +587,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a simulated federation and write its report and plot."""
     from broker_server.report import write_report
-    from edge_runtime.data import resolve_data_dir
-    from edge_runtime.qa_data import is_qa_folder
+    from edge_runtime.data import folder_task, resolve_data_dir
     from sdk.plot import plot_report
     from sdk.progress import RoundProgress
     from sdk.simulate import Simulation, SimulationConfig
@@ -649,8 +648,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     per_round = config.clients if config.mode == "sync" else config.buffer_size  # async: a version's buffer
-    # round 0 is the class-mean head, which question answering data (no classes) never has
-    head_round = config.head_init == "ncm" and not is_qa_folder(resolve_data_dir(config.data))
+    # round 0 is the class-mean head, which data without classes (questions, image-text pairs,
+    # causal-LM texts) never has
+    head_round = config.head_init == "ncm" and folder_task(resolve_data_dir(config.data)) in (
+        "classification",
+        "image-classification",
+    )
     progress = RoundProgress(
         per_round,
         config.rounds + (1 if head_round else 0),
@@ -670,6 +673,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     if final.get("task") == "question-answering" and final.get("evaluated", True):
         measured = f"final exact match {final['exact_match']:.3f}, F1 {final['f1']:.3f}"
+    if final.get("task") == "image-text-matching" and final.get("evaluated", True):
+        measured = f"final mean recall@1 {final['accuracy']:.3f}, mean recall@5 {final['macro_f1']:.3f}"
+    if final.get("task") == "causal-lm" and final.get("evaluated", True):
+        perplexity = final.get("perplexity", float("nan"))
+        measured = f"final next-token accuracy {final['accuracy']:.3f}, perplexity {perplexity:.2f}"
     print(
         f"{measured}, "
         f"{(comm['bytes_up_total'] + comm['bytes_down_total']) / 1e6:.2f} MB moved "

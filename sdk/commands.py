@@ -72,14 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker_server.state import StateStore
     from edge_runtime.data import TextDataset, load_labels, load_split, resolve_data_dir
     from edge_runtime.errors import ConfigError
-    from edge_runtime.families import dims_of_dir
+    from edge_runtime.families import CLASSLESS_TASKS, TASK_NAMES, dims_of_dir
     from edge_runtime.models import resolve_model
 
     folder = resolve_data_dir(args.data)
     test = load_split(folder, "test", limit=args.test_samples, seed=args.seed)
-    if test.task == "question-answering":
+    if test.task in CLASSLESS_TASKS:
         raise ConfigError(
-            "fedpeft serve does not take question answering data yet; fedpeft simulate trains it"
+            f"fedpeft serve does not take {TASK_NAMES[test.task]} data yet; fedpeft simulate trains it"
         )
     labels = load_labels(folder) or test.label_names
     train_cfg = _train_config(args, len(labels), bits=args.bits)
@@ -278,15 +278,17 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     from edge_runtime.data import load_folder, resolve_data_dir
     from edge_runtime.engines.torch_engine import TorchEngine
     from edge_runtime.errors import ConfigError
+    from edge_runtime.families import CLASSLESS_TASKS, TASK_NAMES
     from edge_runtime.label_prior import train_logit_adjusted
     from sdk.partition import parse_partition, partition
 
     folder = resolve_data_dir(args.data)
     train, test = load_folder(folder, test_limit=args.test_samples, seed=args.seed)
-    qa = train.task == "question-answering"
+    qa = train.task in CLASSLESS_TASKS  # no classes: no label skew, prior or class-mean head
     if qa and parse_partition(args.partition).kind != "iid":
         raise ConfigError(
-            f"--partition {args.partition} skews labels; question answering has none: use --partition iid"
+            f"--partition {args.partition} skews labels; {TASK_NAMES[train.task]} has none: "
+            "use --partition iid"
         )
     parts = partition(
         train.labels,
@@ -297,8 +299,8 @@ def cmd_centralized(args: argparse.Namespace) -> int:
     )
     union = train.subset(np.concatenate(parts))
     cfg = _train_config(args, 2 if qa else len(train.label_names))
-    if qa:  # a start/end span head; no classes, so no label prior and no class-mean head
-        cfg = replace(cfg, num_labels=2, task="question-answering", logit_adjust=0.0)
+    if qa:  # QA's start/end span head, or no head; no label prior and no class-mean head
+        cfg = replace(cfg, num_labels=2, task=train.task, logit_adjust=0.0)
     engine = TorchEngine(cfg, seed=args.seed, threads=len(os.sched_getaffinity(0)))
     start = time.monotonic()
     rounds = []
@@ -312,6 +314,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 
     result = engine.evaluate(test)
     rounds.append(_epoch_record(0, result, start))
+    # torch is the one engine here: a centralized run of any task trains with it
     for epoch in tqdm(range(1, epochs + 1), desc="centralized", unit="epoch"):
         # the same recipe as a device's, logit adjustment by the (union's) label prior included
         train_logit_adjusted(engine, union, epochs=1, seed=args.seed + epoch, tau=cfg.logit_adjust)
@@ -332,7 +335,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
             "train_samples": len(union),
         },
         rounds=rounds,
-        final=task_figures({"accuracy": result.accuracy, "macro_f1": result.macro_f1}, train.task),
+        final=task_figures({"accuracy": result.accuracy, "macro_f1": result.macro_f1}, train.task, rounds),
         communication={
             "bytes_up_total": 0,
             "bytes_down_total": 0,
@@ -348,9 +351,14 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 
 
 def _figures(result: Any) -> str:
-    """Accuracy and macro F1, or for question answering exact match and F1."""
+    """Accuracy and macro F1, or the task's own figures (exact match and F1; recalls; next-token
+    accuracy and perplexity)."""
     if result.task == "question-answering":
         return f"exact match {result.accuracy:.3f}, F1 {result.macro_f1:.3f}"
+    if result.task == "image-text-matching":
+        return f"mean recall@1 {result.accuracy:.3f}, mean recall@5 {result.macro_f1:.3f}"
+    if result.task == "causal-lm":
+        return f"next-token accuracy {result.accuracy:.3f}, perplexity {result.extra['perplexity']:.2f}"
     return f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}"
 
 
@@ -359,6 +367,7 @@ def _epoch_record(epoch: int, result: Any, start: float) -> dict[str, Any]:
     figures = (
         {"exact_match": result.accuracy, "f1": result.macro_f1} if result.task == "question-answering" else {}
     )
+    figures |= {k: float(v) for k, v in result.extra.items()}
     return figures | {
         "round": epoch,
         "wall_s": wall,

@@ -25,10 +25,8 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.agent import DeviceAgent, DeviceStats
 from edge_runtime.data import (
+    DATASET_TYPES,
     Dataset,
-    ImageDataset,
-    QADataset,
-    TextDataset,
     load_folder,
     load_split,
     resolve_data_dir,
@@ -66,7 +64,7 @@ class EdgeClient:
         engines = device_engines(engine)  # before connecting: a missing engine is a bad flag
         self.holdout = holdout
         self.data: Dataset
-        if isinstance(data, (TextDataset, ImageDataset, QADataset)):
+        if isinstance(data, DATASET_TYPES):
             self.data = data
         else:
             folder = resolve_data_dir(data)

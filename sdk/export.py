@@ -474,9 +474,15 @@ class _Adapted:
 
 def export_task(config: TrainConfig) -> str:
     """What the module's model does: ``classification`` (texts), ``image-classification`` (a ViT
-    folder) or ``question-answering`` (``TrainConfig.task``)."""
+    folder) or ``question-answering`` (``TrainConfig.task``); image-text matching and causal-LM
+    modules are refused (their export is not implemented)."""
     if config.task == QA_TASK:
         return QA_TASK
+    if config.task in ("image-text-matching", "causal-lm"):
+        raise ConfigError(
+            f"exporting a {config.task} module is not implemented: --format peft and --format onnx "
+            "take classification and question answering modules"
+        )
     path = resolve_model(config.model)
     if Path(path).is_dir() and "image-classification" in family_of_dir(path).trains:
         return "image-classification"

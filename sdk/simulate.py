@@ -37,7 +37,14 @@ from edge_runtime.data import Dataset, TextDataset, load_folder, resolve_data_di
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import ORT_IMAGE_REFUSAL
 from edge_runtime.errors import ConfigError, FedPeftError
-from edge_runtime.families import QA_TASK, check_data_task, dims_of_dir, family_of_dir, lora_targets_for
+from edge_runtime.families import (
+    CLASSLESS_TASKS,
+    TASK_NAMES,
+    check_data_task,
+    dims_of_dir,
+    family_of_dir,
+    lora_targets_for,
+)
 from edge_runtime.models import resolve_model
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import MqttTransport, parse_broker_url
@@ -255,9 +262,10 @@ class SimulationConfig:
         return self.allocation
 
     def train_config(self, num_labels: int, task: str = "classification") -> TrainConfig:
-        """The training configuration every device is assigned; for question answering the head
-        has two outputs (start and end) and logit adjustment, a label prior, is off."""
-        qa = task == QA_TASK
+        """The training configuration every device is assigned; for the tasks without classes
+        (question answering, image-text matching, causal LM) ``num_labels`` is 2 (question
+        answering's start and end outputs) and logit adjustment, a label prior, is off."""
+        qa = task in CLASSLESS_TASKS
         return TrainConfig(
             peft=LoraSpec(
                 rank=self.lora_rank,
@@ -276,7 +284,7 @@ class SimulationConfig:
             prox_mu=self.prox_mu,
             logit_adjust=0.0 if qa else self.logit_adjust,
             engine="torch",
-            task=QA_TASK if qa else "classification",
+            task=task if qa else "classification",
         )
 
 
@@ -440,8 +448,8 @@ class Simulation:
         model = Path(resolve_model(cfg.model))
         if model.is_dir():
             check_data_task(family_of_dir(model), train.task, cfg.model)
-        if train.task == QA_TASK:
-            self._check_qa()
+        if train.task in CLASSLESS_TASKS:
+            self._check_classless(train.task)
             return train_cfg
         if train.task != "image-classification":
             return train_cfg
@@ -456,30 +464,31 @@ class Simulation:
         positions = dims_of_dir(model).max_positions
         return replace(train_cfg, seq_len=max(8, positions))
 
-    def _check_qa(self) -> None:
+    def _check_classless(self, task: str) -> None:
         """Refuse the options that exist for classification only, naming each with the task."""
         cfg = self.config
+        name = TASK_NAMES[task]
         refused = [
             (
                 cfg.engine in ("ort", "ort-plain", "mixed"),
                 f"--engine {cfg.engine}: the ONNX Runtime "
-                "engines train classification only; question answering trains with --engine torch",
+                f"engines train classification only; {name} trains with --engine torch",
             ),
             (cfg.distill_epochs > 0, "--distill-epochs distills toward class probabilities"),
             (
                 parse_partition(cfg.partition).kind != "iid",
-                f"--partition {cfg.partition} skews labels; question answering has none: use --partition iid",
+                f"--partition {cfg.partition} skews labels; {name} has none: use --partition iid",
             ),
             (cfg.clusters != "off", "--clusters groups devices by their label histograms"),
             (cfg.personalize_epochs > 0, "--personalize-epochs starts from the device's label prior"),
             (
                 cfg.allocation_mode != "fixed",
-                "--profiles/--allocation utility|uniform is not supported for question answering yet",
+                f"--profiles/--allocation utility|uniform is not supported for {name} yet",
             ),
         ]
         for bad, reason in refused:
             if bad:
-                raise ConfigError(f"{reason} (the data folder holds question answering data)")
+                raise ConfigError(f"{reason} (the data folder holds {name} data)")
 
     def _hold_out(self, idx: np.ndarray, client: int) -> tuple[np.ndarray, np.ndarray]:
         """Split a client's samples into training and held-out ones (for personalization and
@@ -540,7 +549,7 @@ class Simulation:
             dp_sample_rate=cfg.dp_sample_rate,
             norm_bound=cfg.norm_bound,
             # question answering has no classes to take means of: its head starts random
-            head_init="random" if train_cfg.task == QA_TASK else cfg.head_init,
+            head_init="random" if train_cfg.task in CLASSLESS_TASKS else cfg.head_init,
             head_scale=cfg.head_scale,
             personalize_epochs=cfg.personalize_epochs,
             clusters=cfg.clusters,
@@ -561,11 +570,17 @@ class Simulation:
             parse_broker_url(url), client_id=f"fedpeft-server-{fleet}", clean_start=False
         )
         server_transport.connect()
-        allocator = build_allocator(
-            cfg.allocation_mode,
-            train_cfg,
-            dims_of_dir(resolve_model(train_cfg.model)),
-            AllocationConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma),
+        # fixed allocation has no allocator, and needs no shape numbers (CLIP's two towers have
+        # no single-tower cost model)
+        allocator = (
+            None
+            if cfg.allocation_mode == "fixed"
+            else build_allocator(
+                cfg.allocation_mode,
+                train_cfg,
+                dims_of_dir(resolve_model(train_cfg.model)),
+                AllocationConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma),
+            )
         )
         service = AggregationService(
             server_transport,
@@ -579,10 +594,17 @@ class Simulation:
             event_clock=self.fleet_clock(devices) if cfg.mode == "async" else None,
         )
         service.start()
-        # images train on torch only (checked in _check_task): auto means torch for them
-        engines = (
-            cfg.worker_engines(train_cfg, workers) if test.task == "classification" else ["torch"] * workers
-        )
+        # images and the tasks without classes train on torch only (explicit ORT engines are
+        # refused in _check_task): auto means torch for them
+        if test.task == "classification":
+            engines = cfg.worker_engines(train_cfg, workers)
+        else:
+            engines = ["torch"] * workers
+            if cfg.engine == "auto":
+                log.info(
+                    "--engine auto trains %s data with torch: the ORT engines train text classification only",
+                    test.task,
+                )
         artifacts = {
             engine: self._ort_artifacts(train_cfg, allocator, cores, engine)
             for engine in sorted(set(engines))
@@ -795,7 +817,7 @@ class Simulation:
             kind="simulate",
             config=run_config,
             rounds=rounds,
-            final=task_figures(summary.final, self.data_task),
+            final=task_figures(summary.final, self.data_task, rounds),
             communication=communication(bytes_up, bytes_down, total_params, participations)
             | {"bytes_up_received_by_server": summary.bytes_up_total},
             clients=clients,

@@ -117,3 +117,51 @@ def write_qa_folder(folder: Path, *, train: int = 48, test: int = 12) -> Path:
             for i in rows:
                 f.write(json.dumps(qa_record(i)) + "\n")
     return folder
+
+
+COLOURS = {
+    "red": (230, 20, 20),
+    "green": (20, 200, 40),
+    "blue": (30, 40, 230),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+    "yellow": (240, 220, 20),
+}
+
+
+def write_pair_folder(
+    folder: Path, *, train_per_colour: int = 4, test_per_colour: int = 1, seed: int = 0
+) -> Path:
+    """Image-text pairs: a 12 x 12 PNG of one colour (with noise) and the caption naming it, in
+    ``images/``; ``train.jsonl`` and ``test.jsonl`` list them (every colour in both splits)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train_per_colour), ("test", test_per_colour)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for k in range(n):
+                for name, rgb in COLOURS.items():
+                    noise = rng.integers(-10, 11, (12, 12, 3))
+                    pixels = np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)
+                    rel = f"images/{split}-{name}-{k}.png"
+                    Image.fromarray(pixels).save(folder / rel)
+                    f.write(json.dumps({"image": rel, "text": f"a {name} square"}) + "\n")
+    return folder
+
+
+LM_SENTENCES = (
+    "the cat sat on the mat",
+    "the dog ran in the park",
+    "one two three four five six",
+    "red green blue red green blue",
+)
+
+
+def write_lm_folder(folder: Path, *, train: int = 24, test: int = 8) -> Path:
+    """Unlabelled texts for causal-LM fine-tuning: four short sentences repeated in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("test", test)):
+        lines = [json.dumps({"text": LM_SENTENCES[i % len(LM_SENTENCES)]}) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -1,8 +1,9 @@
 """The model-family registry: lookup, shapes against real parameter counts, the torch engine on a
 tiny model of every text family, a 2-client federated round per family, and a 7B decoder's memory.
 
-CLIP is registered (targets, sites, shapes) but not trained: the engine refuses it. ViT trains
-image classification (tests/test_images.py).
+CLIP trains image-text matching only (tests/test_image_text.py): the engine refuses it for
+classification with the reason. ViT trains image classification (tests/test_images.py); LLaMA
+also trains causal-LM fine-tuning (tests/test_causal_lm.py).
 """
 
 from __future__ import annotations
@@ -255,14 +256,17 @@ def test_the_decoder_reads_the_last_real_token(tiny_models: dict[str, Path]) -> 
     assert torch.allclose(plain[0], torch.nn.functional.normalize(hidden[0, 3], dim=-1), atol=1e-5)
 
 
-def test_families_the_engine_does_not_train_are_refused_with_the_reason(tmp_path: Path) -> None:
+def test_tasks_a_family_does_not_train_are_refused_with_the_reason(tmp_path: Path) -> None:
     from transformers import AutoModel
 
     from edge_runtime.engines.torch_engine import TorchEngine
 
     clip = tmp_path / "clip"
     AutoModel.from_config(_vision_configs()["clip"]).save_pretrained(clip)
-    with pytest.raises(ConfigError, match="does not train clip yet"):
+    with pytest.raises(
+        ConfigError,
+        match=r"is a clip model: it does not train classification \(it trains image-text matching\)",
+    ):
         TorchEngine(TrainConfig(model=str(clip)))
     unknown = tmp_path / "gpt2"
     unknown.mkdir()

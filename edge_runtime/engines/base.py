@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -33,6 +33,13 @@ class EvalResult:
     For ``task == "question-answering"`` the two figures are SQuAD's: ``accuracy`` is the exact
     match and ``macro_f1`` the mean token F1 (both fractions), and ``predictions`` holds the
     predicted answer texts; ``loss`` is the mean of the start and end cross-entropies.
+
+    For ``image-text-matching``, ``accuracy`` is the mean of recall@1 text->image and
+    image->text, ``macro_f1`` the mean of their recall@5, and ``loss`` the symmetric InfoNCE
+    over the whole split as one batch; ``extra`` holds the four recalls by name. For
+    ``causal-lm``, ``accuracy`` is next-token accuracy, ``macro_f1`` the macro F1 of next-token
+    predictions over the token ids that occur, ``loss`` the mean next-token cross-entropy, and
+    ``extra`` holds ``perplexity`` (exp of that loss) and the token count.
     """
 
     accuracy: float
@@ -40,6 +47,7 @@ class EvalResult:
     loss: float
     predictions: np.ndarray
     task: str = "classification"
+    extra: Mapping[str, float] = field(default_factory=dict)
 
 
 class TrainingEngine(Protocol):
@@ -81,6 +89,24 @@ ORT_IMAGE_REFUSAL = (
 )
 
 
+ORT_REFUSED_TASKS = {
+    "question-answering": "question answering",
+    "image-text-matching": "image-text matching",
+    "causal-lm": "causal-LM fine-tuning",
+}
+"""The tasks the ONNX Runtime engines do not train, and their names in refusals."""
+
+
+def refuse_classless_task(task: str) -> None:
+    """Raise :class:`ConfigError` naming ``--engine torch`` if ``task`` is one the ONNX Runtime
+    engines do not train (their graphs are a classifier's: token ids in, class logits out)."""
+    if task in ORT_REFUSED_TASKS:
+        raise ConfigError(
+            "the ONNX Runtime engines (ort, ort-plain) train classification only; "
+            f"{ORT_REFUSED_TASKS[task]} trains with --engine torch"
+        )
+
+
 def refuse_image_model(model: str) -> None:
     """Raise :class:`ConfigError` naming ``--engine torch`` if ``model`` is a local folder of an
     image model (the ONNX Runtime engines' graphs take token ids)."""
@@ -93,7 +119,8 @@ def refuse_image_model(model: str) -> None:
         path = Path(resolve_model(model))
     except ConfigError:
         return  # the engine's own loading reports a model it cannot find
-    if path.is_dir() and "image-classification" in family_of_dir(path).trains:
+    # CLIP trains image-text matching only, but its graph takes pixels too
+    if path.is_dir() and {"image-classification", "image-text-matching"} & set(family_of_dir(path).trains):
         raise ConfigError(f"{ORT_IMAGE_REFUSAL} (model {model!r} is an image model)")
 
 
@@ -101,10 +128,10 @@ def require_text(data: Dataset) -> TextDataset:
     """``data`` if it holds texts for classification; images and questions raise
     :class:`ConfigError` naming ``--engine torch`` (the ONNX Runtime engines train classifiers
     whose graphs take token ids)."""
-    if data.task == "question-answering":
+    if data.task in ORT_REFUSED_TASKS:
         raise ConfigError(
             "the ONNX Runtime engines (ort, ort-plain) train classification only; "
-            "question answering trains with --engine torch"
+            f"{ORT_REFUSED_TASKS[data.task]} trains with --engine torch"
         )
     if not isinstance(data, TextDataset):
         raise ConfigError(ORT_IMAGE_REFUSAL)

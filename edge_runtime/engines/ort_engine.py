@@ -53,7 +53,14 @@ import numpy as np
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
-from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1, refuse_image_model
+from edge_runtime.engines.base import (
+    EvalResult,
+    ProgressFn,
+    TrainResult,
+    macro_f1,
+    refuse_classless_task,
+    refuse_image_model,
+)
 from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.peft_specs import LoraSpec
@@ -69,6 +76,7 @@ OUTPUT_NAMES = ("loss", "logits", "features")
 
 def check_ort_support(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` if the ORT engine cannot train ``config``'s module as torch would."""
+    refuse_classless_task(config.task)
     refuse_image_model(config.model)
     spec = config.peft
     if not isinstance(spec, LoraSpec):

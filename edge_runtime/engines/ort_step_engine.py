@@ -40,7 +40,14 @@ import numpy as np
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
-from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1, refuse_image_model
+from edge_runtime.engines.base import (
+    EvalResult,
+    ProgressFn,
+    TrainResult,
+    macro_f1,
+    refuse_classless_task,
+    refuse_image_model,
+)
 from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
 from edge_runtime.engines.ort_engine import (
     TOKENIZER_NAME,
@@ -62,6 +69,7 @@ INITIAL_STATE_NAME = "initial_state.npz"
 
 def check_step_support(config: TrainConfig) -> None:
     """Raise :class:`ConfigError` if the step graph cannot train ``config``'s module as torch would."""
+    refuse_classless_task(config.task)
     refuse_image_model(config.model)
     spec = config.peft
     if isinstance(spec, LoraSpec) and spec.dropout > 0:

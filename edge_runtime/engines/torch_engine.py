@@ -1,4 +1,4 @@
-"""The PyTorch training engine: a frozen Hugging Face model, a PEFT module and a linear head.
+"""The PyTorch training engine: a frozen Hugging Face model, a PEFT module and the task's head.
 
 torch, transformers and peft are imported here and nowhere else in ``edge_runtime``, so a device
 that runs the ONNX Runtime engine never loads them.
@@ -25,6 +25,23 @@ predicted answer is the best-scoring span of at most
 tokenizer's character offsets (a fast tokenizer, ``tokenizer.json``, is needed), and scored with
 SQuAD's exact match and F1 (:mod:`edge_runtime.qa_eval`). The class-mean statistics, class
 probabilities and distillation are classification's and are refused for it.
+
+Image-text matching (``TrainConfig.task == "image-text-matching"``, a
+:class:`~edge_runtime.pair_data.PairDataset`) trains CLIP with an :class:`ImageTextMatcher`: both
+towers and their projections, unit-norm embeddings, logits the cosine similarities times CLIP's
+own temperature (``logit_scale``, frozen with the rest of the base), and the symmetric InfoNCE
+loss over the batch (:func:`symmetric_info_nce`). There is no head; LoRA goes into both towers
+(their projection names are the same). Captions are truncated to ``seq_len`` and the text
+tower's positions; images are resized to the vision tower's ``image_size`` and normalised with
+the ``preprocessor_config.json``'s mean and std (CLIP's without one). Evaluation embeds the whole
+split and scores retrieval both ways (:mod:`edge_runtime.task_metrics`). Adapters and soft
+prompts are refused for CLIP.
+
+Causal-LM fine-tuning (``TrainConfig.task == "causal-lm"``, an
+:class:`~edge_runtime.lm_data.LMDataset`) trains a LLaMA-style decoder with its own (frozen)
+language-model head through a :class:`CausalLM`: the loss is the next-token cross-entropy over
+every real token after the first; texts are truncated to ``seq_len`` tokens. A checkpoint
+without an LM head (a bare decoder) is refused rather than given a random one.
 
 PEFT kinds:
 
@@ -64,11 +81,28 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset, ImageDataset
 from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
-from edge_runtime.families import QA_TASK, ModelFamily, check_data_task, engine_task, family_of, family_of_dir
+from edge_runtime.families import (
+    CLASSLESS_TASKS,
+    ITM_TASK,
+    LM_TASK,
+    QA_TASK,
+    ModelFamily,
+    check_data_task,
+    engine_task,
+    family_of,
+    family_of_dir,
+)
+from edge_runtime.lm_data import LMDataset
 from edge_runtime.models import resolve_model
+from edge_runtime.pair_data import PairDataset
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec, PromptSpec
 from edge_runtime.qa_data import QADataset
 from edge_runtime.qa_eval import answer_token_span, best_span, squad_scores
+from edge_runtime.task_metrics import next_token_figures, retrieval_figures
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""CLIP's image normalisation, for a CLIP folder without ``preprocessor_config.json``."""
 
 
 class BottleneckAdapter(nn.Module):
@@ -225,6 +259,88 @@ class SpanExtractor(nn.Module):
         return logits[..., 0], logits[..., 1]
 
 
+def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss on a texts x images logit matrix whose matches are the diagonal: the mean of
+    the cross-entropies of picking each caption's image and each image's caption."""
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise EngineError(f"InfoNCE needs a square logit matrix, got {tuple(logits.shape)}")
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
+
+
+class ImageTextMatcher(nn.Module):
+    """CLIP's two towers and projections: unit-norm caption and image embeddings, scaled cosines."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.encoder: Any = clip  # a transformers CLIPModel
+        self.pooling = "projection"
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm projected caption embeddings."""
+        feats = self.encoder.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return nn.functional.normalize(feats, dim=-1)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-norm projected image embeddings."""
+        return nn.functional.normalize(self.encoder.get_image_features(pixel_values=pixel_values), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """CLIP's temperature, exp(logit_scale), capped at 100 as CLIP caps it."""
+        return self.encoder.logit_scale.exp().clamp(max=100.0)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Texts x images logits: the scaled cosine similarities."""
+        texts = self.text_embeddings(input_ids, attention_mask)
+        return self.scale() * texts @ self.image_embeddings(pixel_values).T
+
+
+class CausalLM(nn.Module):
+    """A decoder with its LM head (an optional soft prompt before the text): next-token logits."""
+
+    def __init__(self, decoder: nn.Module, prompt: SoftPrompt | None = None) -> None:
+        super().__init__()
+        self.encoder: Any = decoder  # a transformers *ForCausalLM
+        self.prompt = prompt
+        self.pooling = "next_token"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary at every text position (``batch x tokens x vocab``)."""
+        if self.prompt is None or not self.prompt.active:
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).logits
+        words = self.encoder.get_input_embeddings()(input_ids)
+        rows, length = input_ids.shape[0], self.prompt.length
+        prompt = self.prompt.embeddings.unsqueeze(0).expand(rows, -1, -1)
+        mask = torch.cat([attention_mask.new_ones((rows, length)), attention_mask], dim=1)
+        out = self.encoder(inputs_embeds=torch.cat([prompt, words], dim=1), attention_mask=mask)
+        return out.logits[:, length:]
+
+
+def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The target of position t is token t + 1 where that token is real; -100 (ignored) elsewhere
+    and at the last position."""
+    target = torch.full_like(input_ids, -100)
+    target[:, :-1] = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return target
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """Token ids of the captions and the preprocessed images of an image-text split."""
+
+    input_ids: list[list[int]]
+    pixels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LMInputs:
+    """Token ids of the texts of a causal-LM split."""
+
+    input_ids: list[list[int]]
+
+
 @dataclass(frozen=True)
 class SpanInputs:
     """Tokenized questions with their contexts, and where each training answer lies in tokens."""
@@ -237,13 +353,15 @@ class SpanInputs:
     ends: np.ndarray
 
 
-def preprocessor_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def preprocessor_stats(
+    path: str, channels: int, default_mean: Any = 0.5, default_std: Any = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``image_mean`` and ``image_std`` from the model folder's ``preprocessor_config.json``
-    (ViT's 0.5 and 0.5 without one), shaped to broadcast over ``channels x H x W``."""
+    (the defaults, ViT's 0.5 and 0.5, without one), shaped to broadcast over ``channels x H x W``."""
     import json
 
-    mean: Any = 0.5
-    std: Any = 0.5
+    mean: Any = default_mean
+    std: Any = default_std
     config = Path(path) / "preprocessor_config.json"
     if config.is_file():
         try:
@@ -298,7 +416,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, config: TrainConfig, *, seed: int = 0, threads: int | None = None) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -315,21 +433,42 @@ class TorchEngine:
         self.family: ModelFamily = family_of(model_config)
         self.task = engine_task(self.family, config.task, config.model)
         self.tokenizer: Any = None
+        if self.task == ITM_TASK and not isinstance(config.peft, LoraSpec):
+            raise ConfigError(
+                f"image-text matching trains LoRA on CLIP's two towers; PEFT kind {config.peft.kind!r} "
+                "is not supported for it (use --peft lora)"
+            )
         try:
-            if self.task in ("classification", QA_TASK):
+            if self.task != "image-classification":
                 self.tokenizer = AutoTokenizer.from_pretrained(path)
             torch.manual_seed(seed)
-            encoder = AutoModel.from_pretrained(path, config=model_config, attn_implementation="eager")
+            encoder = self._load_base(path, model_config)
         except OSError as exc:
             raise EngineError(f"cannot load model {config.model!r}: {exc}") from None
-        hidden = int(encoder.config.hidden_size)
-        self.hidden = hidden
-        self.num_layers = int(encoder.config.num_hidden_layers)
+        # CLIP's configuration keeps the towers' sizes in text_config and vision_config; its
+        # embeddings are projection_dim wide
+        text_config = getattr(encoder.config, "text_config", encoder.config)
+        hidden = int(getattr(encoder.config, "projection_dim", 0) or 0) if self.task == ITM_TASK else 0
+        self.hidden = hidden or int(text_config.hidden_size)
+        self.num_layers = int(text_config.num_hidden_layers)
         for p in encoder.parameters():
             p.requires_grad_(False)
         prompt = self._attach_peft(encoder)
-        self.model: TextClassifier | ImageClassifier | SpanExtractor
-        if self.task == QA_TASK:
+        self.model: TextClassifier | ImageClassifier | SpanExtractor | ImageTextMatcher | CausalLM
+        if self.task == ITM_TASK:
+            vision = encoder.config.vision_config
+            self.image_size, self.channels = int(vision.image_size), int(vision.num_channels)
+            if self.channels not in (1, 3):
+                raise ConfigError(
+                    f"model {config.model!r} takes {self.channels}-channel images; 1 or 3 are read"
+                )
+            self._mean, self._std = preprocessor_stats(path, self.channels, CLIP_MEAN, CLIP_STD)
+            self.max_tokens = min(config.seq_len, int(text_config.max_position_embeddings))
+            self.model = ImageTextMatcher(encoder)
+        elif self.task == LM_TASK:
+            self.max_tokens = min(config.seq_len, int(encoder.config.max_position_embeddings))
+            self.model = CausalLM(encoder, prompt)
+        elif self.task == QA_TASK:
             padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
             room = int(encoder.config.max_position_embeddings) - (
                 padding_idx + 1 if padding_idx is not None else 0
@@ -338,7 +477,7 @@ class TorchEngine:
             # segment ids where the model has a table for both segments (BERT); RoBERTa's single
             # row and DistilBERT's absent table take none, whatever the tokenizer returns
             self.segments = int(getattr(encoder.config, "type_vocab_size", 0) or 0) >= 2
-            self.model = SpanExtractor(encoder, hidden, prompt)
+            self.model = SpanExtractor(encoder, self.hidden, prompt)
         elif self.task == "image-classification":
             self.image_size = int(encoder.config.image_size)
             self.channels = int(encoder.config.num_channels)
@@ -347,14 +486,36 @@ class TorchEngine:
                     f"model {config.model!r} takes {self.channels}-channel images; 1 or 3 are read"
                 )
             self._mean, self._std = preprocessor_stats(path, self.channels)
-            self.model = ImageClassifier(encoder, hidden, config.num_labels, prompt)
+            self.model = ImageClassifier(encoder, self.hidden, config.num_labels, prompt)
         else:
-            self.model = TextClassifier(encoder, hidden, config.num_labels, prompt, self.family.pooling)
+            self.model = TextClassifier(encoder, self.hidden, config.num_labels, prompt, self.family.pooling)
         self.model.eval()  # no dropout in the frozen base; LoRA dropout is in its own module
         self._params: dict[str, nn.Parameter] = {
             _canonical(n): p for n, p in self.model.named_parameters() if p.requires_grad
         }
         self._token_cache: dict[int, tuple[Dataset, Any]] = {}
+
+    def _load_base(self, path: str, model_config: Any) -> Any:
+        """The frozen base: the bare encoder, or for causal LM the decoder with its LM head (a
+        checkpoint without one is refused: a random head would be trained against nothing)."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        if self.task != LM_TASK:
+            return AutoModel.from_pretrained(path, config=model_config, attn_implementation="eager")
+        try:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                path, config=model_config, attn_implementation="eager", output_loading_info=True
+            )
+            decoder, info = loaded
+        except ValueError as exc:
+            raise EngineError(f"cannot load model {self.config.model!r} as a causal LM: {exc}") from None
+        tied = bool(getattr(model_config, "tie_word_embeddings", False))
+        if not tied and any(k.startswith("lm_head") for k in info.get("missing_keys", [])):
+            raise ConfigError(
+                f"model {self.config.model!r} has no language-model head (lm_head) in its weights: "
+                "causal-LM fine-tuning needs a *ForCausalLM checkpoint"
+            )
+        return decoder
 
     def _attach_peft(self, encoder: nn.Module) -> SoftPrompt | None:
         """Add the spec's trainable module to the frozen encoder; a soft prompt is returned."""
@@ -486,7 +647,7 @@ class TorchEngine:
         if cached is not None and cached[0] is data:
             return cached[1]
         check_data_task(self.family, data.task, self.config.model)
-        if (data.task == QA_TASK) != (self.task == QA_TASK):
+        if data.task != self.task and (data.task in CLASSLESS_TASKS or self.task in CLASSLESS_TASKS):
             raise ConfigError(
                 f"the data is for {data.task} but this engine trains {self.task} "
                 "(TrainConfig.task): give the matching data folder or task"
@@ -496,6 +657,19 @@ class TorchEngine:
             inputs = self._pixels(data)
         elif isinstance(data, QADataset):
             inputs = self._span_inputs(data)
+        elif isinstance(data, PairDataset):
+            ids = self.tokenizer(list(data.texts), truncation=True, max_length=self.max_tokens, padding=False)
+            pixels = pixel_values(data.images, self.image_size, self.channels, self._mean, self._std)
+            inputs = PairInputs(ids["input_ids"], pixels)
+        elif isinstance(data, LMDataset):
+            ids = self.tokenizer(list(data.texts), truncation=True, max_length=self.max_tokens, padding=False)
+            short = [i for i, seq in enumerate(ids["input_ids"]) if len(seq) < 2]
+            if short:
+                raise ConfigError(
+                    f"text {short[0]} ({data.texts[short[0]][:40]!r}) is a single token: causal-LM "
+                    "fine-tuning needs at least two tokens a text (one to predict the next)"
+                )
+            inputs = LMInputs(ids["input_ids"])
         else:
             enc = self.tokenizer(
                 list(data.texts), truncation=True, max_length=self.config.seq_len, padding=False
@@ -574,20 +748,54 @@ class TorchEngine:
         hits = int(((start.argmax(-1) == s_target) & (end.argmax(-1) == e_target)).sum())
         return loss, hits
 
-    def _batch_loss(self, inputs: Any, labels: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, int]:
-        """The task's loss on ``rows`` and how many of them the model got right."""
+    def _pair_logits(self, inputs: PairInputs, rows: np.ndarray) -> torch.Tensor:
+        """Texts x images logits of the pairs ``rows``."""
+        assert isinstance(self.model, ImageTextMatcher)
+        ids, mask = self._batch(inputs.input_ids, rows)
+        return self.model(ids, mask, inputs.pixels[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
+
+    def _lm_scores(
+        self, inputs: LMInputs, rows: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy of ``rows``, and the predicted and target token of
+        every scored position."""
+        assert isinstance(self.model, CausalLM)
+        ids, mask = self._batch(inputs.input_ids, rows)
+        logits = self.model(ids, mask)
+        target = next_token_targets(ids, mask)
+        scored = target != -100
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return loss, logits.argmax(-1)[scored], target[scored]
+
+    def _batch_loss(self, inputs: Any, labels: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, float]:
+        """The task's loss on ``rows`` and how many of them the model got right (for image-text
+        pairs, captions whose own image scores highest; for causal LM, rows times the batch's
+        next-token accuracy)."""
         if isinstance(inputs, SpanInputs):
             return self._span_loss(inputs, rows)
+        if isinstance(inputs, PairInputs):
+            logits = self._pair_logits(inputs, rows)
+            hits = int((logits.argmax(-1) == torch.arange(len(rows))).sum())
+            return symmetric_info_nce(logits), hits
+        if isinstance(inputs, LMInputs):
+            loss_sum, pred, target = self._lm_scores(inputs, rows)
+            tokens = max(int(target.numel()), 1)
+            return loss_sum / tokens, float((pred == target).sum()) / tokens * len(rows)
         target = labels[torch.from_numpy(rows)]
-        logits = self.model.head(self._rows_features(inputs, rows))
+        logits = self._head()(self._rows_features(inputs, rows))
         return nn.functional.cross_entropy(logits, target), int((logits.argmax(-1) == target).sum())
 
+    def _head(self) -> nn.Linear:
+        """The classifier's linear head (classification only)."""
+        if isinstance(self.model, (TextClassifier, ImageClassifier)):
+            return self.model.head
+        raise EngineError(f"this engine trains {self.task}, which has no class head")
+
     def _classifier_only(self, what: str) -> None:
-        if self.task == QA_TASK:
-            raise EngineError(
-                f"{what} is for classification; this engine trains question answering "
-                "(span logits, no classes)"
-            )
+        if self.task in CLASSLESS_TASKS:
+            raise EngineError(f"{what} is for classification; this engine trains {self.task} (no classes)")
 
     def _tokens(self, data: Dataset) -> list[list[int]]:
         """Token ids of every text of ``data`` (cached; a text model's :meth:`_inputs`)."""
@@ -600,8 +808,8 @@ class TorchEngine:
 
     def _rows_features(self, inputs: Any, rows: np.ndarray) -> torch.Tensor:
         """Features of the rows ``rows`` of prepared ``inputs`` (see :meth:`_inputs`)."""
-        if isinstance(self.model, SpanExtractor):
-            raise EngineError("pooled features are for classification; question answering reads every token")
+        if isinstance(self.model, (SpanExtractor, ImageTextMatcher, CausalLM)):
+            raise EngineError(f"pooled features are for classification; this engine trains {self.task}")
         if isinstance(self.model, ImageClassifier):
             return self.model.features(inputs[torch.from_numpy(np.asarray(rows, dtype=np.int64))])
         input_ids, mask = self._batch(inputs, rows)
@@ -652,7 +860,7 @@ class TorchEngine:
         total = steps_per_epoch * epochs
         step = 0
         loss_sum = 0.0
-        correct = 0
+        correct = 0.0
         seen = 0
         start = time.perf_counter()
         self.model.train()
@@ -737,7 +945,7 @@ class TorchEngine:
                     order = rng.permutation(len(texts))
                     for b in range(steps_per_epoch):
                         rows = torch.from_numpy(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-                        logits = self.model.head(self._rows_features(inputs, rows.numpy()))
+                        logits = self._head()(self._rows_features(inputs, rows.numpy()))
                         log_student = nn.functional.log_softmax(logits, dim=-1)
                         kl = (log_student.exp() * (log_student - log_teacher[rows])).sum(-1).mean()
                         loss = alpha * nn.functional.cross_entropy(logits, pseudo[rows]) + (1 - alpha) * kl
@@ -767,7 +975,7 @@ class TorchEngine:
     def predict_proba(self, data: Dataset, *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities of the current module for every sample of ``data``."""
         self._classifier_only("class probabilities")
-        logits = self.model.head(self._pooled(data, batch_size))
+        logits = self._head()(self._pooled(data, batch_size))
         return np.asarray(torch.softmax(logits, dim=-1).numpy(), dtype=np.float64)
 
     @torch.no_grad()
@@ -791,7 +999,14 @@ class TorchEngine:
             raise EngineError("cannot evaluate on an empty dataset")
         if isinstance(data, QADataset):
             return self._evaluate_spans(data, batch_size)
-        logits = self.model.head(self._pooled(data, batch_size))
+        if isinstance(data, PairDataset):
+            return self._evaluate_pairs(data, batch_size)
+        if isinstance(data, LMDataset):
+            return self._evaluate_lm(data, batch_size)
+        if isinstance(self.model, (ImageTextMatcher, CausalLM)):
+            check_data_task(self.family, data.task, self.config.model)  # the reason, where it has one
+            raise ConfigError(f"this engine trains {self.task}; it cannot evaluate {data.task} data")
+        logits = self._head()(self._pooled(data, batch_size))
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         loss = float(nn.functional.cross_entropy(logits, labels).item())
         pred = logits.argmax(-1).numpy()
@@ -801,6 +1016,76 @@ class TorchEngine:
             macro_f1=macro_f1(y, pred, self.config.num_labels),
             loss=loss,
             predictions=pred,
+        )
+
+    @torch.no_grad()
+    def _evaluate_pairs(self, data: PairDataset, batch_size: int) -> EvalResult:
+        """Retrieval both ways over the whole split: mean recall@1 (as ``accuracy``), mean
+        recall@5 (as ``macro_f1``), the symmetric InfoNCE of the split as one batch (as ``loss``)."""
+        inputs = self._inputs(data)
+        if not isinstance(inputs, PairInputs) or not isinstance(self.model, ImageTextMatcher):
+            raise EngineError(f"image-text data gave {type(inputs).__name__} inputs")
+        texts = torch.empty((len(data), self.hidden))
+        images = torch.empty((len(data), self.hidden))
+        for first in range(0, len(data), batch_size):
+            rows = np.arange(first, min(first + batch_size, len(data)))
+            ids, mask = self._batch(inputs.input_ids, rows)
+            texts[first : first + len(rows)] = self.model.text_embeddings(ids, mask)
+            images[first : first + len(rows)] = self.model.image_embeddings(
+                inputs.pixels[first : first + len(rows)]
+            )
+        similarity = texts @ images.T
+        loss = float(symmetric_info_nce(self.model.scale() * similarity).item())
+        figures = retrieval_figures(similarity.numpy())
+        return EvalResult(
+            accuracy=figures["mean_recall@1"],
+            macro_f1=figures["mean_recall@5"],
+            loss=loss,
+            predictions=similarity.argmax(-1).numpy(),  # each caption's best image
+            task=ITM_TASK,
+            extra=figures,
+        )
+
+    @torch.no_grad()
+    def _evaluate_lm(self, data: LMDataset, batch_size: int) -> EvalResult:
+        """Next-token accuracy (as ``accuracy``), macro F1 over token ids (as ``macro_f1``), mean
+        next-token cross-entropy (``loss``) and perplexity (in ``extra``) over every scored token."""
+        inputs = self._inputs(data)
+        if not isinstance(inputs, LMInputs):
+            raise EngineError(f"causal-LM data gave {type(inputs).__name__} inputs")
+        assert isinstance(self.model, CausalLM)
+        order = np.argsort([len(s) for s in inputs.input_ids], kind="stable")  # similar lengths pad less
+        preds: list[np.ndarray] = []
+        golds: list[np.ndarray] = []
+        per_text = np.zeros(len(data))
+        loss_sum = 0.0
+        for first in range(0, len(data), batch_size):
+            rows = order[first : first + batch_size]
+            ids, mask = self._batch(inputs.input_ids, rows)
+            logits = self.model(ids, mask)
+            target = next_token_targets(ids, mask)
+            scored = target != -100
+            loss_sum += float(
+                nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                ).item()
+            )
+            pred = logits.argmax(-1)
+            preds.append(pred[scored].numpy())
+            golds.append(target[scored].numpy())
+            right = ((pred == target) & scored).sum(1).float() / scored.sum(1).clamp_min(1).float()
+            per_text[rows] = right.numpy()
+        figures = next_token_figures(np.concatenate(preds), np.concatenate(golds), loss_sum)
+        return EvalResult(
+            accuracy=figures["next_token_accuracy"],
+            macro_f1=figures["macro_f1"],
+            loss=figures["loss"],
+            predictions=per_text,  # each text's next-token accuracy
+            task=LM_TASK,
+            extra={k: figures[k] for k in ("next_token_accuracy", "perplexity", "tokens")},
         )
 
     @torch.no_grad()
