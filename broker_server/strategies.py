@@ -76,6 +76,30 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 
+def register_strategy(name: str, rule: Strategy, *, heterogeneous: bool = False) -> None:
+    """Add a stateless aggregation rule under ``--strategy name``.
+
+    ``rule(state, updates) -> state`` must be pure: the new global module from the current one and
+    the round's :class:`~broker_server.aggregation.ClientUpdate` list, without mutating either
+    (``tests/test_strategy_matrix.py`` states the properties every rule keeps). ``heterogeneous``
+    rules take modules of different ranks (as ``hetlora``). Clipping, FedAvgM, clusters and
+    distillation wrap a registered rule as they wrap the built-in ones (DP-FedAvg replaces the rule
+    with its own). A name that is taken, or not a plain identifier, is
+    refused: the built-in rules cannot be replaced. Register before building the service (or
+    calling ``fedpeft``'s ``main``) in the same process.
+    """
+    if not name.isidentifier():
+        raise ConfigError(f"a strategy name is a plain identifier, got {name!r}")
+    if name in registered_strategies():
+        raise ConfigError(f"strategy {name!r} is already registered")
+    if not callable(rule):
+        raise ConfigError(f"strategy {name!r}: the rule must be callable, got {type(rule).__name__}")
+    if heterogeneous:
+        HETEROGENEOUS_STRATEGIES[name] = rule
+    else:
+        STRATEGIES[name] = rule
+
+
 def registered_strategies() -> list[str]:
     """Every ``--strategy`` name, sorted."""
     return sorted([*STRATEGIES, *STATEFUL_STRATEGIES, *HETEROGENEOUS_STRATEGIES])

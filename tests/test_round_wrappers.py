@@ -252,3 +252,43 @@ def test_server_momentum_with_exact_is_refused_clearly(tmp_path: Path) -> None:
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "--server-momentum" in lines[0] and "exact" in lines[0], run.stderr
+
+
+def test_a_registered_strategy_is_a_strategy_name_the_wrappers_compose_around() -> None:
+    from broker_server import strategies
+
+    calls: list[int] = []
+
+    def largest_sample(state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate]) -> State:
+        """The module of the device with the most samples (a deliberately odd rule)."""
+        calls.append(len(updates))
+        best = max(updates, key=lambda u: u.num_samples)
+        return {k: state[k] + best.delta[k] for k in state}
+
+    strategies.register_strategy("largest_sample", largest_sample)
+    try:
+        assert "largest_sample" in strategies.registered_strategies()
+        with pytest.raises(ConfigError, match="already registered"):
+            strategies.register_strategy("largest_sample", largest_sample)
+        with pytest.raises(ConfigError, match="already registered"):
+            strategies.register_strategy("fedit", fedit)  # the built-in ones cannot be replaced
+        with pytest.raises(ConfigError, match="plain identifier"):
+            strategies.register_strategy("bad name", largest_sample)
+        config = _config(strategy="largest_sample", clip_norm=1.0, server_momentum=0.5)
+        rule = train_rule(config)
+        assert rule.name == "fedavgm(clip(largest_sample))"
+        state = _state()
+        updates = _rounds(state, ["a", "b", "c"], seed=3, n=1)[0]
+        new, carry = rule.aggregate(state, updates, {})
+        assert calls == [3]
+        # clip then the rule then FedAvgM: the step is the clipped largest device's, times lr 1
+        best = max(updates, key=lambda u: u.num_samples)
+        clipped = clip_update(best, 1.0)
+        expected = {k: state[k] + clipped.delta[k] for k in state}
+        for k in state:
+            np.testing.assert_allclose(new[k], expected[k], rtol=1e-5, atol=1e-6)
+        assert any(k.startswith(MOMENTUM_PREFIX) for k in carry)
+    finally:
+        strategies.STRATEGIES.pop("largest_sample", None)
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        _config(strategy="largest_sample")
