@@ -383,14 +383,21 @@ def test_simulate_refuses_a_text_model_for_images(tmp_path: Path, images: Path) 
         Simulation(config).run()
 
 
-def test_the_peft_export_refuses_an_image_model_naming_onnx(vit: Path, tmp_path: Path) -> None:
+def test_the_peft_export_of_an_image_model_loads_back_as_an_image_classifier(
+    vit: Path, tmp_path: Path
+) -> None:
+    import torch
+
     from edge_runtime.engines.torch_engine import TorchEngine
-    from sdk.export import ModuleSource, export_module
+    from sdk.export import ModuleSource, export_module, load_exported
 
     cfg = _config(vit)
-    source = ModuleSource(TorchEngine(cfg, seed=0, threads=1).trainable_state(), cfg, "a test module")
-    with pytest.raises(
-        ConfigError,
-        match=r"is an image model: --format peft writes text classifiers only \(export it with --format onnx",
-    ):
-        export_module(source, tmp_path / "out", "peft")
+    engine = TorchEngine(cfg, seed=0, threads=1)
+    source = ModuleSource(engine.trainable_state(), cfg, "a test module")
+    exported = load_exported(export_module(source, tmp_path / "out", "peft").out, threads=1)
+    assert exported.task == "image-classification"
+    assert not (tmp_path / "out" / "tokenizer.json").exists()  # an image model has no tokenizer
+    images = [np.full((16, 16, 3), 40 * k, dtype=np.uint8) for k in range(3)]
+    with torch.no_grad():
+        expected = engine.model(exported.pixels(images))
+    assert torch.equal(exported.image_logits(images), expected)
