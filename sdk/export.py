@@ -73,6 +73,16 @@ files go beside the graph. Both compare every output with the unmerged torch mod
 :func:`load_exported` rebuilds the :class:`~edge_runtime.engines.torch_engine.ImageClassifier` or
 :class:`~edge_runtime.engines.torch_engine.SpanExtractor` by the manifest's ``task``.
 
+CLIP and causal LMs
+-------------------
+An image-text matching module (CLIP) has no head of ours: ``--format peft`` writes the adapter for
+``CLIPModel`` and a manifest with ``preprocessing``, ``seq_len`` and ``logit_scale``; ``--format
+onnx`` writes one graph a tower (:data:`TEXT_TOWER_NAME`: ``input_ids``, ``attention_mask`` ->
+unit-norm ``text_embeds``; :data:`IMAGE_TOWER_NAME`: ``pixel_values`` -> unit-norm
+``image_embeds``). A causal-LM module is an adapter for the decoder with its own LM head
+(``task_type`` ``CAUSAL_LM``: peft's ``PeftModel.from_pretrained`` on ``AutoModelForCausalLM``
+loads it as it is), or ``model.onnx`` with next-token ``logits`` at every position.
+
 Where modules come from (:func:`read_module`)
 ---------------------------------------------
 - a service's state folder (``fedpeft serve --state DIR``: ``DIR/state.sqlite``): the latest
@@ -102,7 +112,7 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.config import TrainConfig
 from edge_runtime.errors import ConfigError, EngineError, FedPeftError, NonFinite, ShapeMismatch
-from edge_runtime.families import QA_TASK, family_of, family_of_dir
+from edge_runtime.families import ITM_TASK, LM_TASK, QA_TASK, family_of, family_of_dir
 from edge_runtime.models import hub_name, resolve_model
 from edge_runtime.module_store import GLOBAL_MODULE, PERSONAL_MODULE, ModuleStore
 from edge_runtime.peft_specs import LoraSpec
@@ -110,7 +120,13 @@ from edge_runtime.peft_specs import LoraSpec
 if TYPE_CHECKING:
     import torch
 
-    from edge_runtime.engines.torch_engine import ImageClassifier, SpanExtractor, TextClassifier
+    from edge_runtime.engines.torch_engine import (
+        CausalLM,
+        ImageClassifier,
+        ImageTextMatcher,
+        SpanExtractor,
+        TextClassifier,
+    )
 
 EXPORT_FORMATS = ("peft", "onnx")
 MODULE_CHOICES = ("auto", GLOBAL_MODULE, PERSONAL_MODULE)
@@ -145,6 +161,12 @@ PROBE_TEXTS = (
 )
 _TRACE_TEXTS = ("a sample", "another sample text")
 IMAGE_CLASSIFIER = "logits = head(normalize(last_hidden_state[:, 0]))  (the class token)"
+IMAGE_TEXT_MATCHER = (
+    "logits = logit_scale * normalize(text projection) @ normalize(image projection).T  (CLIP)"
+)
+CAUSAL_LM = (
+    "logits = lm_head(last_hidden_state)  (next-token logits at every position; the decoder's own head)"
+)
 SPAN_EXTRACTOR = "start_logits, end_logits = head(last_hidden_state).unbind(-1)  (per token)"
 PROBE_QUESTIONS = (
     ("Who scored twice?", "The striker scored twice before half time and the coach was pleased."),
@@ -158,6 +180,7 @@ PROBE_IMAGES = 5  # seeded random images of assorted sizes the ONNX image model 
 _LORA_NAME = re.compile(r"^encoder\.(?P<path>.+)\.(?P<factor>lora_[AB])$")
 _PEFT_PARAM = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_[AB])\.[^.]+\.weight$")
 _HEAD = ("head.weight", "head.bias")
+HEADLESS_TASKS = (ITM_TASK, LM_TASK)  # no head of ours: CLIP's projections, the decoder's own LM head
 
 
 @dataclass(frozen=True)
@@ -200,7 +223,7 @@ class ExportedModel:
     ``PeftModel`` and ``model.head`` the head. ``tokenizer`` is None for an image model.
     """
 
-    model: TextClassifier | ImageClassifier | SpanExtractor
+    model: TextClassifier | ImageClassifier | SpanExtractor | ImageTextMatcher | CausalLM
     tokenizer: Any
     manifest: dict[str, Any]
 
@@ -208,19 +231,51 @@ class ExportedModel:
     def task(self) -> str:
         return str(self.manifest.get("task", "classification"))
 
-    def _want(self, task: str, call: str) -> None:
-        if self.task != task:
-            raise ConfigError(f"{call} is for {task} exports; this one is {self.task}")
+    def _want(self, task: str, call: str, *also: str) -> None:
+        if self.task not in (task, *also):
+            raise ConfigError(f"{call} is for {' and '.join((task, *also))} exports; this one is {self.task}")
 
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask as the engines make them (truncated at the run's seq_len)."""
-        self._want("classification", "encode")
+        self._want("classification", "encode", ITM_TASK, LM_TASK)
         return _encode(self.tokenizer, texts, int(self.manifest["seq_len"]))
+
+    def next_token_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """A causal LM's logits over the vocabulary at every position (``texts x tokens x vocab``)."""
+        import torch
+
+        self._want(LM_TASK, "next_token_logits")
+        input_ids, mask = self.encode(texts)
+        with torch.no_grad():
+            logits: torch.Tensor = self.model(input_ids, mask)
+        return logits
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP's unit-norm caption embeddings."""
+        import torch
+
+        self._want(ITM_TASK, "text_embeddings")
+        input_ids, mask = self.encode(texts)
+        with torch.no_grad():
+            matcher: Any = self.model
+            out: torch.Tensor = matcher.text_embeddings(input_ids, mask)
+        return out
+
+    def image_embeddings(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """CLIP's unit-norm image embeddings."""
+        import torch
+
+        pixels = self.pixels(images)
+        with torch.no_grad():
+            matcher: Any = self.model
+            out: torch.Tensor = matcher.image_embeddings(pixels)
+        return out
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Class logits of ``texts``."""
         import torch
 
+        self._want("classification", "logits")
         input_ids, mask = self.encode(texts)
         with torch.no_grad():
             logits: torch.Tensor = self.model(input_ids, mask)
@@ -232,7 +287,7 @@ class ExportedModel:
 
         from edge_runtime.engines.torch_engine import pixel_values
 
-        self._want("image-classification", "pixels")
+        self._want("image-classification", "pixels", ITM_TASK)
         pre = self.manifest["preprocessing"]
         shape = (int(pre["channels"]), 1, 1)
         mean = torch.tensor(pre["image_mean"], dtype=torch.float32).reshape(shape)
@@ -243,6 +298,7 @@ class ExportedModel:
         """Class logits of ``images``."""
         import torch
 
+        self._want("image-classification", "image_logits")
         pixels = self.pixels(images)
         with torch.no_grad():
             logits: torch.Tensor = self.model(pixels)
@@ -474,15 +530,10 @@ class _Adapted:
 
 def export_task(config: TrainConfig) -> str:
     """What the module's model does: ``classification`` (texts), ``image-classification`` (a ViT
-    folder) or ``question-answering`` (``TrainConfig.task``); image-text matching and causal-LM
-    modules are refused (their export is not implemented)."""
-    if config.task == QA_TASK:
-        return QA_TASK
-    if config.task in ("image-text-matching", "causal-lm"):
-        raise ConfigError(
-            f"exporting a {config.task} module is not implemented: --format peft and --format onnx "
-            "take classification and question answering modules"
-        )
+    folder), or ``TrainConfig.task``'s ``question-answering``, ``image-text-matching`` (CLIP) or
+    ``causal-lm`` (a decoder with its LM head)."""
+    if config.task in HEADLESS_TASKS or config.task == QA_TASK:
+        return config.task
     path = resolve_model(config.model)
     if Path(path).is_dir() and "image-classification" in family_of_dir(path).trains:
         return "image-classification"
@@ -493,10 +544,16 @@ def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
     """Build the base encoder, put the module on it with peft, and add the head."""
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from edge_runtime.engines.torch_engine import ImageClassifier, SpanExtractor, TextClassifier
+    from edge_runtime.engines.torch_engine import (
+        CausalLM,
+        ImageClassifier,
+        ImageTextMatcher,
+        SpanExtractor,
+        TextClassifier,
+    )
 
     spec = lora_spec(source.config)
     hf_logging.set_verbosity_error()
@@ -506,34 +563,45 @@ def _adapted(source: ModuleSource, threads: int | None) -> _Adapted:
     task = export_task(source.config)
     try:
         tokenizer = None if task == "image-classification" else AutoTokenizer.from_pretrained(path)
-        base = AutoModel.from_pretrained(path, attn_implementation="eager")
+        loader: Any = AutoModelForCausalLM if task == LM_TASK else AutoModel
+        base = loader.from_pretrained(path, attn_implementation="eager")
     except OSError as exc:
         raise EngineError(f"cannot load model {source.config.model!r}: {exc}") from None
     base.requires_grad_(False)
+    config = lora_config(spec)
+    if task == LM_TASK:
+        config.task_type = "CAUSAL_LM"  # so that peft's AutoPeftModelForCausalLM loads the folder too
     try:
-        peft_model = get_peft_model(base, lora_config(spec))
+        peft_model = get_peft_model(base, config)
     except ValueError as exc:
         raise ConfigError(f"LoRA target modules not found in the model: {exc}") from None
-    hidden, labels = int(base.config.hidden_size), source.config.num_labels
+    labels = source.config.num_labels
     expected = {module_name(n): tuple(p.shape) for n, p in peft_model.named_parameters() if ".lora_" in n}
-    tensors = _module_tensors(
-        source, {**expected, "head.weight": (labels, hidden), "head.bias": (labels,)}, spec
-    )
+    if task not in HEADLESS_TASKS:
+        hidden = int(base.config.hidden_size)
+        expected |= {"head.weight": (labels, hidden), "head.bias": (labels,)}
+    tensors = _module_tensors(source, expected, spec)
     state = {peft_key(n): torch.from_numpy(v) for n, v in tensors.items() if n not in _HEAD}
     result: Any = set_peft_model_state_dict(peft_model, state)  # torch's load_state_dict result
     if result.unexpected_keys:
         raise ShapeMismatch(f"peft did not take {sorted(result.unexpected_keys)[:3]}")
     peft_model.peft_config["default"].base_model_name_or_path = hub_name(source.config.model)
-    classifier: TextClassifier | ImageClassifier | SpanExtractor
-    if task == QA_TASK:
+    classifier: TextClassifier | ImageClassifier | SpanExtractor | ImageTextMatcher | CausalLM
+    if task == ITM_TASK:
+        classifier = ImageTextMatcher(peft_model)
+    elif task == LM_TASK:
+        classifier = CausalLM(peft_model)
+    elif task == QA_TASK:
         classifier = SpanExtractor(peft_model, hidden)
     elif task == "image-classification":
         classifier = ImageClassifier(peft_model, hidden, labels)
     else:
         classifier = TextClassifier(peft_model, hidden, labels, None, family_of(base.config).pooling)
-    with torch.no_grad():
-        classifier.head.weight.copy_(torch.from_numpy(tensors["head.weight"]))
-        classifier.head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
+    if task not in HEADLESS_TASKS:
+        head: Any = getattr(classifier, "head")  # noqa: B009  # the headed models' linear head
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(tensors["head.weight"]))
+            head.bias.copy_(torch.from_numpy(tensors["head.bias"]))
     classifier.eval()
     return _Adapted(classifier, tokenizer, spec, len(tensors), task, path)
 
@@ -623,6 +691,33 @@ def _manifest(
     }
 
 
+def _width(adapted: _Adapted) -> int:
+    """The feature width the manifest records: CLIP's projection, else the model's hidden size."""
+    config = adapted.classifier.encoder.config
+    if adapted.task == ITM_TASK:
+        return int(config.projection_dim)
+    return int(config.hidden_size)
+
+
+def _headless_manifest(adapted: _Adapted, seq_len: int) -> dict[str, Any]:
+    """The manifest's lines for CLIP's matcher or a causal LM: what the model computes, the tokens a
+    text gets (as the engine truncates), and for CLIP the image preprocessing and temperature."""
+    from edge_runtime.engines.torch_engine import CLIP_MEAN, CLIP_STD, preprocessor_stats
+
+    config = adapted.classifier.encoder.config
+    if adapted.task == LM_TASK:
+        return {"classifier": CAUSAL_LM, "seq_len": min(seq_len, int(config.max_position_embeddings))}
+    vision, text = config.vision_config, config.text_config
+    size, channels = int(vision.image_size), int(vision.num_channels)
+    mean, std = preprocessor_stats(adapted.path, channels, CLIP_MEAN, CLIP_STD)
+    return {
+        "classifier": IMAGE_TEXT_MATCHER,
+        "seq_len": min(seq_len, int(text.max_position_embeddings)),
+        "preprocessing": _image_preprocessing(size, channels, mean, std),
+        "logit_scale": float(adapted.classifier.scale()),
+    }
+
+
 def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = None) -> ExportResult:
     """Write the module as a peft LoRA adapter, the head and the tokenizer (see the module docstring)."""
     from safetensors.torch import save_file
@@ -631,8 +726,13 @@ def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = 
     _check_out(out)
     adapted = _adapted(source, threads)
     classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
-    hidden = int(classifier.head.in_features)
-    extra: dict[str, Any] = {"task": adapted.task, "head": HEAD_NAME}
+    headless = adapted.task in HEADLESS_TASKS
+    hidden = _width(adapted) if headless else int(classifier.head.in_features)
+    extra: dict[str, Any] = {"task": adapted.task}
+    if headless:
+        extra |= _headless_manifest(adapted, source.config.seq_len)
+    else:
+        extra["head"] = HEAD_NAME
     if adapted.task == "image-classification":
         from edge_runtime.engines.torch_engine import preprocessor_stats
 
@@ -650,11 +750,12 @@ def export_peft(source: ModuleSource, out: str | Path, *, threads: int | None = 
     def fill(folder: Path) -> None:
         # no embedding layers: LoRA never trains them, and checking would look the base up on the hub
         classifier.encoder.save_pretrained(str(folder), save_embedding_layers=False)
-        head = {
-            "weight": classifier.head.weight.detach().clone(),
-            "bias": classifier.head.bias.detach().clone(),
-        }
-        save_file(head, str(folder / HEAD_NAME))
+        if not headless:
+            head = {
+                "weight": classifier.head.weight.detach().clone(),
+                "bias": classifier.head.bias.detach().clone(),
+            }
+            save_file(head, str(folder / HEAD_NAME))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
         pooling = str(getattr(classifier, "pooling", "mean")) if adapted.task == "classification" else "mean"
@@ -691,10 +792,16 @@ def load_exported(
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from edge_runtime.engines.torch_engine import ImageClassifier, SpanExtractor, TextClassifier
+    from edge_runtime.engines.torch_engine import (
+        CausalLM,
+        ImageClassifier,
+        ImageTextMatcher,
+        SpanExtractor,
+        TextClassifier,
+    )
 
     folder = Path(path).expanduser()
     manifest = _read_manifest(folder)
@@ -709,11 +816,16 @@ def load_exported(
         torch.set_num_threads(threads)
     model_path = str(base) if base is not None else resolve_model(str(manifest["model"]))
     try:
-        encoder = AutoModel.from_pretrained(model_path, attn_implementation="eager")
+        loader: Any = AutoModelForCausalLM if task == LM_TASK else AutoModel
+        encoder = loader.from_pretrained(model_path, attn_implementation="eager")
         tokenizer = None if task == "image-classification" else AutoTokenizer.from_pretrained(str(folder))
     except OSError as exc:
         raise EngineError(f"cannot load the base model {model_path!r}: {exc}") from None
     adapted = PeftModel.from_pretrained(encoder, str(folder))
+    if task in HEADLESS_TASKS:
+        model = ImageTextMatcher(adapted) if task == ITM_TASK else CausalLM(adapted)
+        model.eval()
+        return ExportedModel(model=model, tokenizer=tokenizer, manifest=manifest)
     head = load_file(str(folder / HEAD_NAME))
     labels, hidden = (int(n) for n in head["weight"].shape)
     rows = 2 if task == QA_TASK else manifest.get("num_labels")  # QA: a start and an end logit
@@ -756,6 +868,10 @@ def export_onnx(
         return _export_onnx_image(source, out, adapted, threads)
     if adapted.task == QA_TASK:
         return _export_onnx_spans(source, out, adapted, threads)
+    if adapted.task == LM_TASK:
+        return _export_onnx_causal_lm(source, out, adapted, threads, texts)
+    if adapted.task == ITM_TASK:
+        return _export_onnx_towers(source, out, adapted, threads, texts)
     classifier, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
     hidden, labels = int(classifier.head.in_features), int(classifier.head.out_features)
     input_ids, mask = _encode(tokenizer, texts, source.config.seq_len)
@@ -1102,6 +1218,175 @@ def _export_onnx_spans(
         tensors=adapted.tensors,
         max_abs_diff=measured["max_abs_diff"],
     )
+
+
+def _export_onnx_causal_lm(
+    source: ModuleSource, out: Path, adapted: _Adapted, threads: int | None, texts: Sequence[str]
+) -> ExportResult:
+    """The merged decoder with its LM head as ONNX: token ids in, next-token logits out."""
+    import torch
+
+    from edge_runtime.engines.torch_engine import CausalLM
+
+    model, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
+    extra = _headless_manifest(adapted, source.config.seq_len)
+    input_ids, mask = _encode(tokenizer, texts, int(extra["seq_len"]))
+    with torch.no_grad():
+        reference = model(input_ids, mask).numpy()
+    merged = CausalLM(_causal_mask_encoder(_merged_encoder(adapted)))
+    merged.eval()
+    vocab = int(reference.shape[-1])
+    measured: dict[str, float] = {}
+
+    def fill(folder: Path) -> None:
+        onnx_path = folder / ONNX_NAME
+        tokens = {0: "batch", 1: "sequence"}
+        example = _encode(tokenizer, _TRACE_TEXTS, int(extra["seq_len"]))
+        _export_graph(
+            merged, example, onnx_path, {"input_ids": tokens, "attention_mask": tokens}, {"logits": tokens}
+        )
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
+        diff = _check_in_onnxruntime(onnx_path, feeds, {"logits": reference}, threads)
+        measured["max_abs_diff"] = diff
+        tokenizer.save_pretrained(str(folder))
+        manifest = _manifest(source, spec, "onnx", _width(adapted)) | {"task": LM_TASK} | extra
+        manifest["onnx"] = _onnx_lines(
+            ONNX_NAME,
+            {"input_ids": "int64 batch x sequence", "attention_mask": "int64 batch x sequence"},
+            {"logits": f"float32 batch x sequence x {vocab}"},
+            {"checked_texts": len(texts)},
+            diff,
+        )
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    _write_folder(out, fill)
+    return ExportResult(
+        out=out,
+        format="onnx",
+        origin=source.origin,
+        tensors=adapted.tensors,
+        max_abs_diff=measured["max_abs_diff"],
+    )
+
+
+TEXT_TOWER_NAME = "text_model.onnx"
+IMAGE_TOWER_NAME = "vision_model.onnx"
+
+
+def _export_onnx_towers(
+    source: ModuleSource, out: Path, adapted: _Adapted, threads: int | None, texts: Sequence[str]
+) -> ExportResult:
+    """CLIP with its merged LoRA update as two ONNX graphs, one a tower: captions in, unit-norm
+    text embeddings out (``text_model.onnx``); preprocessed pixels in, unit-norm image embeddings
+    out (``vision_model.onnx``). The logits are ``logit_scale * text @ image.T`` (the manifest)."""
+    import torch
+    from torch import nn
+
+    from edge_runtime.engines.torch_engine import ImageTextMatcher, pixel_values
+
+    matcher, tokenizer, spec = adapted.classifier, adapted.tokenizer, adapted.spec
+    extra = _headless_manifest(adapted, source.config.seq_len)
+    pre = extra["preprocessing"]
+    size, channels = int(pre["image_size"]), int(pre["channels"])
+    shape = (channels, 1, 1)
+    mean = torch.tensor(pre["image_mean"], dtype=torch.float32).reshape(shape)
+    std = torch.tensor(pre["image_std"], dtype=torch.float32).reshape(shape)
+    pixels = pixel_values(probe_images(size), size, channels, mean, std)
+    input_ids, mask = _encode(tokenizer, texts, int(extra["seq_len"]))
+    with torch.no_grad():
+        text_ref = matcher.text_embeddings(input_ids, mask).numpy()
+        image_ref = matcher.image_embeddings(pixels).numpy()
+    merged = ImageTextMatcher(_merged_encoder(adapted))
+    merged.eval()
+
+    class Texts(nn.Module):
+        def __init__(self, inner: ImageTextMatcher) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.inner.text_embeddings(input_ids, attention_mask)
+
+    class Images(nn.Module):
+        def __init__(self, inner: ImageTextMatcher) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.inner.image_embeddings(pixel_values)
+
+    width = _width(adapted)
+    measured: dict[str, float] = {}
+
+    def fill(folder: Path) -> None:
+        tokens, batch = {0: "batch", 1: "sequence"}, {0: "batch"}
+        example = _encode(tokenizer, _TRACE_TEXTS, int(extra["seq_len"]))
+        text_path, image_path = folder / TEXT_TOWER_NAME, folder / IMAGE_TOWER_NAME
+        _export_graph(
+            Texts(merged),
+            example,
+            text_path,
+            {"input_ids": tokens, "attention_mask": tokens},
+            {"text_embeds": batch},
+        )
+        _export_graph(
+            Images(merged), (pixels[:2],), image_path, {"pixel_values": batch}, {"image_embeds": batch}
+        )
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
+        diff = max(
+            _check_in_onnxruntime(text_path, feeds, {"text_embeds": text_ref}, threads),
+            _check_in_onnxruntime(
+                image_path, {"pixel_values": pixels.numpy()}, {"image_embeds": image_ref}, threads
+            ),
+        )
+        measured["max_abs_diff"] = diff
+        tokenizer.save_pretrained(str(folder))
+        manifest = _manifest(source, spec, "onnx", width) | {"task": ITM_TASK} | extra
+        manifest["onnx"] = _onnx_lines(
+            f"{TEXT_TOWER_NAME} and {IMAGE_TOWER_NAME}",
+            {
+                "input_ids": f"int64 batch x sequence ({TEXT_TOWER_NAME})",
+                "attention_mask": f"int64 batch x sequence ({TEXT_TOWER_NAME})",
+                "pixel_values": (
+                    f"float32 batch x {channels} x {size} x {size}, preprocessed ({IMAGE_TOWER_NAME})"
+                ),
+            },
+            {
+                "text_embeds": f"float32 batch x {width}, unit norm ({TEXT_TOWER_NAME})",
+                "image_embeds": f"float32 batch x {width}, unit norm ({IMAGE_TOWER_NAME})",
+            },
+            {"checked_texts": len(texts), "checked_images": len(pixels)},
+            diff,
+        )
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    _write_folder(out, fill)
+    return ExportResult(
+        out=out,
+        format="onnx",
+        origin=source.origin,
+        tensors=adapted.tensors,
+        max_abs_diff=measured["max_abs_diff"],
+    )
+
+
+def _onnx_lines(
+    files: str, inputs: dict[str, str], outputs: dict[str, str], checked: dict[str, int], diff: float
+) -> dict[str, Any]:
+    """The manifest's ``onnx`` block."""
+    import torch
+
+    return {
+        "file": files,
+        "opset": ONNX_OPSET,
+        "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
+        "lora": "merged into the base weights",
+        "inputs": inputs,
+        "outputs": outputs,
+        **checked,
+        "max_abs_diff": diff,
+        "tolerance": ONNX_TOLERANCE,
+    }
 
 
 def export_module(

@@ -223,7 +223,7 @@ def test_the_onnx_runtime_engines_refuse_causal_lm(llama: Path, engine: str) -> 
 # --- federated: 2 clients, 1 round ----------------------------------------------------------------
 
 
-def test_two_clients_one_round_over_the_in_memory_transport(llama: Path, texts: Path) -> None:
+def test_two_clients_one_round_over_the_in_memory_transport(llama: Path, texts: Path, tmp_path: Path) -> None:
     from edge_runtime.engines.torch_engine import TorchEngine
 
     train, test = load_folder(texts)
@@ -271,6 +271,63 @@ def test_two_clients_one_round_over_the_in_memory_transport(llama: Path, texts: 
         assert agent.final_state is not None
         for k, v in final.items():
             np.testing.assert_array_equal(agent.final_state[k], v)
+    _exports_match_the_engine(cfg, final, tmp_path)
+
+
+def _exports_match_the_engine(cfg: TrainConfig, state: dict[str, np.ndarray], root: Path) -> None:
+    """The federated module exported as peft is plain peft's LoRA adapter for the decoder with its
+    LM head: ``PeftModel.from_pretrained`` gives the engine's next-token logits exactly; as ONNX, the
+    merged decoder gives them within the export's tolerance, on texts of several lengths (padding)."""
+    import onnxruntime
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edge_runtime.engines.torch_engine import TorchEngine
+    from sdk.export import (
+        MANIFEST_NAME,
+        ONNX_NAME,
+        ONNX_TOLERANCE,
+        ModuleSource,
+        _encode,
+        export_module,
+        load_exported,
+    )
+
+    engine = TorchEngine(cfg, seed=0, threads=1)
+    engine.load_trainable_state(state)
+    sentences = ["the cat sat on the mat", "a", "the dog ran to the park and back home again", "birds sing"]
+    ids, mask = _encode(engine.tokenizer, sentences, engine.max_tokens)
+    assert int(mask.sum(1).min()) < int(mask.sum(1).max())
+    with torch.no_grad():
+        reference = engine.model(ids, mask)
+        with engine._frozen_base():
+            base = engine.model(ids, mask)
+    real = mask.bool()
+    assert float((reference - base)[real].abs().max()) > 1e-4  # the round's module changes the model
+    source = ModuleSource(state, cfg, "a federated causal-LM module")
+
+    folder = export_module(source, root / "peft", "peft").out
+    exported = load_exported(folder, threads=1)
+    assert exported.task == LM
+    assert torch.equal(exported.next_token_logits(sentences), reference)
+    # without FedPEFT+: peft's own loader on the decoder with its LM head
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager"), str(folder)
+    )
+    plain.eval()
+    with torch.no_grad():
+        logits = plain(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[real], reference[real], rtol=0, atol=1e-5)
+    assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+    folder = export_module(source, root / "onnx", "onnx").out
+    session = onnxruntime.InferenceSession(str(folder / ONNX_NAME), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    diff = float(np.abs(got - reference.numpy())[real.numpy()].max())
+    assert diff <= ONNX_TOLERANCE, diff
+    assert (got.argmax(-1)[real.numpy()] == reference.argmax(-1)[real].numpy()).all()
+    assert json.loads((folder / MANIFEST_NAME).read_text())["onnx"]["max_abs_diff"] <= ONNX_TOLERANCE
 
 
 def test_the_fedpeft_simulate_command_fine_tunes_a_decoder(
@@ -331,14 +388,3 @@ def test_centralized_fine_tunes_a_decoder_on_the_union(
     assert report["final"]["perplexity"] == report["rounds"][-1]["perplexity"]
     assert report["rounds"][-1]["loss"] < report["rounds"][0]["loss"]  # it trained
     assert "centralized next-token accuracy" in capsys.readouterr().out
-
-
-def test_the_export_refuses_a_causal_lm_module(llama: Path, tmp_path: Path) -> None:
-    from edge_runtime.engines.torch_engine import TorchEngine
-    from sdk.export import ModuleSource, export_module
-
-    cfg = _config(llama)
-    source = ModuleSource(TorchEngine(cfg, seed=0, threads=1).trainable_state(), cfg, "a test module")
-    for fmt in ("peft", "onnx"):
-        with pytest.raises(ConfigError, match="exporting a causal-lm module is not implemented"):
-            export_module(source, tmp_path / f"out-{fmt}", fmt)
