@@ -383,14 +383,15 @@ def _epoch_record(epoch: int, result: Any, start: float) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the module of a state folder as a peft adapter or an ONNX model."""
-    from sdk.export import ONNX_NAME, ONNX_TOLERANCE, export_module, read_module
+    from sdk.export import ONNX_TOLERANCE, export_module, read_module
 
     source = read_module(args.state, device=args.device, module=args.module)  # before loading any model
     result = export_module(source, args.out, args.format)
     if result.format == "onnx":
+        graphs = " and ".join(str(p) for p in sorted(result.out.glob("*.onnx")))  # CLIP: one per tower
         print(
-            f"exported {result.origin} to {result.out / ONNX_NAME} (LoRA merged, head included); "
-            f"onnxruntime's logits within {result.max_abs_diff:.1e} of torch's "
+            f"exported {result.origin} to {graphs} (LoRA merged, head included); "
+            f"onnxruntime's outputs within {result.max_abs_diff:.1e} of torch's "
             f"(tolerance {ONNX_TOLERANCE:g})"
         )
     else:

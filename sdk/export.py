@@ -219,8 +219,11 @@ class ExportedModel:
     A text classifier's ``model(input_ids, attention_mask)`` gives the logits (:meth:`logits`
     tokenizes for it); an image classifier's ``model(pixel_values)`` (:meth:`image_logits`
     preprocesses for it); a question answering model's ``model(input_ids, attention_mask[,
-    token_type_ids])`` the start and end logits (:meth:`span_logits`). ``model.encoder`` is the
-    ``PeftModel`` and ``model.head`` the head. ``tokenizer`` is None for an image model.
+    token_type_ids])`` the start and end logits (:meth:`span_logits`); CLIP's matcher its unit-norm
+    :meth:`text_embeddings` and :meth:`image_embeddings`; a causal LM's ``model(input_ids,
+    attention_mask)`` the next-token logits (:meth:`next_token_logits`). ``model.encoder`` is the
+    ``PeftModel``, and ``model.head`` the head where the task has one of ours (not CLIP, not a
+    causal LM). ``tokenizer`` is None for an image model.
     """
 
     model: TextClassifier | ImageClassifier | SpanExtractor | ImageTextMatcher | CausalLM
@@ -265,6 +268,7 @@ class ExportedModel:
         """CLIP's unit-norm image embeddings."""
         import torch
 
+        self._want(ITM_TASK, "image_embeddings")
         pixels = self.pixels(images)
         with torch.no_grad():
             matcher: Any = self.model
