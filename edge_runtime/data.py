@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,7 @@ import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.image_data import ImageDataset, image_labels, load_image_folder, load_image_split
-from edge_runtime.jsonl import first_record
+from edge_runtime.jsonl import first_record, json_objects, text_field
 from edge_runtime.labels import read_labels_file as _read_labels_file
 from edge_runtime.labels import stratified_sample as _stratified_sample
 from edge_runtime.lm_data import LM_TASK, LMDataset, is_lm_record, load_lm_folder, load_lm_split
@@ -310,40 +309,12 @@ def _csv_label(value: str, path: Path, line: int, names: tuple[str, ...] | None)
 
 
 def _jsonl_rows(path: Path, names: tuple[str, ...] | None) -> Iterator[tuple[str, int]]:
-    # Binary lines decoded one at a time: a bad byte is reported on its own line, and the file is
-    # streamed rather than read whole.
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataFormatError(path, f"not valid UTF-8 (byte {exc.start})", n) from None
-            if n == 1 and line.startswith("\ufeff"):
-                line = line[1:]
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", n) from None
-            except RecursionError:
-                raise DataFormatError(path, "invalid JSON (nested too deeply)", n) from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(
-                    path,
-                    f"expected a JSON object with 'text' and 'label', got {type(obj).__name__}",
-                    n,
-                )
-            if "text" not in obj:
-                raise DataFormatError(path, "'text' is missing", n)
-            text = obj["text"]
-            if not isinstance(text, str):
-                raise DataFormatError(path, f"'text' must be a string, got {type(text).__name__}", n)
-            if not text.strip():
-                raise DataFormatError(path, "'text' is empty", n)
-            if "label" not in obj:
-                raise DataFormatError(path, "'label' is missing", n)
-            yield text, _json_label(obj["label"], path, n, names)
+    # streamed a line at a time by edge_runtime.jsonl: bad bytes and bad JSON name their own line
+    for n, obj in json_objects(path, "'text' and 'label'"):
+        text = text_field(obj, "text", path, n)
+        if "label" not in obj:
+            raise DataFormatError(path, "'label' is missing", n)
+        yield text, _json_label(obj["label"], path, n, names)
 
 
 def _read_csv_text(path: Path) -> str:

@@ -937,17 +937,13 @@ def export_onnx(
         measured["max_abs_diff"] = diff
         tokenizer.save_pretrained(str(folder))
         manifest = _manifest(source, spec, "onnx", hidden, classifier.pooling) | {
-            "onnx": {
-                "file": ONNX_NAME,
-                "opset": ONNX_OPSET,
-                "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
-                "lora": "merged into the base weights",
-                "inputs": {"input_ids": "int64 batch x sequence", "attention_mask": "int64 batch x sequence"},
-                "outputs": {"logits": f"float32 batch x {labels}", "features": f"float32 batch x {hidden}"},
-                "checked_texts": len(texts),
-                "max_abs_diff": diff,
-                "tolerance": ONNX_TOLERANCE,
-            }
+            "onnx": _onnx_lines(
+                ONNX_NAME,
+                {"input_ids": "int64 batch x sequence", "attention_mask": "int64 batch x sequence"},
+                {"logits": f"float32 batch x {labels}", "features": f"float32 batch x {hidden}"},
+                {"checked_texts": len(texts)},
+                diff,
+            )
         }
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
@@ -1079,17 +1075,13 @@ def _export_onnx_image(
         manifest = _manifest(source, spec, "onnx", hidden) | {
             "classifier": IMAGE_CLASSIFIER,
             "preprocessing": preprocessing,
-            "onnx": {
-                "file": ONNX_NAME,
-                "opset": ONNX_OPSET,
-                "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
-                "lora": "merged into the base weights",
-                "inputs": {"pixel_values": f"float32 batch x {channels} x {size} x {size}, preprocessed"},
-                "outputs": {"logits": f"float32 batch x {labels}", "features": f"float32 batch x {hidden}"},
-                "checked_images": len(pixels),
-                "max_abs_diff": diff,
-                "tolerance": ONNX_TOLERANCE,
-            },
+            "onnx": _onnx_lines(
+                ONNX_NAME,
+                {"pixel_values": f"float32 batch x {channels} x {size} x {size}, preprocessed"},
+                {"logits": f"float32 batch x {labels}", "features": f"float32 batch x {hidden}"},
+                {"checked_images": len(pixels)},
+                diff,
+            ),
         }
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
@@ -1197,20 +1189,13 @@ def _export_onnx_spans(
             "seq_len": seq_len,
             "answer": "the best span of context tokens by start_logits[s] + end_logits[e], s <= e, "
             "at most 30 tokens (edge_runtime.qa_eval.best_span); padding is not masked in the graph",
-            "onnx": {
-                "file": ONNX_NAME,
-                "opset": ONNX_OPSET,
-                "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
-                "lora": "merged into the base weights",
-                "inputs": {n: "int64 batch x sequence" for n in feeds},
-                "outputs": {
-                    "start_logits": "float32 batch x sequence",
-                    "end_logits": "float32 batch x sequence",
-                },
-                "checked_pairs": len(PROBE_QUESTIONS),
-                "max_abs_diff": diff,
-                "tolerance": ONNX_TOLERANCE,
-            },
+            "onnx": _onnx_lines(
+                ONNX_NAME,
+                {n: "int64 batch x sequence" for n in feeds},
+                {"start_logits": "float32 batch x sequence", "end_logits": "float32 batch x sequence"},
+                {"checked_pairs": len(PROBE_QUESTIONS)},
+                diff,
+            ),
         }
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
