@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -53,3 +54,33 @@ def stratified_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
         if q > 0
     ]
     return np.sort(np.concatenate(picks))
+
+
+class OneClass:
+    """The label side of a task without classes (question answering, image-text pairs, causal-LM
+    texts): every row carries the one pseudo-class :attr:`PSEUDO_CLASS`, so that partitions, hellos
+    and reports that count labels see one. Subclasses set ``PSEUDO_CLASS`` and define ``__len__``."""
+
+    PSEUDO_CLASS: ClassVar[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The pseudo-label of every row: 0."""
+        return np.zeros(len(self), dtype=np.int64)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The one pseudo-class."""
+        return (self.PSEUDO_CLASS,)
+
+    @property
+    def num_classes(self) -> int:
+        """1: the pseudo-class."""
+        return 1
+
+    def label_histogram(self) -> np.ndarray:
+        """Rows per pseudo-class: ``[len(self)]``."""
+        return np.asarray([len(self)], dtype=np.int64)

@@ -14,18 +14,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.jsonl import first_record, json_objects, text_field
+from edge_runtime.labels import OneClass
 
 LM_TASK = "causal-lm"
 LM_SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True, eq=False)
-class LMDataset:
+class LMDataset(OneClass):
     """Texts a decoder learns to continue; every row carries the one pseudo-class ``text``."""
 
     texts: tuple[str, ...]
@@ -35,27 +37,10 @@ class LMDataset:
         if not all(isinstance(t, str) for t in self.texts):
             raise ConfigError("LMDataset.texts must be strings")
 
+    PSEUDO_CLASS: ClassVar[str] = "text"
+
     def __len__(self) -> int:
         return len(self.texts)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The pseudo-label of every row: 0."""
-        return np.zeros(len(self), dtype=np.int64)
-
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        """The one pseudo-class, ``text``."""
-        return ("text",)
-
-    @property
-    def num_classes(self) -> int:
-        """1: the pseudo-class."""
-        return 1
-
-    def label_histogram(self) -> np.ndarray:
-        """Rows per pseudo-class: ``[len(self)]``."""
-        return np.asarray([len(self)], dtype=np.int64)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> LMDataset:
         """The texts at ``indices``, in that order."""

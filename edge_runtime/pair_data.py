@@ -23,19 +23,21 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.image_data import read_image
 from edge_runtime.jsonl import first_record, json_objects, text_field
+from edge_runtime.labels import OneClass
 
 ITM_TASK = "image-text-matching"
 PAIR_SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True, eq=False)
-class PairDataset:
+class PairDataset(OneClass):
     """Images (``height x width x 3`` uint8 RGB) and their captions, pair ``i`` matching ``i``.
 
     As with question answering, every row carries the one pseudo-class ``pair`` (label 0), so the
@@ -66,27 +68,10 @@ class PairDataset:
                     f"PairDataset.images[{i}] must be a uint8 array of shape (height, width, 3)"
                 )
 
+    PSEUDO_CLASS: ClassVar[str] = "pair"
+
     def __len__(self) -> int:
         return len(self.texts)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The pseudo-label of every row: 0 (see the class docstring)."""
-        return np.zeros(len(self), dtype=np.int64)
-
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        """The one pseudo-class, ``pair``."""
-        return ("pair",)
-
-    @property
-    def num_classes(self) -> int:
-        """1: the pseudo-class."""
-        return 1
-
-    def label_histogram(self) -> np.ndarray:
-        """Rows per pseudo-class: ``[len(self)]``."""
-        return np.asarray([len(self)], dtype=np.int64)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> PairDataset:
         """The pairs at ``indices``, in that order."""

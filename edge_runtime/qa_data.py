@@ -24,12 +24,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.jsonl import first_record, json_objects, text_field
+from edge_runtime.labels import OneClass
 
 QA_TASK = "question-answering"
 QA_SPLITS = ("train", "test")
@@ -56,7 +57,7 @@ class Answer:
 
 
 @dataclass(frozen=True, eq=False)
-class QADataset:
+class QADataset(OneClass):
     """Questions about contexts, each with its gold answer spans.
 
     Question answering has no classes; so that the label-based parts of a run (the iid partition,
@@ -86,27 +87,10 @@ class QADataset:
                 if not isinstance(answer, Answer) or context[answer.start : answer.end] != answer.text:
                     raise ConfigError(f"QADataset.answers[{i}]: {answer!r} is not a span of context {i}")
 
+    PSEUDO_CLASS: ClassVar[str] = "answer"
+
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The pseudo-label of every row: 0 (see the class docstring)."""
-        return np.zeros(len(self), dtype=np.int64)
-
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        """The one pseudo-class, ``answer``."""
-        return ("answer",)
-
-    @property
-    def num_classes(self) -> int:
-        """1: the pseudo-class."""
-        return 1
-
-    def label_histogram(self) -> np.ndarray:
-        """Rows per pseudo-class: ``[len(self)]``."""
-        return np.asarray([len(self)], dtype=np.int64)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> QADataset:
         """The rows at ``indices``, in that order."""
