@@ -18,16 +18,15 @@ import pytest
 
 from broker_server.evaluation import Evaluator
 from broker_server.report import validate_report
-from broker_server.service import AggregationService, ServiceConfig
-from edge_runtime.agent import DeviceAgent
+from broker_server.service import ServiceConfig
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import LMDataset, TextDataset, folder_task, load_folder, load_labels, load_split
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.lm_data import read_lm_file
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec, PromptSpec
 from edge_runtime.task_metrics import next_token_figures
-from edge_runtime.transport import InMemoryBroker, InMemoryTransport
 from sdk.simulate import Simulation, SimulationConfig
+from tests.federations import federate_in_memory
 from tests.helpers import LM_SENTENCES, write_lm_folder
 from tests.tiny_model import make_tiny_causal_llama, make_tiny_model
 
@@ -224,11 +223,8 @@ def test_the_onnx_runtime_engines_refuse_causal_lm(llama: Path, engine: str) -> 
 
 
 def test_two_clients_one_round_over_the_in_memory_transport(llama: Path, texts: Path, tmp_path: Path) -> None:
-    from edge_runtime.engines.torch_engine import TorchEngine
-
     train, test = load_folder(texts)
     cfg = _config(llama, bits=32)
-    broker = InMemoryBroker()
     service_cfg = ServiceConfig(
         fleet="lm",
         rounds=1,
@@ -242,22 +238,7 @@ def test_two_clients_one_round_over_the_in_memory_transport(llama: Path, texts: 
     initial = evaluator.initial_state()
     before = evaluator.evaluate(initial)
     assert before is not None
-    service = AggregationService(InMemoryTransport(broker, "server"), service_cfg, evaluator)
-    service.start()
-    agents = []
-    for i in range(2):
-        agent = DeviceAgent(
-            f"d{i}",
-            "lm",
-            InMemoryTransport(broker, f"d{i}"),
-            train.subset(np.arange(i, len(train), 2)),
-            lambda c: TorchEngine(c, seed=0, threads=1),
-        )
-        agent.on_ready = lambda a: a.run_pending()
-        agents.append(agent)
-    for agent in agents:
-        agent.start()
-    service.run()
+    service, agents = federate_in_memory(service_cfg, train, evaluator)
 
     assert [r["round"] for r in service.rounds] == [1]
     record = service.rounds[0]

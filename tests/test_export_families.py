@@ -17,17 +17,16 @@ import pytest
 import torch
 
 from broker_server.evaluation import Evaluator
-from broker_server.service import AggregationService, ServiceConfig
+from broker_server.service import ServiceConfig
 from broker_server.state import StateStore
-from edge_runtime.agent import DeviceAgent
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import load_folder
 from edge_runtime.engines.torch_engine import TorchEngine
 from edge_runtime.families import FAMILIES, family_of_dir
 from edge_runtime.peft_specs import LoraSpec
-from edge_runtime.transport import InMemoryBroker, InMemoryTransport
 from sdk.cli import main
 from sdk.export import MANIFEST_NAME, ONNX_NAME, ONNX_TOLERANCE, _encode, load_exported
+from tests.federations import federate_in_memory
 from tests.helpers import write_text_folder
 from tests.tiny_model import TINY_FAMILIES, make_tiny_model
 
@@ -52,10 +51,6 @@ def _one_thread() -> Any:
     torch.set_num_threads(before)
 
 
-def _train_now(agent: DeviceAgent) -> None:
-    agent.run_pending()
-
-
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
 def federated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two devices, one round, on a tiny model of one family: the service's state folder."""
@@ -72,25 +67,8 @@ def federated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         fleet="f", rounds=1, train=cfg, min_clients=2, expected_clients=2, round_timeout_s=60,
         head_init="random",
     )  # fmt: skip
-    broker = InMemoryBroker()
     store = StateStore(root / "service" / "state.sqlite")
-    service = AggregationService(
-        InMemoryTransport(broker, "server"), config, Evaluator(cfg, test, seed=0, threads=1), store=store
-    )
-    service.start()
-    agents = []
-    for k in range(2):
-        agent = DeviceAgent(
-            f"dev-{k}",
-            "f",
-            InMemoryTransport(broker, f"dev-{k}"),
-            train.subset(np.arange(k, len(train), 2)),
-            lambda c: TorchEngine(c, seed=0, threads=1),
-        )
-        agent.on_ready = _train_now  # in-memory delivery is synchronous
-        agent.start()
-        agents.append(agent)
-    service.run()
+    service, agents = federate_in_memory(config, train, Evaluator(cfg, test, seed=0, threads=1), store=store)
     store.close()
     assert all(a.done.is_set() for a in agents)
     return {"root": root, "cfg": cfg, "final": service.final_state(), "model_type": model_type}

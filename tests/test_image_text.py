@@ -19,16 +19,15 @@ import pytest
 
 from broker_server.evaluation import Evaluator
 from broker_server.report import validate_report
-from broker_server.service import AggregationService, ServiceConfig
-from edge_runtime.agent import DeviceAgent
+from broker_server.service import ServiceConfig
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import PairDataset, folder_task, load_folder, load_labels, load_split
 from edge_runtime.errors import ConfigError, DataFormatError
 from edge_runtime.pair_data import read_pair_file
 from edge_runtime.peft_specs import AdapterSpec, LoraSpec
 from edge_runtime.task_metrics import match_ranks, recall_at_k, retrieval_figures
-from edge_runtime.transport import InMemoryBroker, InMemoryTransport
 from sdk.simulate import Simulation, SimulationConfig
+from tests.federations import federate_in_memory
 from tests.helpers import COLOURS, write_lm_folder, write_pair_folder, write_qa_folder, write_text_folder
 from tests.tiny_model import make_tiny_bert, make_tiny_clip
 
@@ -275,13 +274,10 @@ def test_the_onnx_runtime_engines_refuse_image_text_matching(clip: Path, engine:
 
 
 def test_two_clients_one_round_over_the_in_memory_transport(clip: Path, pairs: Path, tmp_path: Path) -> None:
-    from edge_runtime.engines.torch_engine import TorchEngine
-
     train, test = load_folder(pairs)
     cfg = _config(clip, bits=32)
     with pytest.raises(ConfigError, match="head_init 'ncm' builds the head from class means"):
         ServiceConfig(fleet="f", rounds=1, train=cfg, min_clients=2)
-    broker = InMemoryBroker()
     service_cfg = ServiceConfig(
         fleet="itm",
         rounds=1,
@@ -295,22 +291,7 @@ def test_two_clients_one_round_over_the_in_memory_transport(clip: Path, pairs: P
     initial = evaluator.initial_state()
     before = evaluator.evaluate(initial)
     assert before is not None
-    service = AggregationService(InMemoryTransport(broker, "server"), service_cfg, evaluator)
-    service.start()
-    agents = []
-    for i in range(2):
-        agent = DeviceAgent(
-            f"d{i}",
-            "itm",
-            InMemoryTransport(broker, f"d{i}"),
-            train.subset(np.arange(i, len(train), 2)),
-            lambda c: TorchEngine(c, seed=0, threads=1),
-        )
-        agent.on_ready = lambda a: a.run_pending()
-        agents.append(agent)
-    for agent in agents:
-        agent.start()
-    service.run()
+    service, agents = federate_in_memory(service_cfg, train, evaluator)
 
     assert [r["round"] for r in service.rounds] == [1]
     record = service.rounds[0]
