@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from edge_runtime.config import TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
 from edge_runtime.errors import ConfigError, FedPeftError
 from edge_runtime.peft_specs import LoraSpec, ModelDims, PeftSpec, spec_from_dict
 from hw_profiles import DeviceProfile
@@ -388,11 +388,13 @@ ORT_RUNTIME_MB = 150.0
 ORT_ACTIVATION_SCALE = 0.5  # relative to the torch model's activation estimate
 
 
-def ort_predictor(dims: ModelDims, num_labels: int) -> Predictor:
+def ort_predictor(dims: ModelDims, num_labels: int, micro_batch: int = DEFAULT_MICRO_BATCH) -> Predictor:
     """Costs on the ORT engine: the spec's model with ORT's runtime and activation constants."""
 
     def predict(candidate: Candidate, profile: DeviceProfile) -> CostEstimate:
-        cost = candidate.peft.predict_cost(dims, candidate.batch_size, candidate.seq_len, num_labels)
+        cost = candidate.peft.predict_cost(
+            dims, candidate.batch_size, candidate.seq_len, num_labels, micro_batch=micro_batch
+        )
         memory = (
             ORT_RUNTIME_MB + cost.frozen_mb + cost.trainable_mb + ORT_ACTIVATION_SCALE * cost.activation_mb
         )
@@ -403,11 +405,14 @@ def ort_predictor(dims: ModelDims, num_labels: int) -> Predictor:
     return predict
 
 
-def spec_predictor(dims: ModelDims, num_labels: int) -> Predictor:
-    """The specs' own cost model (:meth:`PeftSpec.predict_cost`) on an encoder of ``dims``."""
+def spec_predictor(dims: ModelDims, num_labels: int, micro_batch: int = DEFAULT_MICRO_BATCH) -> Predictor:
+    """The specs' own cost model (:meth:`PeftSpec.predict_cost`) on an encoder of ``dims``, whose
+    engines run a batch in micro-batches of ``micro_batch`` rows (``TrainConfig.micro_batch``)."""
 
     def predict(candidate: Candidate, profile: DeviceProfile) -> CostEstimate:
-        cost = candidate.peft.predict_cost(dims, candidate.batch_size, candidate.seq_len, num_labels)
+        cost = candidate.peft.predict_cost(
+            dims, candidate.batch_size, candidate.seq_len, num_labels, micro_batch=micro_batch
+        )
         return CostEstimate(
             memory_mb=cost.memory_mb,
             step_s=cost.step_s(profile.gflops),
@@ -441,8 +446,8 @@ def build_allocator(
         grid = default_grid(seq_lens=(base.seq_len,), lora_targets=tuple(targets), num_layers=dims.layers)
     return Allocator(
         grid,
-        spec_predictor(dims, base.num_labels),
+        spec_predictor(dims, base.num_labels, base.micro_batch),
         config or AllocationConfig(),
         adapt_bits=mode == "utility",
-        predict_ort=ort_predictor(dims, base.num_labels),
+        predict_ort=ort_predictor(dims, base.num_labels, base.micro_batch),
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.peft_specs import LoraSpec, PeftSpec, spec_from_dict
+from edge_runtime.peft_specs import DEFAULT_MICRO_BATCH, LoraSpec, PeftSpec, spec_from_dict
 
 ENGINES = ("torch", "ort", "ort-plain")
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
@@ -26,6 +26,14 @@ class TrainConfig:
     num_labels: int = 2
     bits: int = field(default=8, metadata={"help": "uplink bit width: 32, 16, 8, 4 or 2"})
     batch_size: int = 16
+    micro_batch: int = field(
+        default=DEFAULT_MICRO_BATCH,
+        metadata={
+            "help": "rows a forward and backward pass takes at once; a bigger batch runs in such "
+            "micro-batches, sorted by length, and sums their gradients before its one update "
+            "(the same update as the whole batch at once, in less memory; 0: the whole batch)"
+        },
+    )
     seq_len: int = 128
     local_epochs: int = 1
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the PEFT module"})
@@ -50,6 +58,7 @@ class TrainConfig:
             ("num_labels", self.num_labels >= 2),
             ("bits", self.bits in SUPPORTED_BITS),
             ("batch_size", self.batch_size >= 1),
+            ("micro_batch", self.micro_batch >= 0),
             ("seq_len", 8 <= self.seq_len <= 4096),
             ("local_epochs", self.local_epochs >= 1),
             ("lr", self.lr > 0),
@@ -92,7 +101,15 @@ class TrainConfig:
         # address (layout.config_id) and artifact cache key it had before tasks existed
         if self.task != "classification":
             out["task"] = self.task
+        # the default micro-batch is left out too: it changes how a step is computed, not what
+        # it computes, and a runtime from before micro-batches still reads the assignment
+        if self.micro_batch != DEFAULT_MICRO_BATCH:
+            out["micro_batch"] = self.micro_batch
         return out
+
+    def micro_rows(self) -> int:
+        """Rows of one forward and backward pass: the micro-batch, at most the batch."""
+        return min(self.micro_batch or self.batch_size, self.batch_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

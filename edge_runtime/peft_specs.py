@@ -59,6 +59,10 @@ ADAMW_COPIES = 4  # weight, gradient and the two AdamW moments, all fp32
 # prediction ran 4-11% low, so the runtime constant was raised by 50 MiB: over- beats under-predicting.
 RUNTIME_MB = 480.0  # python, torch, transformers, the tokenizer, the first step's one-off buffers
 ACTIVATION_FACTOR = 1.8  # forward temporaries autograd does not keep, and allocator slack
+DEFAULT_MICRO_BATCH = 8
+"""Rows of a forward and backward pass by default (``TrainConfig.micro_batch``), and what
+:meth:`PeftSpec.predict_cost` assumes unless told otherwise: a bigger batch runs in micro-batches
+of this many rows (``bench/micro_batch.py`` measures the memory and time it saves)."""
 
 
 class PeftSpec(Protocol):
@@ -74,8 +78,18 @@ class PeftSpec(Protocol):
         """Trainable parameters on an encoder of this width and depth, head included."""
         ...
 
-    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
-        """Predicted peak memory and arithmetic of one training step on an encoder of ``dims``."""
+    def predict_cost(
+        self,
+        dims: ModelDims,
+        batch: int,
+        seq_len: int,
+        num_labels: int = 2,
+        *,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+    ) -> TrainingCost:
+        """Predicted peak memory and arithmetic of one training step on an encoder of ``dims``;
+        the activations are those of ``micro_batch`` rows where it is smaller than ``batch``
+        (``TrainConfig.micro_batch``, the engines' default unless given; 0: the whole batch)."""
         ...
 
 
@@ -290,12 +304,17 @@ def _training_cost(
     attention_in_first: bool,
     module_saved_bytes: float,
     module_flops: float,
+    micro_batch: int = DEFAULT_MICRO_BATCH,
 ) -> TrainingCost:
     """Sum the parts of the cost; ``seq_len`` is the length the encoder sees (prompt included).
 
     Gradients flow through every layer from ``first_trained_layer`` up; in that first layer the
     attention block takes part only if ``attention_in_first`` (something in it is trained).
+    Every activation term grows with the rows of one pass, so micro-batches of ``micro_batch``
+    rows keep ``micro_batch / batch`` of the whole batch's (the FLOPs stay the batch's).
     """
+    if not isinstance(micro_batch, int) or micro_batch < 0:
+        raise ConfigError(f"micro_batch must be a non-negative integer, got {micro_batch!r}")
     saved = 0.0
     forward = 0.0
     backward = 0.0
@@ -309,6 +328,7 @@ def _training_cost(
     tokens = batch * seq_len
     saved += module_saved_bytes + 2 * FP32_BYTES * tokens * dims.hidden  # pooling keeps the last states
     activation = ACTIVATION_FACTOR * (saved + dims.backward_transient_bytes(batch, seq_len))
+    activation *= min(micro_batch or batch, batch) / batch
     weight_grads = 2.0 * tokens * (trainable - head)
     return TrainingCost(
         frozen_mb=dims.total_params * FP32_BYTES / MIB,
@@ -377,7 +397,15 @@ class LoraSpec:
         per_module = 2 * hidden * self.rank
         return layers * len(self.target_modules) * per_module + _head_params(hidden, num_labels)
 
-    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+    def predict_cost(
+        self,
+        dims: ModelDims,
+        batch: int,
+        seq_len: int,
+        num_labels: int = 2,
+        *,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+    ) -> TrainingCost:
         """LoRA in every layer: gradients flow through all of them; each factor keeps its input."""
         _check_sizes(batch, seq_len, num_labels)
         tokens = batch * seq_len
@@ -392,6 +420,7 @@ class LoraSpec:
             dims,
             batch,
             seq_len,
+            micro_batch=micro_batch,
             trainable=self.trainable_params(dims.hidden, dims.layers, num_labels),
             head=_head_params(dims.hidden, num_labels),
             first_trained_layer=0,
@@ -463,7 +492,15 @@ class AdapterSpec:
         per_adapter = 2 * hidden * self.bottleneck + self.bottleneck + hidden
         return 2 * len(self.adapted_layers(layers)) * per_adapter + _head_params(hidden, num_labels)
 
-    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+    def predict_cost(
+        self,
+        dims: ModelDims,
+        batch: int,
+        seq_len: int,
+        num_labels: int = 2,
+        *,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+    ) -> TrainingCost:
         """Gradients flow from the lowest adapted layer's attention output up."""
         _check_sizes(batch, seq_len, num_labels)
         adapted = self.adapted_layers(dims.layers)
@@ -478,6 +515,7 @@ class AdapterSpec:
             dims,
             batch,
             seq_len,
+            micro_batch=micro_batch,
             trainable=self.trainable_params(dims.hidden, dims.layers, num_labels),
             head=_head_params(dims.hidden, num_labels),
             first_trained_layer=adapted[0],
@@ -520,7 +558,15 @@ class PromptSpec:
         """One hidden-wide vector per prompt position, plus the head."""
         return self.length * hidden + _head_params(hidden, num_labels)
 
-    def predict_cost(self, dims: ModelDims, batch: int, seq_len: int, num_labels: int = 2) -> TrainingCost:
+    def predict_cost(
+        self,
+        dims: ModelDims,
+        batch: int,
+        seq_len: int,
+        num_labels: int = 2,
+        *,
+        micro_batch: int = DEFAULT_MICRO_BATCH,
+    ) -> TrainingCost:
         """The encoder sees ``seq_len + length`` tokens and gradients flow through all of it."""
         _check_sizes(batch, seq_len, num_labels)
         seq = seq_len + self.length
@@ -531,6 +577,7 @@ class PromptSpec:
             dims,
             batch,
             seq,
+            micro_batch=micro_batch,
             trainable=self.trainable_params(dims.hidden, dims.layers, num_labels),
             head=_head_params(dims.hidden, num_labels),
             first_trained_layer=0,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edge_runtime.config import TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
 from edge_runtime.engines import DEVICE_ENGINE_CHOICES
 from edge_runtime.errors import ConfigError, FedPeftError, TransportError
 from edge_runtime.families import dims_of_dir
@@ -76,6 +76,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _samples(text: str) -> int | None:
     """A positive sample count, or ``all`` (None): the whole train split, each sample on one client."""
     if text.strip().lower() == "all":
@@ -130,6 +140,14 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "--head-lr", type=_nonneg_float, default=2e-3, help="learning rate of the head (0 freezes it)"
     )
     p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument(
+        "--micro-batch",
+        type=_nonneg_int,
+        default=DEFAULT_MICRO_BATCH,
+        help=f"rows of one forward and backward pass (default {DEFAULT_MICRO_BATCH}): a batch runs in "
+        "micro-batches sorted by length and makes one update, as the whole batch would, in less "
+        "memory and time; 0: the whole batch at once",
+    )
     p.add_argument("--lora-rank", type=_positive_int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=_nonneg_float, default=8.0, help="LoRA alpha (default 8: scale 2)")
     p.add_argument(
@@ -564,7 +582,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
     )
     dims = dims_of_dir(resolve_model(config.model))
-    predicted = config.peft.predict_cost(dims, config.batch_size, config.seq_len).memory_mb
+    predicted = config.peft.predict_cost(
+        dims, config.batch_size, config.seq_len, micro_batch=config.micro_batch
+    ).memory_mb
     print(
         f"probing 3 training steps of {args.probe} (batch {args.batch_size}, {args.seq_len} tokens)...",
         file=sys.stderr,
@@ -626,6 +646,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         lr=args.lr,
         head_lr=args.head_lr,
         batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
         prox_mu=args.prox_mu,
         logit_adjust=args.logit_adjust,
         head_init=args.head_init,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.config import TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
 from edge_runtime.families import lora_targets_for
 from edge_runtime.peft_specs import LoraSpec
 
@@ -35,6 +35,7 @@ def _train_config(args: argparse.Namespace, num_labels: int, bits: int = 32) -> 
         num_labels=num_labels,
         bits=bits,
         batch_size=args.batch_size,
+        micro_batch=getattr(args, "micro_batch", DEFAULT_MICRO_BATCH),
         seq_len=args.seq_len,
         local_epochs=args.local_epochs,
         lr=args.lr,

@@ -32,7 +32,7 @@ from broker_server.records import task_figures
 from broker_server.report import build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.strategies import check_strategy
-from edge_runtime.config import SUPPORTED_BITS, TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, SUPPORTED_BITS, TrainConfig
 from edge_runtime.data import Dataset, TextDataset, load_folder, resolve_data_dir
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import ORT_IMAGE_REFUSAL
@@ -118,6 +118,7 @@ class SimulationConfig:
     lr: float = 3e-3
     head_lr: float = 2e-3
     batch_size: int = 16
+    micro_batch: int = DEFAULT_MICRO_BATCH
     prox_mu: float = 0.0
     logit_adjust: float = 1.0
     head_init: str = "ncm"
@@ -277,6 +278,7 @@ class SimulationConfig:
             num_labels=2 if qa else num_labels,
             bits=self.bits,
             batch_size=self.batch_size,
+            micro_batch=self.micro_batch,
             seq_len=self.seq_len,
             local_epochs=self.local_epochs,
             lr=self.lr,

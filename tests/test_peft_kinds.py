@@ -220,7 +220,8 @@ MINILM = ModelDims(hidden=384, layers=6, intermediate=1536, vocab=30522, heads=1
 def test_predicted_costs_grow_with_what_is_trained_and_kept() -> None:
     lora, adapter, prompt = LoraSpec(), AdapterSpec(), PromptSpec()
     for spec in (lora, adapter, prompt):
-        small, big = spec.predict_cost(MINILM, 8, 64), spec.predict_cost(MINILM, 16, 128)
+        # whole batches (micro_batch=0): the activations of all 16 rows at once
+        small, big = spec.predict_cost(MINILM, 8, 64), spec.predict_cost(MINILM, 16, 128, micro_batch=0)
         assert big.activation_mb > 3 * small.activation_mb  # tokens double, the attention map quadruples
         assert big.step_flops > 3.5 * small.step_flops
         assert big.frozen_mb == small.frozen_mb == pytest.approx(22_713_216 * 4 / 2**20)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from edge_runtime.data import Dataset, TextDataset
-from edge_runtime.engines.base import require_text
+from edge_runtime.engines.base import micro_batches, require_text, row_shares
 from edge_runtime.errors import ShapeMismatch
 
 
@@ -60,3 +60,39 @@ def padded_batch(ids: list[list[int]], rows: np.ndarray, pad_id: int) -> tuple[n
         input_ids[r, : len(s)] = s
         mask[r, : len(s)] = 1
     return input_ids, mask
+
+
+# one forward and backward pass of padded rows: (mean loss, logits, gradients of the trained names)
+StepRun = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, np.ndarray, list[np.ndarray]]]
+
+
+def micro_batch_step(
+    run: StepRun,
+    ids: list[list[int]],
+    labels: np.ndarray,
+    rows: np.ndarray,
+    *,
+    micro_rows: int,
+    pad_id: int,
+    names: Sequence[str],
+) -> tuple[float, int, dict[str, np.ndarray]]:
+    """One batch's mean loss, hits and gradients, computed in micro-batches of ``micro_rows``.
+
+    The rows are sorted by length so that each micro-batch pads only to its own longest text;
+    each micro-batch's mean loss and gradients are weighted by its share of the rows, so the sums
+    are the whole batch's (up to float rounding), as the torch engine computes them.
+    """
+    chunks = micro_batches(rows, micro_rows, [len(ids[int(i)]) for i in rows])
+    loss = 0.0
+    hits = 0
+    grads: dict[str, np.ndarray] = {}
+    for chunk, share in zip(chunks, row_shares(chunks), strict=True):
+        input_ids, mask = padded_batch(ids, chunk, pad_id)
+        target = labels[chunk]
+        chunk_loss, logits, chunk_grads = run(input_ids, mask, target)
+        loss += chunk_loss * share
+        hits += int(np.sum(np.asarray(logits).argmax(-1) == target))
+        for name, grad in zip(names, chunk_grads, strict=True):
+            weighted = np.asarray(grad, dtype=np.float32) * np.float32(share)
+            grads[name] = grads[name] + weighted if name in grads else weighted
+    return loss, hits, grads

@@ -37,6 +37,7 @@ What matches the torch engine, and what does not:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -61,7 +62,7 @@ from edge_runtime.engines.base import (
     refuse_classless_task,
     refuse_image_model,
 )
-from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
+from edge_runtime.engines.numpy_state import TokenCache, checked_state, micro_batch_step, padded_batch
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.tokenizer import load_tokenizer
@@ -308,6 +309,18 @@ class OrtEngine:
     def _batch(self, ids: list[list[int]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return padded_batch(ids, rows, self._pad_id)
 
+    def _step(
+        self, input_ids: np.ndarray, mask: np.ndarray, target: np.ndarray, trained: list[str], step: int
+    ) -> tuple[float, np.ndarray, list[np.ndarray]]:
+        """Loss, logits and the gradients of ``trained`` of one micro-batch (fresh, not summed)."""
+        self._module.lazy_reset_grad()
+        try:
+            outputs = self._module(input_ids, mask, target)
+        except Exception as exc:  # ORT's runtime errors carry no common base class
+            raise EngineError(f"ORT training step {step} failed: {exc}") from None
+        grads = [np.array(self._state.parameters[self._onnx_names[n]].grad) for n in trained]
+        return float(outputs[0]), np.asarray(outputs[1]), grads
+
     def train(
         self, data: Dataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
@@ -339,16 +352,15 @@ class OrtEngine:
             order = rng.permutation(len(data))
             for b in range(steps_per_epoch):
                 rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                input_ids, mask = self._batch(ids, rows)
-                target = labels[rows]
-                self._module.lazy_reset_grad()
-                try:
-                    outputs = self._module(input_ids, mask, target)
-                except Exception as exc:  # ORT's runtime errors carry no common base class
-                    raise EngineError(f"ORT training step {step} failed: {exc}") from None
-                loss = float(outputs[0])
-                logits = np.asarray(outputs[1])
-                grads = {n: np.array(self._state.parameters[self._onnx_names[n]].grad) for n in trained}
+                loss, hits, grads = micro_batch_step(
+                    functools.partial(self._step, trained=trained, step=step),
+                    ids,
+                    labels,
+                    rows,
+                    micro_rows=cfg.micro_rows(),
+                    pad_id=self._pad_id,
+                    names=trained,
+                )
                 if anchor:
                     prox = sum(float(np.sum((self._values[n] - anchor[n]) ** 2)) for n in trained)
                     loss += cfg.prox_mu * prox
@@ -359,7 +371,7 @@ class OrtEngine:
                 self._adamw_step(grads, m, v, rates, step + 1)
                 step += 1
                 loss_sum += loss * len(rows)
-                correct += int(np.sum(logits.argmax(-1) == target))
+                correct += hits
                 seen += len(rows)
                 if progress is not None:
                     progress(step, total)

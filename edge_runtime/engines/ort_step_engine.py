@@ -28,6 +28,7 @@ Evaluation runs the same graph, so it computes gradients it throws away.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import time
@@ -48,7 +49,7 @@ from edge_runtime.engines.base import (
     refuse_classless_task,
     refuse_image_model,
 )
-from edge_runtime.engines.numpy_state import TokenCache, checked_state, padded_batch
+from edge_runtime.engines.numpy_state import TokenCache, checked_state, micro_batch_step, padded_batch
 from edge_runtime.engines.ort_engine import (
     TOKENIZER_NAME,
     load_manifest,
@@ -198,6 +199,13 @@ class OrtStepEngine:
         except Exception as exc:  # ORT's runtime errors carry no common base class
             raise EngineError(f"the ORT step graph failed: {exc}") from None
 
+    def _step(
+        self, input_ids: np.ndarray, mask: np.ndarray, target: np.ndarray, wanted: list[str]
+    ) -> tuple[float, np.ndarray, list[np.ndarray]]:
+        """Loss, logits and the gradients in ``wanted[2:]`` of one micro-batch."""
+        out = self._run(input_ids, mask, target, wanted)
+        return float(out[0]), out[1], out[2:]
+
     def train(
         self, data: Dataset, *, epochs: int, seed: int, progress: ProgressFn | None = None
     ) -> TrainResult:
@@ -228,12 +236,15 @@ class OrtStepEngine:
             order = rng.permutation(len(data))
             for b in range(steps_per_epoch):
                 rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                input_ids, mask = self._batch(ids, rows)
-                target = labels[rows]
-                out = self._run(input_ids, mask, target, wanted)
-                loss = float(out[0])
-                logits = out[1]
-                grads = dict(zip(trained, out[2:], strict=True))
+                loss, hits, grads = micro_batch_step(
+                    functools.partial(self._step, wanted=wanted),
+                    ids,
+                    labels,
+                    rows,
+                    micro_rows=cfg.micro_rows(),
+                    pad_id=self._pad_id,
+                    names=trained,
+                )
                 if anchor:
                     prox = sum(float(np.sum((self._values[n] - anchor[n]) ** 2)) for n in trained)
                     loss += cfg.prox_mu * prox
@@ -244,7 +255,7 @@ class OrtStepEngine:
                 self._values.update(adamw_step(self._values, grads, m, v, rates, step + 1, cfg.weight_decay))
                 step += 1
                 loss_sum += loss * len(rows)
-                correct += int(np.sum(logits.argmax(-1) == target))
+                correct += hits
                 seen += len(rows)
                 if progress is not None:
                     progress(step, total)

@@ -79,7 +79,14 @@ from torch import nn
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset, ImageDataset
-from edge_runtime.engines.base import EvalResult, ProgressFn, TrainResult, macro_f1
+from edge_runtime.engines.base import (
+    EvalResult,
+    ProgressFn,
+    TrainResult,
+    macro_f1,
+    micro_batches,
+    row_shares,
+)
 from edge_runtime.errors import ConfigError, EngineError, ShapeMismatch
 from edge_runtime.families import (
     CLASSLESS_TASKS,
@@ -787,6 +794,32 @@ class TorchEngine:
         logits = self._head()(self._rows_features(inputs, rows))
         return nn.functional.cross_entropy(logits, target), int((logits.argmax(-1) == target).sum())
 
+    def _backward(self, inputs: Any, labels: torch.Tensor, rows: np.ndarray) -> tuple[float, float]:
+        """Forward and backward of one batch; its mean loss and its hits.
+
+        Where the task's loss is a mean over rows (classification, question answering), the batch
+        runs in micro-batches of ``TrainConfig.micro_batch`` rows, sorted by length so that each
+        pads only to its own longest text, and each micro-batch's loss is weighted by its share of
+        the rows: the gradients summed over the micro-batches are the whole batch's (up to float
+        rounding and dropout's random masks), in the memory of one micro-batch. Image-text pairs
+        (a contrastive loss over the whole batch) and causal LM (a mean over tokens) run whole.
+        """
+        if isinstance(inputs, (PairInputs, LMInputs)):
+            loss, hits = self._batch_loss(inputs, labels, rows)
+            loss.backward()
+            return float(loss.item()), hits
+        seqs = inputs.input_ids if isinstance(inputs, SpanInputs) else inputs
+        lengths = None if isinstance(seqs, torch.Tensor) else [len(seqs[int(i)]) for i in rows]
+        chunks = micro_batches(rows, self.config.micro_rows(), lengths)
+        total = 0.0
+        hits_sum = 0.0
+        for chunk, share in zip(chunks, row_shares(chunks), strict=True):
+            loss, hits = self._batch_loss(inputs, labels, chunk)
+            (loss * share).backward()
+            total += float(loss.item()) * share
+            hits_sum += hits
+        return total, hits_sum
+
     def _head(self) -> nn.Linear:
         """The classifier's linear head (classification only)."""
         if isinstance(self.model, (TextClassifier, ImageClassifier)):
@@ -869,18 +902,23 @@ class TorchEngine:
                 order = rng.permutation(len(data))
                 for b in range(steps_per_epoch):
                     rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                    loss, hits = self._batch_loss(inputs, labels, rows)
-                    if anchor:
-                        prox = sum(((p - a) ** 2).sum() for p, a in zip(body + head, anchor, strict=True))
-                        loss = loss + cfg.prox_mu * prox
-                    if not torch.isfinite(loss):
-                        raise EngineError(f"training diverged (loss {loss.item()}) at step {step}")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss_value, hits = self._backward(inputs, labels, rows)
+                    if anchor:
+                        prox_loss = (
+                            cfg.prox_mu
+                            * torch.stack(
+                                [((p - a) ** 2).sum() for p, a in zip(body + head, anchor, strict=True)]
+                            ).sum()
+                        )
+                        prox_loss.backward()
+                        loss_value += float(prox_loss.item())
+                    if not math.isfinite(loss_value):
+                        raise EngineError(f"training diverged (loss {loss_value}) at step {step}")
                     torch.nn.utils.clip_grad_norm_(body + head, 1.0)
                     optimizer.step()
                     step += 1
-                    loss_sum += float(loss.item()) * len(rows)
+                    loss_sum += loss_value * len(rows)
                     correct += hits
                     seen += len(rows)
                     if progress is not None:
