@@ -8,6 +8,7 @@ step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -188,3 +189,31 @@ def test_the_engine_runs_without_torch_transformers_or_peft(tiny: Tiny) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loaded: []" in done.stdout
+
+
+def test_micro_batches_give_the_whole_batch_gradients_and_steps(tiny: Tiny) -> None:
+    """Micro-batches of 3 (sorted, weighted): the gradients of a batch of 8 are the whole batch's,
+    and 20 steps match torch on whole batches."""
+    from edge_runtime.engines.numpy_state import micro_batch_step
+
+    train, _ = _train_rows(tiny)
+    cfg = dataclasses.replace(_config(tiny.model, engine="ort"), micro_batch=3)
+    ort = OrtEngine(cfg, artifacts=tiny.artifacts.folder, threads=1)
+    ids = ort._tokens(train)
+    labels = np.asarray(train.labels, dtype=np.int64)
+    names = sorted(ort.trainable_state())
+    rows = np.random.default_rng(0).permutation(len(train))[:8]
+    step = functools.partial(ort._step, trained=names, step=0)
+    whole = micro_batch_step(step, ids, labels, rows, micro_rows=8, pad_id=ort._pad_id, names=names)
+    parts = micro_batch_step(step, ids, labels, rows, micro_rows=3, pad_id=ort._pad_id, names=names)
+    assert parts[0] == pytest.approx(whole[0], rel=1e-5) and parts[1] == whole[1]
+    for name in names:
+        np.testing.assert_allclose(parts[2][name], whole[2][name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+    torch_engine = TorchEngine(dataclasses.replace(cfg, engine="torch", micro_batch=0), seed=0, threads=1)
+    for engine in (ort, torch_engine):
+        engine.train(train, epochs=1, seed=3)
+    after_ort, after_torch = ort.trainable_state(), torch_engine.trainable_state()
+    for name, value in after_torch.items():
+        gap = float(np.linalg.norm(after_ort[name] - value))
+        assert gap <= 1e-4 * max(float(np.linalg.norm(value)), 1e-6), name

@@ -116,6 +116,14 @@ def test_twenty_steps_match_torch_for_every_kind(tiny: Tiny, kind: str) -> None:
     print(f"{kind}: largest relative parameter gap after 20 steps {max(gaps.values()):.2e}")
 
 
+def test_micro_batches_match_torch(tiny: Tiny) -> None:
+    """Batches of 8 in sorted micro-batches of 3 on both engines: 20 steps still match."""
+    assert _config(tiny.model).micro_rows() == 8  # the other tests run whole batches
+    cfg = dataclasses.replace(_config(tiny.model), micro_batch=3)
+    gaps = _assert_twenty_steps_match(tiny, cfg, "lora")
+    assert gaps
+
+
 @pytest.mark.parametrize(
     ("prox_mu", "weight_decay", "head_lr", "tau"),
     [(1.0, 0.01, 5e-2, 0.0), (0.0, 0.0, 0.0, 0.0), (0.0, 0.0, 5e-2, 1.0)],
