@@ -14,6 +14,10 @@ the cost of the pass itself; the padding that sorting saves on real texts is cou
 within each of ``--repeats`` repeats, the order rotating by one each repeat. The report holds the
 machine, every measurement, and per setting the mean step time and peak against micro-batch 0.
 
+``--eval-batches`` (64,16 by default) times the evaluation of 500 test samples of
+``--padding-data`` at each evaluation batch on each engine (in this process, alternating, at least
+3 repeats), with the accuracy and loss each gives (``--only-eval``: that part alone).
+
 ``--padding-data`` (a data folder, 20 Newsgroups by default) adds the padded tokens a batch of 32
 costs on real texts: FedPEFT+'s simulation partition (8 devices x 150, Dirichlet 0.5, seed 0),
 two epochs of random batches, whole batches padded to their longest against micro-batches of
@@ -76,6 +80,53 @@ def padding_cost(data: str, micro_sizes: list[int], batch: int, seq_len: int) ->
     }
 
 
+def evaluation_cost(
+    data: str, engines: list[str], batches: list[int], seq_len: int, repeats: int, threads: int
+) -> dict[str, Any]:
+    """Seconds to evaluate 500 test samples at each evaluation batch, alternating; same results?"""
+    from broker_server.artifacts import build_artifacts
+    from edge_runtime.data import load_folder, resolve_data_dir
+
+    _, test = load_folder(resolve_data_dir(data), test_limit=500, seed=0)
+    config = TrainConfig(
+        peft=LoraSpec(rank=8, alpha=8.0, target_modules=("query", "value")), num_labels=20, seq_len=seq_len
+    )
+    out: dict[str, Any] = {"samples": len(test), "seq_len": seq_len, "threads": threads, "engines": {}}
+    for engine_name in engines:
+        engine: Any
+        if engine_name == "ort":
+            from edge_runtime.engines.ort_engine import OrtEngine
+
+            folder = build_artifacts(replace(config, engine="ort")).folder
+            engine = OrtEngine(replace(config, engine="ort"), artifacts=str(folder), threads=threads)
+        else:
+            from edge_runtime.engines.torch_engine import TorchEngine
+
+            engine = TorchEngine(config, seed=0, threads=threads)
+        engine.evaluate(test.subset(range(32)))  # warm-up
+        times: dict[int, list[float]] = {b: [] for b in batches}
+        results: dict[int, tuple[float, float]] = {}
+        for repeat in range(repeats):
+            for b in batches[repeat % len(batches) :] + batches[: repeat % len(batches)]:
+                start = time.perf_counter()
+                res = engine.evaluate(test, batch_size=b)
+                times[b].append(time.perf_counter() - start)
+                results[b] = (res.accuracy, res.loss)
+                print(f"evaluation {engine_name} batch {b}: {times[b][-1]:.2f} s", flush=True)
+        first = times[batches[0]]
+        out["engines"][engine_name] = {
+            str(b): {
+                "seconds": [round(t, 3) for t in times[b]],
+                "mean_s": round(statistics.fmean(times[b]), 3),
+                f"vs_batch_{batches[0]}": round(statistics.fmean(times[b]) / statistics.fmean(first), 3),
+                "accuracy": results[b][0],
+                "loss": round(results[b][1], 6),
+            }
+            for b in batches
+        }
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench/results/micro_batch/summary.json"))
@@ -86,7 +137,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--padding-data", default=DATA_20NG, help="'' to skip the padding count")
+    p.add_argument("--padding-data", default=DATA_20NG, help="'' to skip the padding count and evaluation")
+    p.add_argument("--eval-batches", default="64,16", help="evaluation batches to time ('' to skip)")
+    p.add_argument("--only-eval", action="store_true", help="time the evaluation only")
     a = p.parse_args()
     engines = engines_here(a.engines, ("torch", "ort"))
     micros = [int(x) for x in a.micro_batches.split(",")]
@@ -106,7 +159,7 @@ def main() -> int:
     machine = {"cpu": _cpu(), "logical_cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg())}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    settings = [(e, s, t) for e in engines for s in lengths for t in threads]
+    settings = [] if a.only_eval else [(e, s, t) for e in engines for s in lengths for t in threads]
     for n, (engine, seq, th) in enumerate(settings, 1):
         for repeat in range(a.repeats):
             order = micros[repeat % len(micros) :] + micros[: repeat % len(micros)]
@@ -164,7 +217,12 @@ def main() -> int:
         "summary": table,
         "measurements": rows,
     }
-    if a.padding_data:
+    if a.padding_data and a.eval_batches:
+        batches = [int(x) for x in a.eval_batches.split(",")]
+        report["evaluation"] = evaluation_cost(
+            a.padding_data, engines, batches, max(lengths), max(a.repeats, 3), threads[0]
+        )
+    if a.padding_data and not a.only_eval:
         report["padding"] = padding_cost(a.padding_data, micros, a.batch_size, max(lengths))
         print(f"padding on real texts: {report['padding']['padded_vs_whole']}", flush=True)
     out = Path(a.out)

@@ -15,6 +15,11 @@ ProgressFn = Callable[[int, int], None]
 """Called with (steps done, steps total) during training."""
 
 
+EVAL_BATCH = 16
+"""Rows of one evaluation (or feature) pass: smaller passes ran faster than 64 rows on all-MiniLM-L6-v2
+at 128 tokens, with the same predictions (``bench/micro_batch.py``, its ``evaluation`` part)."""
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What one call to :meth:`TrainingEngine.train` did."""
@@ -74,7 +79,7 @@ class TrainingEngine(Protocol):
         """Train the module in place for ``epochs`` passes over ``data``."""
         ...
 
-    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = EVAL_BATCH) -> EvalResult:
         """Evaluate the current module on ``data``."""
         ...
 

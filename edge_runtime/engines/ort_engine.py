@@ -55,6 +55,7 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import (
+    EVAL_BATCH,
     EvalResult,
     ProgressFn,
     TrainResult,
@@ -418,7 +419,7 @@ class OrtEngine:
             self._module.train()
         return logits, features
 
-    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = EVAL_BATCH) -> EvalResult:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
@@ -442,7 +443,7 @@ class OrtEngine:
         try:
             for name, value in saved.items():
                 self._set(name, np.zeros_like(value))
-            _, feats = self._outputs(data, 64)
+            _, feats = self._outputs(data, EVAL_BATCH)
         finally:
             for name, value in saved.items():
                 self._set(name, value)

@@ -42,6 +42,7 @@ from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset
 from edge_runtime.engines.adamw import adamw_step
 from edge_runtime.engines.base import (
+    EVAL_BATCH,
     EvalResult,
     ProgressFn,
     TrainResult,
@@ -280,7 +281,7 @@ class OrtStepEngine:
             logits[rows], features[rows] = self._run(input_ids, mask, labels[rows], ["logits", "features"])
         return logits, features
 
-    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = EVAL_BATCH) -> EvalResult:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
@@ -308,7 +309,7 @@ class OrtStepEngine:
         try:
             for name in _bypass_names(self.config, list(saved)):
                 self._values[name] = np.zeros_like(saved[name])
-            _, feats = self._outputs(data, 64)
+            _, feats = self._outputs(data, EVAL_BATCH)
         finally:
             self._values = saved
         c = self.config.num_labels

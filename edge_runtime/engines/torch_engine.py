@@ -80,6 +80,7 @@ from torch import nn
 from edge_runtime.config import TrainConfig
 from edge_runtime.data import Dataset, ImageDataset
 from edge_runtime.engines.base import (
+    EVAL_BATCH,
     EvalResult,
     ProgressFn,
     TrainResult,
@@ -1010,7 +1011,7 @@ class TorchEngine:
         )
 
     @torch.no_grad()
-    def predict_proba(self, data: Dataset, *, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, data: Dataset, *, batch_size: int = EVAL_BATCH) -> np.ndarray:
         """Class probabilities of the current module for every sample of ``data``."""
         self._classifier_only("class probabilities")
         logits = self._head()(self._pooled(data, batch_size))
@@ -1031,7 +1032,7 @@ class TorchEngine:
         return out
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset, *, batch_size: int = 64) -> EvalResult:
+    def evaluate(self, data: Dataset, *, batch_size: int = EVAL_BATCH) -> EvalResult:
         """Accuracy, macro F1 and mean cross-entropy of the current module on ``data``."""
         if len(data) == 0:
             raise EngineError("cannot evaluate on an empty dataset")
@@ -1163,7 +1164,7 @@ class TorchEngine:
         """Per-class sums of the frozen model's pooled features (module bypassed) and per-class counts."""
         self._classifier_only("the class-mean head (class feature statistics)")
         with self._frozen_base():
-            feats = self._pooled(data, 64).numpy().astype(np.float64)
+            feats = self._pooled(data, EVAL_BATCH).numpy().astype(np.float64)
         c = self.config.num_labels
         labels = np.asarray(data.labels, dtype=np.int64)
         sums = np.zeros((c, self.hidden), dtype=np.float64)
