@@ -16,7 +16,11 @@ machine, every measurement, and per setting the mean step time and peak against 
 
 ``--eval-batches`` (64,16 by default) times the evaluation of 500 test samples of
 ``--padding-data`` at each evaluation batch on each engine (in this process, alternating, at least
-3 repeats), with the accuracy and loss each gives (``--only-eval``: that part alone).
+3 repeats), with the accuracy and loss each gives. ``--round-micro-batches`` (0,8 by default)
+times one simulated device's round on real texts, one thread as in the simulator's workers: the
+main workload's first device (150 posts, batch 32, 128 tokens, 2 epochs, torch), each
+micro-batch alternating, at least 3 repeats; there sorting by length saves padding too
+(``--only-eval``: these two parts alone).
 
 ``--padding-data`` (a data folder, 20 Newsgroups by default) adds the padded tokens a batch of 32
 costs on real texts: FedPEFT+'s simulation partition (8 devices x 150, Dirichlet 0.5, seed 0),
@@ -80,6 +84,50 @@ def padding_cost(data: str, micro_sizes: list[int], batch: int, seq_len: int) ->
     }
 
 
+def device_round_cost(data: str, micros: list[int], repeats: int, threads: int) -> dict[str, Any]:
+    """Seconds of one simulated device's round on real texts: the main workload's first device
+    (150 20 Newsgroups posts, 128 tokens, batch 32, 2 local epochs, torch), for each micro-batch."""
+    from edge_runtime.data import load_folder, resolve_data_dir
+    from edge_runtime.engines.torch_engine import TorchEngine
+    from sdk.partition import parse_partition, partition
+
+    train, _ = load_folder(resolve_data_dir(data), test_limit=500, seed=0)
+    parts = partition(train.labels, 8, parse_partition("dirichlet:0.5"), seed=0, samples_per_client=150)
+    device = train.subset(parts[0])
+    config = TrainConfig(
+        peft=LoraSpec(rank=8, alpha=8.0, target_modules=("query", "value")),
+        num_labels=train.num_classes,
+        seq_len=128,
+        batch_size=32,
+        lr=3e-3,
+    )
+    times: dict[int, list[float]] = {m: [] for m in micros}
+    losses: dict[int, float] = {}
+    for repeat in range(repeats):
+        for micro in micros[repeat % len(micros) :] + micros[: repeat % len(micros)]:
+            engine = TorchEngine(replace(config, micro_batch=micro), seed=0, threads=threads)
+            start = time.perf_counter()
+            result = engine.train(device, epochs=2, seed=0)
+            times[micro].append(time.perf_counter() - start)
+            losses[micro] = result.loss
+            print(f"device round micro {micro}: {times[micro][-1]:.2f} s", flush=True)
+    whole = statistics.fmean(times[micros[0]])
+    return {
+        "samples": len(device),
+        "epochs": 2,
+        "threads": threads,
+        "micro_batches": {
+            str(m): {
+                "seconds": [round(t, 3) for t in times[m]],
+                "mean_s": round(statistics.fmean(times[m]), 3),
+                f"vs_micro_{micros[0]}": round(statistics.fmean(times[m]) / whole, 3),
+                "train_loss": round(losses[m], 5),
+            }
+            for m in micros
+        },
+    }
+
+
 def evaluation_cost(
     data: str, engines: list[str], batches: list[int], seq_len: int, repeats: int, threads: int
 ) -> dict[str, Any]:
@@ -139,7 +187,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--padding-data", default=DATA_20NG, help="'' to skip the padding count and evaluation")
     p.add_argument("--eval-batches", default="64,16", help="evaluation batches to time ('' to skip)")
-    p.add_argument("--only-eval", action="store_true", help="time the evaluation only")
+    p.add_argument("--only-eval", action="store_true", help="time the evaluation and the device round only")
+    p.add_argument(
+        "--round-micro-batches", default="0,8", help="micro-batches of the device round on real texts"
+    )
     a = p.parse_args()
     engines = engines_here(a.engines, ("torch", "ort"))
     micros = [int(x) for x in a.micro_batches.split(",")]
@@ -222,6 +273,9 @@ def main() -> int:
         report["evaluation"] = evaluation_cost(
             a.padding_data, engines, batches, max(lengths), max(a.repeats, 3), threads[0]
         )
+    if a.padding_data and a.round_micro_batches:
+        round_micros = [int(x) for x in a.round_micro_batches.split(",")]
+        report["device_round"] = device_round_cost(a.padding_data, round_micros, max(a.repeats, 3), 1)
     if a.padding_data and not a.only_eval:
         report["padding"] = padding_cost(a.padding_data, micros, a.batch_size, max(lengths))
         print(f"padding on real texts: {report['padding']['padded_vs_whole']}", flush=True)

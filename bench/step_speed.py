@@ -111,7 +111,7 @@ from broker_server.artifacts import (
     build_artifacts,
     default_cache_dir,
 )
-from edge_runtime.config import TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
 from edge_runtime.engines.memory_probe import TrainingMeasurement, measure_in_process, measure_training
 from edge_runtime.errors import ConfigError, EngineError
 from edge_runtime.models import resolve_model
@@ -516,6 +516,13 @@ def main() -> int:
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=DEFAULT_MICRO_BATCH,
+        help=f"rows of a forward and backward pass within the step (default {DEFAULT_MICRO_BATCH}, "
+        "the engines' default; 0: the whole batch at once, as before micro-batches)",
+    )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 rank, as LoraSpec's default)")
     p.add_argument("--num-labels", type=int, default=20)
     p.add_argument("--steps", type=int, default=6, help="steps per measurement; the first is warm-up")
@@ -548,7 +555,12 @@ def main() -> int:
             p.error(f"unknown {mode} engines {sorted(unknown)}; known: {', '.join(LORA_ENGINES)}")
     lora = LoraSpec(rank=a.rank, alpha=2.0 * a.rank)
     base = TrainConfig(
-        peft=lora, model=a.model, num_labels=a.num_labels, batch_size=a.batch_size, seq_len=a.seq_len
+        peft=lora,
+        model=a.model,
+        num_labels=a.num_labels,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        micro_batch=a.micro_batch,
     )
     configs = {"lora": base, "full": replace(base, lr=FULL_LR)}
     dims = ModelDims.from_model_dir(resolve_model(a.model))
@@ -658,6 +670,7 @@ def main() -> int:
         "config": {
             "model": a.model,
             "batch": a.batch_size,
+            "micro_batch": base.micro_rows(),
             "seq_len": a.seq_len,
             "num_labels": a.num_labels,
             "lora": lora.to_dict(),

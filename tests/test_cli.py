@@ -31,6 +31,8 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
         (["simulate", "--data", "x", "--head-scale", "0"], "positive number"),
         (["serve", "--data", "x", "--head-scale", "nan"], "positive number"),
         (["simulate", "--data", "x", "--bits", "3"], "invalid choice"),
+        (["simulate", "--data", "x", "--micro-batch", "-1"], "non-negative integer"),
+        (["serve", "--data", "x", "--micro-batch", "eight"], "non-negative integer"),
         (["simulate", "--data", "x", "--partition", "zipf:2"], "partition"),
         (["simulate", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
         (["simulate", "--data", "x", "--broker", "http://h:1"], "mqtt://"),
