@@ -39,27 +39,44 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from runner import DATA_20NG, ROOT, engines_here, main_guard
+from step_speed import machine_info
 
 from edge_runtime.config import TrainConfig
 from edge_runtime.engines.memory_probe import measure_training
 from edge_runtime.peft_specs import LoraSpec
 
 
-def padding_cost(data: str, micro_sizes: list[int], batch: int, seq_len: int) -> dict[str, Any]:
+class Workload(NamedTuple):
+    """The simulation workload's data: train split, 500 test samples, 8 devices' sample indices."""
+
+    data: str
+    train: Any
+    test: Any
+    parts: list[Any]
+
+
+def simulation_workload(data: str) -> Workload:
+    """``data`` split as ``fedpeft simulate`` splits it (8 devices x 150, Dirichlet 0.5, seed 0)."""
+    from edge_runtime.data import load_folder, resolve_data_dir
+    from sdk.partition import parse_partition, partition
+
+    train, test = load_folder(resolve_data_dir(data), test_limit=500, seed=0)
+    parts = partition(train.labels, 8, parse_partition("dirichlet:0.5"), seed=0, samples_per_client=150)
+    return Workload(data, train, test, list(parts))
+
+
+def padding_cost(work: Workload, micro_sizes: list[int], batch: int, seq_len: int) -> dict[str, Any]:
     """Padded tokens of two epochs of the simulation's partition, whole batches vs micro-batches."""
     import numpy as np
 
-    from edge_runtime.data import load_folder, resolve_data_dir
     from edge_runtime.engines.base import micro_batches
     from edge_runtime.models import bundled_minilm_path
     from edge_runtime.tokenizer import load_tokenizer
-    from sdk.partition import parse_partition, partition
 
-    train, _ = load_folder(resolve_data_dir(data), test_limit=500, seed=0)
-    parts = partition(train.labels, 8, parse_partition("dirichlet:0.5"), seed=0, samples_per_client=150)
+    train, parts = work.train, work.parts
     tokenizer = load_tokenizer(Path(str(bundled_minilm_path())) / "tokenizer.json", seq_len)
     rng = np.random.default_rng(0)
     real = 0
@@ -77,23 +94,20 @@ def padding_cost(data: str, micro_sizes: list[int], batch: int, seq_len: int) ->
                     padded[m] += sum(len(c) * max(lengths[int(i)] for i in c) for c in chunks)
     whole = padded.get(0) or 1
     return {
-        "data": data,
+        "data": work.data,
         "real_tokens": real,
         "padded_tokens": {str(m): t for m, t in padded.items()},
         "padded_vs_whole": {str(m): round(t / whole, 4) for m, t in padded.items()},
     }
 
 
-def device_round_cost(data: str, micros: list[int], repeats: int, threads: int) -> dict[str, Any]:
+def device_round_cost(work: Workload, micros: list[int], repeats: int, threads: int) -> dict[str, Any]:
     """Seconds of one simulated device's round on real texts: the main workload's first device
     (150 20 Newsgroups posts, 128 tokens, batch 32, 2 local epochs, torch), for each micro-batch."""
-    from edge_runtime.data import load_folder, resolve_data_dir
     from edge_runtime.engines.torch_engine import TorchEngine
-    from sdk.partition import parse_partition, partition
 
-    train, _ = load_folder(resolve_data_dir(data), test_limit=500, seed=0)
-    parts = partition(train.labels, 8, parse_partition("dirichlet:0.5"), seed=0, samples_per_client=150)
-    device = train.subset(parts[0])
+    train = work.train
+    device = train.subset(work.parts[0])
     config = TrainConfig(
         peft=LoraSpec(rank=8, alpha=8.0, target_modules=("query", "value")),
         num_labels=train.num_classes,
@@ -129,13 +143,12 @@ def device_round_cost(data: str, micros: list[int], repeats: int, threads: int) 
 
 
 def evaluation_cost(
-    data: str, engines: list[str], batches: list[int], seq_len: int, repeats: int, threads: int
+    work: Workload, engines: list[str], batches: list[int], seq_len: int, repeats: int, threads: int
 ) -> dict[str, Any]:
     """Seconds to evaluate 500 test samples at each evaluation batch, alternating; same results?"""
     from broker_server.artifacts import build_artifacts
-    from edge_runtime.data import load_folder, resolve_data_dir
 
-    _, test = load_folder(resolve_data_dir(data), test_limit=500, seed=0)
+    test = work.test
     config = TrainConfig(
         peft=LoraSpec(rank=8, alpha=8.0, target_modules=("query", "value")), num_labels=20, seq_len=seq_len
     )
@@ -207,7 +220,7 @@ def main() -> int:
 
         for seq in lengths:
             folders[seq] = str(build_artifacts(replace(base, engine="ort", seq_len=seq)).folder)
-    machine = {"cpu": _cpu(), "logical_cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg())}
+    machine = machine_info(threads[0]) | {"loadavg_start": list(os.getloadavg())}
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     settings = [] if a.only_eval else [(e, s, t) for e in engines for s in lengths for t in threads]
@@ -268,16 +281,17 @@ def main() -> int:
         "summary": table,
         "measurements": rows,
     }
-    if a.padding_data and a.eval_batches:
+    work = simulation_workload(a.padding_data) if a.padding_data else None
+    if work is not None and a.eval_batches:
         batches = [int(x) for x in a.eval_batches.split(",")]
         report["evaluation"] = evaluation_cost(
-            a.padding_data, engines, batches, max(lengths), max(a.repeats, 3), threads[0]
+            work, engines, batches, max(lengths), max(a.repeats, 3), threads[0]
         )
-    if a.padding_data and a.round_micro_batches:
+    if work is not None and a.round_micro_batches:
         round_micros = [int(x) for x in a.round_micro_batches.split(",")]
-        report["device_round"] = device_round_cost(a.padding_data, round_micros, max(a.repeats, 3), 1)
-    if a.padding_data and not a.only_eval:
-        report["padding"] = padding_cost(a.padding_data, micros, a.batch_size, max(lengths))
+        report["device_round"] = device_round_cost(work, round_micros, max(a.repeats, 3), 1)
+    if work is not None and not a.only_eval:
+        report["padding"] = padding_cost(work, micros, a.batch_size, max(lengths))
         print(f"padding on real texts: {report['padding']['padded_vs_whole']}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,16 +300,6 @@ def main() -> int:
         print(json.dumps(entry), flush=True)
     print(f"wrote {out}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

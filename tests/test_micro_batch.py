@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,6 +146,13 @@ def _texts(n: int, seed: int = 0) -> TextDataset:
     return TextDataset(texts, np.arange(n) % 3, ("a", "b", "c"))
 
 
+def _engine(model: Path, **kw: Any) -> Any:
+    """A torch engine on the dropout-free tiny BERT: 3 labels, 32 tokens, and ``kw``."""
+    from edge_runtime.engines.torch_engine import TorchEngine
+
+    return TorchEngine(TrainConfig(model=str(model), num_labels=3, seq_len=32, **kw), seed=0, threads=1)
+
+
 def _grads(engine: object) -> dict[str, np.ndarray]:
     return {
         n: p.grad.detach().numpy().copy()  # type: ignore[attr-defined]
@@ -161,22 +169,12 @@ def _grads(engine: object) -> dict[str, np.ndarray]:
 def test_torch_micro_batches_give_the_whole_batch_gradients(dropout_free_bert: Path, peft: object) -> None:
     import torch
 
-    from edge_runtime.engines.torch_engine import TorchEngine
-
     data = _texts(11)
     rows = np.random.default_rng(1).permutation(11)
     grads = []
     losses = []
     for micro in (0, 3):
-        config = TrainConfig(
-            model=str(dropout_free_bert),
-            num_labels=3,
-            seq_len=32,
-            batch_size=11,
-            micro_batch=micro,
-            peft=peft,
-        )  # type: ignore[arg-type]
-        engine = TorchEngine(config, seed=0, threads=1)
+        engine = _engine(dropout_free_bert, batch_size=11, micro_batch=micro, peft=peft)
         inputs = engine._inputs(data)
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
         engine.model.train()
@@ -195,11 +193,9 @@ def test_torch_micro_batches_give_the_whole_batch_gradients(dropout_free_bert: P
 def test_torch_training_runs_sorted_micro_batches(
     dropout_free_bert: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge_runtime.engines.torch_engine import TorchEngine
 
     data = _texts(20)
-    config = TrainConfig(model=str(dropout_free_bert), num_labels=3, seq_len=32, batch_size=10, micro_batch=4)
-    engine = TorchEngine(config, seed=0, threads=1)
+    engine = _engine(dropout_free_bert, batch_size=10, micro_batch=4)
     widths: list[list[int]] = []
     real = engine._batch_loss
 
@@ -224,21 +220,11 @@ def _same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Iterator[
 
 
 def test_torch_training_with_micro_batches_matches_whole_batches(dropout_free_bert: Path) -> None:
-    from edge_runtime.engines.torch_engine import TorchEngine
 
     data = _texts(24, seed=2)
     states = []
     for micro in (0, 5):
-        config = TrainConfig(
-            model=str(dropout_free_bert),
-            num_labels=3,
-            seq_len=32,
-            batch_size=12,
-            micro_batch=micro,
-            lr=5e-3,
-            peft=LoraSpec(rank=4),
-        )
-        engine = TorchEngine(config, seed=0, threads=1)
+        engine = _engine(dropout_free_bert, batch_size=12, micro_batch=micro, lr=5e-3, peft=LoraSpec(rank=4))
         start = engine.trainable_state()
         engine.train(data, epochs=2, seed=4)
         states.append(engine.trainable_state())
