@@ -234,6 +234,36 @@ def build_artifacts(
     return ArtifactPaths(final)
 
 
+def build_artifacts_apart(
+    config: TrainConfig,
+    *,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+    flavour: str = TRAINING_FLAVOUR,
+) -> ArtifactPaths:
+    """:func:`build_artifacts`, with the export (if the folder is not cached) in a child process.
+
+    The export imports torch, transformers and the model and traces it: about 0.6 GB that a
+    process's heap keeps after the export is done. A process that only serves or evaluates from
+    the folders (``fedpeft simulate`` with an ORT fleet) builds them here and never holds that
+    memory. A cached folder is returned without a child; the child's errors are raised here.
+    """
+    if flavour not in FLAVOURS:
+        raise ConfigError(f"artifact flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (cache / artifact_key(config, seed=seed, flavour=flavour) / MANIFEST_NAME).is_file():
+        return build_artifacts(config, seed=seed, cache_dir=cache, threads=threads, flavour=flavour)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(
+            build_artifacts, config, seed=seed, cache_dir=cache, threads=threads, flavour=flavour
+        )
+        return job.result()
+
+
 def _build_into(
     folder: Path,
     config: TrainConfig,

@@ -24,7 +24,7 @@ from broker_server.clustering import (
     nearest_cluster,
     split_state,
 )
-from broker_server.evaluation import Evaluator
+from broker_server.evaluation import ModelEvaluator
 from broker_server.records import weighted
 from broker_server.state import StateStore
 from broker_server.strategies import Carry, StrategyRule
@@ -158,7 +158,7 @@ class ClusterGroups:
 
         return StrategyRule(f"clusters({inner.name})", step)
 
-    def evaluate(self, state: Mapping[str, np.ndarray], evaluator: Evaluator) -> EvalResult | None:
+    def evaluate(self, state: Mapping[str, np.ndarray], evaluator: ModelEvaluator) -> EvalResult | None:
         """Each cluster's module on the test set; the mean weighted by the clusters' devices."""
         assert self.clustering is not None
         states = split_state(state, self.clustering.k)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from broker_server.aggregation import ClientUpdate, State
-from broker_server.evaluation import Evaluator
+from broker_server.evaluation import ModelEvaluator
 from broker_server.heterogeneous import corner, view
 from broker_server.strategies import Carry, StrategyRule
 from edge_runtime.config import TrainConfig
@@ -48,7 +48,7 @@ def _agreement(probs: np.ndarray, teacher: np.ndarray) -> float:
 
 
 def fuse_kinds(
-    evaluator: Evaluator,
+    evaluator: ModelEvaluator,
     state: Mapping[str, np.ndarray],
     configs: Sequence[TrainConfig],
     texts: TextDataset,
@@ -99,7 +99,7 @@ class KindDistillation:
 
     def __init__(
         self,
-        evaluator: Evaluator,
+        evaluator: ModelEvaluator,
         configs: Callable[[], Sequence[TrainConfig]],
         texts: TextDataset,
         *,

@@ -10,7 +10,7 @@ import numpy as np
 
 from broker_server.allocation import Allocator
 from broker_server.cluster_groups import ClusterGroups
-from broker_server.evaluation import Evaluator
+from broker_server.evaluation import ModelEvaluator
 from broker_server.heterogeneous import view
 from broker_server.records import weighted
 from broker_server.registry import DeviceRecord
@@ -19,7 +19,7 @@ from edge_runtime.engines.base import EvalResult
 
 
 def initial_state(
-    evaluator: Evaluator, allocator: Allocator | None, train: TrainConfig
+    evaluator: ModelEvaluator, allocator: Allocator | None, train: TrainConfig
 ) -> dict[str, np.ndarray]:
     """The first global state: the configured module's, or in a mixed fleet the union of every
     kind's largest module, and one head."""
@@ -34,7 +34,7 @@ def initial_state(
 
 def evaluate_fleet(
     state: Mapping[str, np.ndarray],
-    evaluator: Evaluator,
+    evaluator: ModelEvaluator,
     *,
     train: TrainConfig,
     clusters: ClusterGroups | None = None,

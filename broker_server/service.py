@@ -45,7 +45,7 @@ from broker_server.cluster_groups import ClusterGroups
 from broker_server.clustering import Clustering, parse_clusters, split_state
 from broker_server.config import ServiceConfig, check_combination
 from broker_server.distillation import KindDistillation
-from broker_server.evaluation import Evaluator
+from broker_server.evaluation import ModelEvaluator
 from broker_server.fleet_evaluation import evaluate_fleet, initial_state
 from broker_server.inbound import Inbound
 from broker_server.journal import Journal
@@ -97,7 +97,7 @@ class AggregationService:
         self,
         transport: Transport,
         config: ServiceConfig,
-        evaluator: Evaluator,
+        evaluator: ModelEvaluator,
         *,
         store: StateStore | None = None,
         on_round: RoundCallback | None = None,

@@ -27,7 +27,7 @@ from broker_server.allocation import ALLOCATIONS, AllocationConfig, Allocator, b
 from broker_server.asynchronous import OnOffTrace, compute_seconds, link_seconds, parse_staleness, trace_for
 from broker_server.clustering import parse_clusters
 from broker_server.distillation import unlabeled
-from broker_server.evaluation import Evaluator
+from broker_server.evaluation import Evaluator, ModelEvaluator, OrtEvaluator
 from broker_server.records import task_figures
 from broker_server.report import build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
@@ -50,7 +50,7 @@ from edge_runtime.peft_specs import LoraSpec
 from edge_runtime.transport import MqttTransport, parse_broker_url
 from hw_profiles import DeviceProfile, ProfileError, load_profile, measure
 from sdk.attacks import parse_attack
-from sdk.fleet_worker import VirtualDevice, WorkerJob, worker_main
+from sdk.fleet_worker import VirtualDevice, WorkerJob, artifact_slot, worker_main
 from sdk.partition import parse_partition, partition
 
 log = logging.getLogger("fedpeft.simulate")
@@ -537,7 +537,35 @@ class Simulation:
     ) -> dict[str, Any]:
         cfg = self.config
         fleet = f"{cfg.fleet}-{os.getpid()}-{int(time.time())}"  # never see another run's retained modules
-        evaluator = Evaluator(train_cfg, test, seed=cfg.seed, threads=cores)
+        # fixed allocation has no allocator, and needs no shape numbers (CLIP's two towers have
+        # no single-tower cost model)
+        allocator = (
+            None
+            if cfg.allocation_mode == "fixed"
+            else build_allocator(
+                cfg.allocation_mode,
+                train_cfg,
+                dims_of_dir(resolve_model(train_cfg.model)),
+                AllocationConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma),
+            )
+        )
+        # images and the tasks without classes train on torch only (explicit ORT engines are
+        # refused in _check_task): auto means torch for them
+        if test.task == "classification":
+            engines = cfg.worker_engines(train_cfg, workers)
+        else:
+            engines = ["torch"] * workers
+            if cfg.engine == "auto":
+                log.info(
+                    "--engine auto trains %s data with torch: the ORT engines train text classification only",
+                    test.task,
+                )
+        artifacts = {
+            engine: self._ort_artifacts(train_cfg, allocator, cores, engine)
+            for engine in sorted(set(engines))
+            if artifact_flavour(engine) is not None
+        }
+        evaluator = self._evaluator(train_cfg, test, engines, artifacts, cores)
         service_cfg = ServiceConfig(
             fleet=fleet,
             rounds=cfg.rounds,
@@ -572,18 +600,6 @@ class Simulation:
             parse_broker_url(url), client_id=f"fedpeft-server-{fleet}", clean_start=False
         )
         server_transport.connect()
-        # fixed allocation has no allocator, and needs no shape numbers (CLIP's two towers have
-        # no single-tower cost model)
-        allocator = (
-            None
-            if cfg.allocation_mode == "fixed"
-            else build_allocator(
-                cfg.allocation_mode,
-                train_cfg,
-                dims_of_dir(resolve_model(train_cfg.model)),
-                AllocationConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma),
-            )
-        )
         service = AggregationService(
             server_transport,
             service_cfg,
@@ -596,22 +612,6 @@ class Simulation:
             event_clock=self.fleet_clock(devices) if cfg.mode == "async" else None,
         )
         service.start()
-        # images and the tasks without classes train on torch only (explicit ORT engines are
-        # refused in _check_task): auto means torch for them
-        if test.task == "classification":
-            engines = cfg.worker_engines(train_cfg, workers)
-        else:
-            engines = ["torch"] * workers
-            if cfg.engine == "auto":
-                log.info(
-                    "--engine auto trains %s data with torch: the ORT engines train text classification only",
-                    test.task,
-                )
-        artifacts = {
-            engine: self._ort_artifacts(train_cfg, allocator, cores, engine)
-            for engine in sorted(set(engines))
-            if artifact_flavour(engine) is not None
-        }
         placed = self._place(devices, engines)
         ctx = mp.get_context("spawn")
         results: Any = ctx.Queue()
@@ -626,7 +626,7 @@ class Simulation:
                 threads=max(1, cores // workers),
                 max_message_bytes=cfg.max_message_bytes,
                 engine=engines[w],
-                artifacts=artifacts.get(engines[w], ()),
+                artifacts=tuple((artifact_slot(c), str(f)) for c, f in artifacts.get(engines[w], ())),
             )
             for w in range(workers)
         ]
@@ -683,14 +683,37 @@ class Simulation:
         wall_s = time.monotonic() - wall_start
         return self._report(service, devices, stats, train_cfg, evaluator.total_params, wall_s, url)
 
+    def _evaluator(
+        self,
+        train_cfg: TrainConfig,
+        test: Dataset,
+        engines: list[str],
+        artifacts: dict[str, list[tuple[TrainConfig, Path]]],
+        cores: int,
+    ) -> ModelEvaluator:
+        """The server-side model: a fleet whose workers all train on one ORT engine is evaluated
+        on that engine, from the same artifact folders (so this process imports no torch); any
+        other fleet, and distillation (it trains on the server), with torch."""
+        cfg = self.config
+        if len(set(engines)) == 1 and artifacts.get(engines[0]) and cfg.distill_epochs == 0:
+            return OrtEvaluator(
+                train_cfg,
+                test,
+                engine=engines[0],
+                artifacts=artifacts[engines[0]],
+                seed=cfg.seed,
+                threads=cores,
+            )
+        return Evaluator(train_cfg, test, seed=cfg.seed, threads=cores)
+
     def _ort_artifacts(
         self, train_cfg: TrainConfig, allocator: Allocator | None, cores: int, engine: str
-    ) -> tuple[tuple[str, str], ...]:
+    ) -> list[tuple[TrainConfig, Path]]:
         """Build (or find cached) the artifacts of ``engine``'s flavour for every module a device
-        on that ORT engine may be assigned."""
+        on that ORT engine may be assigned; a missing folder is exported in a child process
+        (:func:`~broker_server.artifacts.build_artifacts_apart`), so torch stays out of this one."""
         from broker_server.allocation import ORT_ENGINES
-        from broker_server.artifacts import build_artifacts
-        from sdk.fleet_worker import artifact_slot
+        from broker_server.artifacts import build_artifacts_apart
 
         flavour = artifact_flavour(engine)
         assert flavour is not None, engine
@@ -700,7 +723,7 @@ class Simulation:
             trains = ORT_ENGINES[engine]
             specs = {json.dumps(c.peft.to_dict(), sort_keys=True): c.peft for c in allocator.grid}
             configs = [replace(train_cfg, peft=p, engine=engine) for p in specs.values() if trains(p)]
-        out = []
+        out: list[tuple[TrainConfig, Path]] = []
         for i, config in enumerate(configs, 1):
             print(
                 f"ONNX Runtime artifacts ({flavour}) {i}/{len(configs)}: {peft_key(config.peft)} "
@@ -708,9 +731,11 @@ class Simulation:
                 file=sys.stderr,
                 flush=True,
             )
-            folder = build_artifacts(config, seed=self.config.seed, threads=cores, flavour=flavour).folder
-            out.append((artifact_slot(config), str(folder)))
-        return tuple(out)
+            folder = build_artifacts_apart(
+                config, seed=self.config.seed, threads=cores, flavour=flavour
+            ).folder
+            out.append((config, folder))
+        return out
 
     @staticmethod
     def _place(devices: list[VirtualDevice], engines: list[str]) -> list[tuple[VirtualDevice, ...]]:

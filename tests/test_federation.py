@@ -257,6 +257,42 @@ def test_a_mixed_fleet_of_ort_and_torch_devices_trains_together(
     assert any((tmp_path / "artifacts").iterdir())
 
 
+def test_an_ort_fleet_is_evaluated_on_ort_with_the_torch_evaluators_figures(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same seeds, same training; only the server's evaluator differs: the figures agree."""
+    if not ort_available():
+        pytest.skip(f"engine ort needs {ORT_TRAINING_INSTALL}")
+    from broker_server.evaluation import OrtEvaluator
+
+    monkeypatch.setenv("FEDPEFT_ARTIFACTS", str(tmp_path / "artifacts"))
+    chosen: list[object] = []
+    pick = Simulation._evaluator
+
+    def recording(self: Simulation, *args: Any) -> Any:
+        chosen.append(pick(self, *args))
+        return chosen[-1]
+
+    monkeypatch.setattr(Simulation, "_evaluator", recording)
+    config = _sim_config(tiny, engine="ort", rounds=2, local_epochs=2)
+    on_ort = Simulation(config).run()
+    assert isinstance(chosen[-1], OrtEvaluator)
+
+    def torch_evaluator(self: Simulation, train_cfg: TrainConfig, test: Any, *args: Any) -> Evaluator:
+        return Evaluator(train_cfg, test, seed=config.seed, threads=1)
+
+    monkeypatch.setattr(Simulation, "_evaluator", torch_evaluator)
+    on_torch = Simulation(config).run()
+    for report in (on_ort, on_torch):
+        validate_report(report)
+        assert report["rejected"] == []
+    assert [r["accuracy"] for r in on_ort["rounds"]] == [r["accuracy"] for r in on_torch["rounds"]]
+    got = [r["loss"] for r in on_ort["rounds"]]
+    want = [r["loss"] for r in on_torch["rounds"]]
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-4)
+    assert got[-1] < got[0] - 1e-3  # training moved the figures: agreement is not a constant
+
+
 def test_pi_zero_devices_train_on_ort_within_their_cap_beside_torch_devices(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

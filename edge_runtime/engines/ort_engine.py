@@ -160,12 +160,36 @@ def block_torch(*, plain_ort: bool = False) -> list[str]:
     return loaded
 
 
+def import_onnxruntime() -> Any:
+    """``import onnxruntime`` without importing torch.
+
+    onnxruntime-training's ``__init__`` checks its build by importing ``onnxruntime.training``,
+    whose ``__init__`` imports torch where torch is installed (about 240 MB resident, measured:
+    ``import onnxruntime`` took a process from 44 to 289 MB on this project's venv). Only that
+    check needs it: with ``onnxruntime.training`` marked absent during the import, the check
+    finds no ORTModule and moves on. The mark is removed afterwards, so a later ``import
+    onnxruntime.training`` (the artifact builder's) still gets the real package.
+    """
+    loaded = sys.modules.get("onnxruntime")
+    if loaded is not None:
+        return loaded
+    marked = "onnxruntime.training" not in sys.modules
+    if marked:
+        sys.modules["onnxruntime.training"] = None  # type: ignore[assignment]
+    try:
+        import onnxruntime
+    finally:
+        if marked and sys.modules.get("onnxruntime.training", 0) is None:
+            del sys.modules["onnxruntime.training"]
+    return onnxruntime
+
+
 def _training_api() -> tuple[Any, Any]:
     """``CheckpointState`` and ``Module`` of ``onnxruntime.training.api``, without importing torch."""
     loaded = sys.modules.get("onnxruntime.training.api.module")
     if loaded is None:
         try:
-            import onnxruntime
+            onnxruntime = import_onnxruntime()
         except ImportError as exc:
             raise EngineError(f"the ORT engine needs {ORT_TRAINING_INSTALL}: {exc}") from None
         package = Path(onnxruntime.__file__).parent / "training"
@@ -253,7 +277,7 @@ class OrtEngine:
         shapes = {t["name"]: tuple(int(d) for d in t["shape"]) for t in manifest["trainable"]}
 
         self._tokenizer = load_tokenizer(folder / TOKENIZER_NAME, config.seq_len)
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         checkpoint_state_cls, module_cls = _training_api()
         try:

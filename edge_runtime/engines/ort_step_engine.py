@@ -53,6 +53,7 @@ from edge_runtime.engines.base import (
 from edge_runtime.engines.numpy_state import TokenCache, checked_state, micro_batch_step, padded_batch
 from edge_runtime.engines.ort_engine import (
     TOKENIZER_NAME,
+    import_onnxruntime,
     load_manifest,
     use_lean_allocator,
     wants_lean_memory,
@@ -140,7 +141,7 @@ class OrtStepEngine:
         self._grad_names = {t["name"]: t["grad"] for t in manifest["trainable"]}
 
         self._tokenizer = load_tokenizer(folder / TOKENIZER_NAME, config.seq_len)
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         try:
             options = onnxruntime.SessionOptions()
