@@ -727,13 +727,15 @@ class Simulation:
         for i, config in enumerate(configs, 1):
             print(
                 f"ONNX Runtime artifacts ({flavour}) {i}/{len(configs)}: {peft_key(config.peft)} "
-                "(built once, then cached)",
+                "(built once, then cached) ...",
                 file=sys.stderr,
                 flush=True,
             )
+            start = time.monotonic()
             folder = build_artifacts_apart(
                 config, seed=self.config.seed, threads=cores, flavour=flavour
             ).folder
+            print(f"  ready in {time.monotonic() - start:.1f} s: {folder}", file=sys.stderr, flush=True)
             out.append((config, folder))
         return out
 
