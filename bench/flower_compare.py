@@ -19,13 +19,14 @@ How it works:
 
 Each side is one child process, timed from start to exit; a sampler thread sums the RSS (and the
 PSS, which counts shared pages once) of that process and all its descendants every ``--interval``
-seconds (psutil, else /proc) and keeps the peaks. A descendant that outlives its parent (Ray's
+seconds (psutil, else /proc) and keeps the peaks, each process's own peak PSS and its PSS in the
+sample where the tree's sum peaked (``processes``). A descendant that outlives its parent (Ray's
 daemons) stays counted while it lives, and any still alive when the side ends is stopped by its pid
 and listed in the report (after a 10 s grace). The sides never overlap. Reports go to ``--out``:
-``fedpeft.json`` and ``flower.json`` (wall time, memory peaks and timeline, accuracy by round, load
-average before and after, the name of the side's raw report), the raw reports and each side's log,
-and ``summary.json`` (the ratios fedpeft/flower of wall time and peak memory, the accuracy
-difference, and what differs between the sides). A side whose report exists is not run again (delete
+``fedpeft.json`` and ``flower.json`` (wall time, memory peaks, per process and timeline, accuracy
+by round, load average before and after, the name of the side's raw report), the raw reports and
+each side's log, and ``summary.json`` (the ratios fedpeft/flower of wall time and peak memory, the
+accuracy difference, and what differs between the sides). A side whose report exists is not run again (delete
 it to rerun), so an interrupted benchmark resumes.
 
 The Flower venv (benchmark-only; never inside the repo, never the project's venv), about 1.9 GB:
@@ -193,6 +194,8 @@ class ProcessTree:
     def __init__(self, root: int) -> None:
         self.root = root
         self.seen: dict[int, Any] = {}  # pid -> start time (a psutil.Process, or the /proc stat field)
+        self.last_pss: dict[int, int] = {}  # pid -> PSS in bytes at the last sample
+        self.labels: dict[int, str] = {}  # pid -> its command line, shortened (read when first seen)
         try:
             import psutil
 
@@ -235,14 +238,26 @@ class ProcessTree:
             except ps.Error:
                 continue
         rss = pss = 0
+        self.last_pss = {}
         for pid, proc in found.items():
             try:
                 rss += proc.memory_info().rss
             except ps.Error:
                 continue
-            pss += _pss_kb(pid) * 1024
+            self.last_pss[pid] = _pss_kb(pid) * 1024
+            pss += self.last_pss[pid]
             self.seen.setdefault(pid, proc)
+            self._label(pid)
         return rss, pss, len(found)
+
+    def _label(self, pid: int) -> None:
+        """Remember ``pid``'s command line (shortened), the first time it is seen."""
+        if pid not in self.labels:
+            try:
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                self.labels[pid] = " ".join(w.decode(errors="replace") for w in words)[:100]
+            except OSError:
+                self.labels[pid] = "?"
 
     def _sample_proc(self) -> tuple[int, int, int]:
         stat = self._proc_stat()
@@ -257,6 +272,7 @@ class ProcessTree:
                 found.add(pid)
                 todo.extend(children.get(pid, []))
         rss = pss = 0
+        self.last_pss = {}
         for pid in found:
             self.seen.setdefault(pid, stat[pid][1])
             try:
@@ -265,7 +281,9 @@ class ProcessTree:
                         rss += int(line.split()[1]) * 1024
             except OSError:
                 continue
-            pss += _pss_kb(pid) * 1024
+            self.last_pss[pid] = _pss_kb(pid) * 1024
+            pss += self.last_pss[pid]
+            self._label(pid)
         return rss, pss, len(found)
 
     def stop_leftovers(self, grace: float = 10.0) -> list[str]:
@@ -313,11 +331,17 @@ class PeakSampler(threading.Thread):
         self.start_time = time.monotonic()
         self.peak_rss = self.peak_pss = self.max_procs = 0
         self.timeline: list[tuple[float, float, float, int]] = []  # (s, rss MB, pss MB, processes)
+        self.process_peaks: dict[int, int] = {}  # pid -> its own peak PSS (bytes)
+        self.at_peak: dict[int, int] = {}  # pid -> its PSS in the sample of the tree's peak PSS
 
     def run(self) -> None:
         """Sample until :meth:`stop`."""
         while not self.done.is_set():
             rss, pss, n = self.tree.sample()
+            for pid, value in self.tree.last_pss.items():
+                self.process_peaks[pid] = max(self.process_peaks.get(pid, 0), value)
+            if pss > self.peak_pss:
+                self.at_peak = dict(self.tree.last_pss)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.max_procs = max(self.max_procs, n)
             t = time.monotonic() - self.start_time
@@ -344,6 +368,17 @@ def measured_run(cmd: list[str], env: dict[str, str], log: Path, interval: float
         sampler.stop()
     leftovers = sampler.tree.stop_leftovers()
     timeline = sampler.timeline
+    labels = sampler.tree.labels
+    processes = [
+        {
+            "pid": pid,
+            "command": labels.get(pid, "?"),
+            "peak_pss_mb": round(peak / 2**20, 1),
+            "pss_at_tree_peak_mb": round(sampler.at_peak.get(pid, 0) / 2**20, 1),
+        }
+        for pid, peak in sorted(sampler.process_peaks.items())
+        if peak >= 2**20  # leave out the tree's short-lived shells and helpers under 1 MB
+    ]
     step = max(1, len(timeline) // 400)  # keep the report small: at most about 400 points
     return {
         "returncode": code,
@@ -356,6 +391,8 @@ def measured_run(cmd: list[str], env: dict[str, str], log: Path, interval: float
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "leftover_processes_stopped": leftovers,
+        # each process: its own peak PSS, and its PSS in the sample where the tree's sum peaked
+        "processes": processes,
         "timeline_s_rss_pss_procs": timeline[::step],
     }
 
@@ -474,10 +511,25 @@ def summarise(
         summary["issue14_targets"] = {
             "wall_at_most_0.5x": ratios["wall_fedpeft_over_flower"] <= 0.5,
             "peak_rss_at_most_0.25x": ratios["peak_rss_fedpeft_over_flower"] <= 0.25,
+            "peak_pss_at_most_0.25x": ratios["peak_pss_fedpeft_over_flower"] <= 0.25,
             "accuracy_equal_or_better": ratios["final_accuracy_fedpeft_minus_flower"] >= 0.0,
         }
-    summary["unequal"] = UNEQUAL
+    summary["unequal"] = UNEQUAL + engine_differences(a.fedpeft_extra)
     return summary
+
+
+def engine_differences(extra: str) -> list[str]:
+    """What an ``--engine`` among FedPEFT+'s extra flags adds to the differences between the sides."""
+    words = shlex.split(extra)
+    engine = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--engine"), "torch")
+    if engine == "torch":
+        return []
+    return [
+        f"FedPEFT+ trains with --engine {engine} (ONNX Runtime: graphs exported without dropout; its "
+        "service evaluates on the same engine) where Flower trains and evaluates with torch. Its "
+        "artifacts are exported once per configuration and cached: fedpeft.log says how long the "
+        "export took in this run ('ready in ... s')."
+    ]
 
 
 def main() -> int:

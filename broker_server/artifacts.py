@@ -244,10 +244,11 @@ def build_artifacts_apart(
 ) -> ArtifactPaths:
     """:func:`build_artifacts`, with the export (if the folder is not cached) in a child process.
 
-    The export imports torch, transformers and the model and traces it: about 0.6 GB that a
-    process's heap keeps after the export is done. A process that only serves or evaluates from
-    the folders (``fedpeft simulate`` with an ORT fleet) builds them here and never holds that
-    memory. A cached folder is returned without a child; the child's errors are raised here.
+    The export imports torch, transformers and the model and traces it, and a process keeps most
+    of that memory after the export is done (the libraries stay loaded, the heap keeps its pages).
+    A process that only evaluates from the folders (``fedpeft simulate`` with an ORT fleet) builds
+    them here and never holds it. A cached folder is returned without a child; the child's errors
+    are raised here.
     """
     if flavour not in FLAVOURS:
         raise ConfigError(f"artifact flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
