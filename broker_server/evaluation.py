@@ -114,9 +114,9 @@ class OrtEvaluator:
 
     ``artifacts``: (configuration, folder) of each module the fleet's ORT devices train, in the
     flavour of ``engine`` (``ort``: onnxruntime-training's graphs, ``ort-plain``: the step graph).
-    The initial modules are the folders' checkpointed values,
-    which the artifact builder took from a torch engine of the same configuration and seed: the
-    same values the torch :class:`Evaluator` starts from. Evaluation runs the folders' graphs, so
+    The initial modules are the folders' checkpointed values, which the artifact builder took from
+    a torch engine of the same configuration and seed: the same values the torch
+    :class:`Evaluator` starts from. Evaluation runs the folders' graphs, so
     accuracies equal the torch engine's up to float rounding (a prediction whose top two logits
     are that close may differ). A configuration without a folder, and :meth:`engine_for` (training
     on the server: distillation), go to a torch :class:`Evaluator` created on first need.
@@ -133,6 +133,7 @@ class OrtEvaluator:
         threads: int | None = None,
     ) -> None:
         from edge_runtime.engines import ARTIFACT_FLAVOURS
+        from edge_runtime.engines.ort_engine import load_manifest
 
         if engine not in ARTIFACT_FLAVOURS:
             raise ConfigError(
@@ -143,8 +144,6 @@ class OrtEvaluator:
         self.seed = seed
         self.threads = threads
         self.engine_name = engine
-        from edge_runtime.engines.ort_engine import load_manifest
-
         self._folders = {_key(c): Path(f) for c, f in artifacts}
         if not self._folders:
             raise ConfigError(f"an ORT evaluator needs at least one folder of {engine} artifacts")
