@@ -217,3 +217,34 @@ def test_micro_batches_give_the_whole_batch_gradients_and_steps(tiny: Tiny) -> N
     for name, value in after_torch.items():
         gap = float(np.linalg.norm(after_ort[name] - value))
         assert gap <= 1e-4 * max(float(np.linalg.norm(value)), 1e-6), name
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_the_memory_arena_is_on_only_without_a_memory_cap(
+    tiny: Tiny, lean: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uncapped, ORT's CPU arena reuses buffers; under a cap (lean memory) it stays off, as the
+    cap's predictions were measured."""
+    from edge_runtime.engines import ort_engine
+
+    real = ort_engine.import_onnxruntime()
+    seen: list[bool] = []
+
+    class Options(real.SessionOptions):  # type: ignore[misc, name-defined]
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "enable_cpu_mem_arena":
+                seen.append(bool(value))
+            super().__setattr__(name, value)
+
+    class Runtime:
+        SessionOptions = Options
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    monkeypatch.setattr(ort_engine, "import_onnxruntime", Runtime)
+    monkeypatch.setattr(ort_engine, "use_lean_allocator", lambda *a: True)  # process-wide: not here
+    engine = OrtEngine(_config(tiny.model, engine="ort"), artifacts=tiny.artifacts.folder, lean_memory=lean)
+    assert seen == [not lean]
+    train, _ = _train_rows(tiny)
+    assert np.isfinite(engine.train(train.subset(np.arange(16)), epochs=1, seed=0).loss)

@@ -283,7 +283,11 @@ class OrtEngine:
         try:
             self._state = checkpoint_state_cls.load_checkpoint(str(folder / "checkpoint"))
             options = onnxruntime.SessionOptions()
-            options.enable_cpu_mem_arena = False  # the arena would keep its high-water mark for good
+            # Under a memory cap the arena stays off: it keeps its high-water mark for good, and
+            # the cap's predictions were measured without it. Uncapped, ORT's arena reuses the
+            # step's buffers instead of a malloc (often an mmap) per tensor
+            # (``bench/results/flower-ort-arena/``).
+            options.enable_cpu_mem_arena = not self.lean_memory
             if threads:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
