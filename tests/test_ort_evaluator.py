@@ -10,7 +10,6 @@ what keep torch out of the simulator's own process; each is checked in a fresh i
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import textwrap
@@ -52,11 +51,7 @@ class Tiny:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     root = tmp_path_factory.mktemp("ort-eval")
-    model = make_tiny_bert(root / "model")
-    config_path = model / "config.json"
-    hf_config = json.loads(config_path.read_text())
-    hf_config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config_path.write_text(json.dumps(hf_config))
+    model = make_tiny_bert(root / "model", dropout=0.0)
     data = write_text_folder(root / "data", per_class_train=4, per_class_test=20)
     _, test = load_folder(data)
     assert isinstance(test, TextDataset)

@@ -9,8 +9,13 @@ from typing import Any
 from edge_runtime.models import bundled_minilm_path
 
 
-def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Save a 2-layer BERT with random weights and MiniLM's tokenizer into ``folder``."""
+def make_tiny_bert(
+    folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1
+) -> Path:
+    """Save a 2-layer BERT with random weights and MiniLM's tokenizer into ``folder``.
+
+    ``dropout`` 0 gives a base that trains the same in train and eval mode (ORT's graphs are
+    exported in eval mode, so only such a base matches the torch engine step for step)."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -23,6 +28,8 @@ def make_tiny_bert(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(folder)
     return folder
