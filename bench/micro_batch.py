@@ -18,8 +18,9 @@ machine, every measurement, and per setting the mean step time and peak against 
 ``--padding-data`` at each evaluation batch on each engine (in this process, alternating, at least
 3 repeats), with the accuracy and loss each gives. ``--round-micro-batches`` (0,8 by default)
 times one simulated device's round on real texts, one thread as in the simulator's workers: the
-main workload's first device (150 posts, batch 32, 128 tokens, 2 epochs, torch), each
-micro-batch alternating, at least 3 repeats; there sorting by length saves padding too
+main workload's first device (150 posts, batch 32, 128 tokens, 2 epochs) on each engine in
+``--round-engines`` (torch by default; ort too), each micro-batch alternating, at least 3
+repeats, a fresh engine each after a warm-up step; there sorting by length saves padding too
 (``--only-eval``: these two parts alone).
 
 ``--padding-data`` (a data folder, 20 Newsgroups by default) adds the padded tokens a batch of 32
@@ -101,11 +102,12 @@ def padding_cost(work: Workload, micro_sizes: list[int], batch: int, seq_len: in
     }
 
 
-def device_round_cost(work: Workload, micros: list[int], repeats: int, threads: int) -> dict[str, Any]:
+def device_round_cost(
+    work: Workload, micros: list[int], repeats: int, threads: int, engine_name: str = "torch"
+) -> dict[str, Any]:
     """Seconds of one simulated device's round on real texts: the main workload's first device
-    (150 20 Newsgroups posts, 128 tokens, batch 32, 2 local epochs, torch), for each micro-batch."""
-    from edge_runtime.engines.torch_engine import TorchEngine
-
+    (150 20 Newsgroups posts, 128 tokens, batch 32, 2 local epochs) on ``engine_name`` (torch or
+    ort), for each micro-batch, alternating; a fresh engine per measurement."""
     train = work.train
     device = train.subset(work.parts[0])
     config = TrainConfig(
@@ -114,19 +116,39 @@ def device_round_cost(work: Workload, micros: list[int], repeats: int, threads: 
         seq_len=128,
         batch_size=32,
         lr=3e-3,
+        engine=engine_name,
     )
+    folder = None
+    if engine_name == "ort":
+        from broker_server.artifacts import build_artifacts
+
+        folder = str(build_artifacts(config).folder)
+
+    def make(micro: int) -> Any:
+        cfg = replace(config, micro_batch=micro)
+        if folder is not None:
+            from edge_runtime.engines.ort_engine import OrtEngine
+
+            return OrtEngine(cfg, artifacts=folder, seed=0, threads=threads)
+        from edge_runtime.engines.torch_engine import TorchEngine
+
+        return TorchEngine(cfg, seed=0, threads=threads)
+
     times: dict[int, list[float]] = {m: [] for m in micros}
     losses: dict[int, float] = {}
     for repeat in range(repeats):
         for micro in micros[repeat % len(micros) :] + micros[: repeat % len(micros)]:
-            engine = TorchEngine(replace(config, micro_batch=micro), seed=0, threads=threads)
+            engine = make(micro)
+            engine.train(device.subset(range(8)), epochs=1, seed=0)  # warm-up, then a fresh module
+            engine = make(micro)
             start = time.perf_counter()
             result = engine.train(device, epochs=2, seed=0)
             times[micro].append(time.perf_counter() - start)
             losses[micro] = result.loss
-            print(f"device round micro {micro}: {times[micro][-1]:.2f} s", flush=True)
+            print(f"device round {engine_name} micro {micro}: {times[micro][-1]:.2f} s", flush=True)
     whole = statistics.fmean(times[micros[0]])
     return {
+        "engine": engine_name,
         "samples": len(device),
         "epochs": 2,
         "threads": threads,
@@ -135,7 +157,7 @@ def device_round_cost(work: Workload, micros: list[int], repeats: int, threads: 
                 "seconds": [round(t, 3) for t in times[m]],
                 "mean_s": round(statistics.fmean(times[m]), 3),
                 f"vs_micro_{micros[0]}": round(statistics.fmean(times[m]) / whole, 3),
-                "train_loss": round(losses[m], 5),
+                "train_loss": round(losses[m], 8),
             }
             for m in micros
         },
@@ -204,6 +226,7 @@ def main() -> int:
     p.add_argument(
         "--round-micro-batches", default="0,8", help="micro-batches of the device round on real texts"
     )
+    p.add_argument("--round-engines", default="torch", help="engines of the device round: torch, ort")
     a = p.parse_args()
     engines = engines_here(a.engines, ("torch", "ort"))
     micros = [int(x) for x in a.micro_batches.split(",")]
@@ -289,7 +312,11 @@ def main() -> int:
         )
     if work is not None and a.round_micro_batches:
         round_micros = [int(x) for x in a.round_micro_batches.split(",")]
-        report["device_round"] = device_round_cost(work, round_micros, max(a.repeats, 3), 1)
+        rounds = [
+            device_round_cost(work, round_micros, max(a.repeats, 3), 1, name)
+            for name in engines_here(a.round_engines, ("torch",))
+        ]
+        report["device_round"] = rounds[0] if len(rounds) == 1 else {r["engine"]: r for r in rounds}
     if work is not None and not a.only_eval:
         report["padding"] = padding_cost(work, micros, a.batch_size, max(lengths))
         print(f"padding on real texts: {report['padding']['padded_vs_whole']}", flush=True)

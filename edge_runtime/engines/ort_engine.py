@@ -38,6 +38,7 @@ What matches the torch engine, and what does not:
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import importlib.util
 import json
@@ -236,6 +237,10 @@ class OrtEngine:
     ``artifacts`` is a folder built by ``broker_server.artifacts.build_artifacts`` for the same
     configuration; the module starts from the values of that build's seed (``seed`` here only
     matters for training's batch order, which takes its own seed).
+
+    ``profile_prefix``: ONNX Runtime's own profiler records every kernel's time and shapes, and
+    writes them as a Chrome trace (JSON) named ``<prefix>_<date>.json`` when the engine is
+    released (:meth:`close`); ``bench/step_profile.py`` reads it.
     """
 
     name = "ort"
@@ -248,6 +253,7 @@ class OrtEngine:
         seed: int = 0,
         threads: int | None = None,
         lean_memory: bool | None = None,
+        profile_prefix: str | Path | None = None,
     ) -> None:
         check_ort_support(config)
         # None: lean only under a memory cap (wants_lean_memory); the setting is process-wide
@@ -291,6 +297,9 @@ class OrtEngine:
             if threads:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
+            if profile_prefix is not None:
+                options.enable_profiling = True
+                options.profile_file_prefix = str(profile_prefix)
             self._module = module_cls(
                 str(folder / "training_model.onnx"),
                 self._state,
@@ -315,6 +324,11 @@ class OrtEngine:
     def total_params(self) -> int:
         """Parameters of the whole model, frozen ones included (as the torch engine counts them)."""
         return self._total_params
+
+    def close(self) -> None:
+        """Release the ORT sessions (and write the profile, if one was asked for); unusable after."""
+        self._module = None
+        gc.collect()
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The trainable parameters by canonical name, as float32 arrays (copies)."""
