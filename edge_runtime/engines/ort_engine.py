@@ -298,6 +298,7 @@ class OrtEngine:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
             if profile_prefix is not None:
+                Path(profile_prefix).parent.mkdir(parents=True, exist_ok=True)
                 options.enable_profiling = True
                 options.profile_file_prefix = str(profile_prefix)
             self._module = module_cls(
