@@ -474,7 +474,8 @@ def _print(report: Mapping[str, Any]) -> None:
         print(f"{name}: wall {phase['wall_s']:.1f} s, {phase['matmul_gflop']:.0f} GFLOP of matmuls")
     t = phases["training_round"]
     print(
-        f"training round: wall {t['wall_s']:.1f} s ({t['profiled_wall_s']:.1f} s profiled), kernels {t['kernel_s']:.1f} s, matmuls "
+        f"training round: wall {t['wall_s']:.1f} s ({t['profiled_wall_s']:.1f} s profiled), "
+        f"kernels {t['kernel_s']:.1f} s, matmuls "
         f"{t['matmul_s']:.1f} s at {t['matmul_gflops']:.1f} GFLOP/s ({t['matmul_gflops'] / peak:.0%} of "
         f"the peak), other kernels {t['other_kernels_s']:.1f} s; {t['matmul_gflop']:.0f} GFLOP profiled, "
         f"{t['step_flops_gflop']:.0f} counted by step_flops; real tokens / slots "
