@@ -240,7 +240,9 @@ class OrtEngine:
 
     ``profile_prefix``: ONNX Runtime's own profiler records every kernel's time and shapes, and
     writes them as a Chrome trace (JSON) named ``<prefix>_<date>.json`` when the engine is
-    released (:meth:`close`); ``bench/step_profile.py`` reads it.
+    released (:meth:`close`); ``bench/step_profile.py`` reads it. The training and evaluation
+    sessions get the same name (ORT dates it to the second) and the training session writes last,
+    so a profile of training reads back whole; one of evaluation alone may not.
     """
 
     name = "ort"
