@@ -129,19 +129,14 @@ def summarize_profile(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 kind = matmul_kind(name)
                 kind_us[kind] += duration
                 kind_flops[kind] += matmul_flops(inputs[0], inputs[1], outputs[0])
-    kernel_us = sum(by_op.values())
-    return {
-        "runs": runs,
-        "run_s": runs_us / 1e6,
-        "kernel_s": kernel_us / 1e6,
-        "by_op": {
-            op: {"s": us / 1e6, "share": us / kernel_us if kernel_us else 0.0, "calls": calls[op]}
-            for op, us in by_op.most_common()
-        },
-        "matmul": {
-            kind: {"s": kind_us[kind] / 1e6, "gflop": kind_flops[kind] / 1e9} for kind in sorted(kind_us)
-        },
-    }
+    return _summary(
+        runs,
+        runs_us / 1e6,
+        {op: us / 1e6 for op, us in by_op.items()},
+        calls,
+        {kind: us / 1e6 for kind, us in kind_us.items()},
+        {kind: flops / 1e9 for kind, flops in kind_flops.items()},
+    )
 
 
 def merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -157,14 +152,27 @@ def merge(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for kind, v in s["matmul"].items():
             kind_s[kind] += v["s"]
             kind_gflop[kind] += v["gflop"]
-    kernel = sum(by_op.values())
+    runs = sum(s["runs"] for s in summaries)
+    return _summary(runs, sum(s["run_s"] for s in summaries), by_op, calls, kind_s, kind_gflop)
+
+
+def _summary(
+    runs: int,
+    run_s: float,
+    op_s: Mapping[str, float],
+    calls: Mapping[str, int],
+    kind_s: Mapping[str, float],
+    kind_gflop: Mapping[str, float],
+) -> dict[str, Any]:
+    """The summary's form: kernel seconds by op (largest first, with shares), matmuls by kind."""
+    kernel = sum(op_s.values())
     return {
-        "runs": sum(s["runs"] for s in summaries),
-        "run_s": sum(s["run_s"] for s in summaries),
+        "runs": runs,
+        "run_s": run_s,
         "kernel_s": kernel,
         "by_op": {
             op: {"s": v, "share": v / kernel if kernel else 0.0, "calls": calls[op]}
-            for op, v in by_op.most_common()
+            for op, v in sorted(op_s.items(), key=lambda item: -item[1])
         },
         "matmul": {k: {"s": kind_s[k], "gflop": kind_gflop[k]} for k in sorted(kind_s)},
     }
@@ -440,7 +448,7 @@ def draw(phase: Mapping[str, Any], peak: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"matmul: {k}", v["s"], v["at_s"]) for k, v in _with_floor(phase, peak).items()]
+    rows = [(f"matmul: {k}", v["s"], v["gflop"] / peak) for k, v in phase["matmul"].items()]
     others = sorted(
         ((op, v["s"]) for op, v in phase["by_op"].items() if op not in MATMUL_OPS), key=lambda x: -x[1]
     )
@@ -460,10 +468,6 @@ def draw(phase: Mapping[str, Any], peak: float, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _with_floor(phase: Mapping[str, Any], peak: float) -> dict[str, dict[str, float]]:
-    return {k: {"s": v["s"], "at_s": v["gflop"] / peak} for k, v in phase["matmul"].items()}
 
 
 def _print(report: Mapping[str, Any]) -> None:

@@ -144,11 +144,11 @@ def test_the_ort_engine_profile_counts_what_the_formula_counts(prof: ModuleType,
     folder = build_artifacts(config, seed=0, cache_dir=tmp_path / "artifacts", threads=1).folder
     engine = OrtEngine(config, artifacts=folder, threads=1, profile_prefix=tmp_path / "prof" / "run")
     engine.train(train, epochs=1, seed=5)
+    ids = engine._tokens(train)
     engine.close()
     files = list((tmp_path / "prof").glob("run*.json"))
     assert len(files) == 1
     summary = prof.summarize_profile(json.loads(files[0].read_text()))
-    ids = OrtEngine(config, artifacts=folder, threads=1)._tokens(train)
     batches = prof.training_batches(ids, config, seed=5, epochs=1)
     assert summary["runs"] == len(batches)
     dims = ModelDims.from_model_dir(model)
