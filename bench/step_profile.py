@@ -47,6 +47,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -87,13 +88,22 @@ def matmul_flops(a: Sequence[int], b: Sequence[int], out: Sequence[int]) -> int:
     return 2 * size_out * k
 
 
+_PACKED_ATTENTION = re.compile(r"^/MatMul(_\d+)?(/|_Grad/|_kernel_time$|$)")
+_PACKED_LINEAR = re.compile(r"^/(query|key|value|intermediate|output)(/|_\d+/)")
+
+
 def matmul_kind(node: str) -> str:
-    """What a matmul node of the exported MiniLM graphs computes, from its name."""
+    """What a matmul node of the exported MiniLM graphs computes, from its name.
+
+    The padded graphs name nodes by module path (``/encoder/encoder/layer.0/attention/self/...``);
+    the packed ones (broker_server.packed_encoder) by the projection called (``/query/base_layer_1/
+    MatMul``, ``/output/dense_3/MatMul``), the attention products being ``/MatMul``, ``/MatMul_1``...
+    """
     if "/default" in node or "lora_" in node:
         return "lora"
-    if "attention/self/MatMul" in node:
+    if "attention/self/MatMul" in node or _PACKED_ATTENTION.match(node):
         return "attention"
-    if "encoder/layer." in node:
+    if "encoder/layer." in node or _PACKED_LINEAR.match(node):
         return "frozen linear"
     return "other"
 

@@ -9,10 +9,12 @@ transformers or peft: everything model-specific comes in one self-contained fold
 - It is exported (TorchScript exporter, eager attention, eval mode, opset 14) with three inputs
   ``input_ids``, ``attention_mask``, ``labels`` (int64) and three outputs: the mean cross-entropy
   ``loss`` first (the gradient graph starts there), then ``logits`` and the unit-norm pooled
-  ``features``. Opset 17 would export LayerNormalization, which the gradient builder of ORT 1.19
-  cannot differentiate; onnx is pinned to 1.16.2 because 1.17+ writes IR versions ORT 1.19
-  cannot load. Constant folding is off so that no trainable weight is folded into an anonymous
-  initializer (a transposed LoRA factor, say).
+  ``features``. A BERT encoder (MiniLM) is exported through
+  :func:`~broker_server.packed_encoder.packed_features`: its linear layers compute the real
+  tokens only, not the padding (the same features up to rounding). Opset 17 would export
+  LayerNormalization, which the gradient builder of ORT 1.19 cannot differentiate; onnx is pinned
+  to 1.16.2 because 1.17+ writes IR versions ORT 1.19 cannot load. Constant folding is off so
+  that no trainable weight is folded into an anonymous initializer (a transposed LoRA factor).
 - :func:`onnxruntime.training.artifacts.generate_artifacts` then writes the training, eval and
   AdamW optimizer models and the checkpoint (trainable = the PEFT module and the head, frozen =
   every other initializer).
@@ -32,8 +34,8 @@ onnxruntime-training on either side and trains every PEFT kind.
 
 Folders are cached under :func:`default_cache_dir`, keyed by a SHA-256 over everything that
 changes the graph or the initial weights: the model's name and its folder's contents, the PEFT
-spec, the number of labels, the sequence length, the seed and the versions of the exporting
-libraries. A folder is
+spec, the number of labels, the sequence length, the seed, the versions of the exporting
+libraries and the graph's token layout (:data:`TRAINING_LAYOUT`). A folder is
 built in a temporary sibling and renamed into place, so a reader never sees half of one.
 """
 
@@ -89,6 +91,7 @@ _MODEL_FILES = (
 )
 _VERSIONED = ("torch", "transformers", "peft", "onnx", "onnxruntime-training")
 TRAINING_FLAVOUR = "training"
+TRAINING_LAYOUT = "packed-1"  # a new value rebuilds every cached training-flavour folder
 FLAVOURS = (TRAINING_FLAVOUR, STEP_FLAVOUR)
 
 
@@ -188,6 +191,8 @@ def artifact_key(config: TrainConfig, *, seed: int = 0, flavour: str = TRAINING_
     }
     if flavour != TRAINING_FLAVOUR:  # left out for the first flavour: its cached folders keep their keys
         described["flavour"] = flavour
+    else:  # BERT graphs compute on the real tokens only since this layout (broker_server.packed_encoder)
+        described["layout"] = TRAINING_LAYOUT
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -286,6 +291,7 @@ def _build_into(
     from onnxruntime.training import artifacts as ort_artifacts
     from torch import nn
 
+    from broker_server.packed_encoder import gathers_as_gather_nd, packable, packed_features
     from edge_runtime.engines.torch_engine import TextClassifier, TorchEngine, _canonical
 
     if engine is None:
@@ -296,6 +302,7 @@ def _build_into(
             f"ONNX Runtime training artifacts are built for text models; {config.model!r} is not one"
         )
     classifier.eval()
+    packed = packable(classifier)  # BERT: linear layers on the real tokens only
 
     class WithLoss(nn.Module):
         """The classifier with the mean cross-entropy on ``labels`` as its first output."""
@@ -307,7 +314,10 @@ def _build_into(
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            features = self.inner.features(input_ids, attention_mask)
+            if packed:
+                features = packed_features(self.inner, input_ids, attention_mask)
+            else:
+                features = self.inner.features(input_ids, attention_mask)
             logits = self.inner.head(features)
             return nn.functional.cross_entropy(logits, labels), logits, features
 
@@ -343,6 +353,8 @@ def _build_into(
             keep_initializers_as_inputs=True,
         )
     model = onnx.load(str(onnx_path))
+    if packed:
+        gathers_as_gather_nd(model)
     user_inputs = [i for i in model.graph.input if i.name in INPUT_NAMES]
     del model.graph.input[:]
     model.graph.input.extend(user_inputs)
@@ -378,6 +390,7 @@ def _build_into(
             for onnx_name, canonical in names.items()
         ],
         "opset": OPSET,
+        "tokens": "packed" if packed else "padded",
         "versions": {p: _version(p) for p in _VERSIONED},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

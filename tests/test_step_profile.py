@@ -66,6 +66,20 @@ def test_matmul_kinds_from_node_names(prof: ModuleType) -> None:
     assert kind("/classifier/MatMul_kernel_time") == "other"
 
 
+def test_matmul_kinds_from_the_packed_graphs_node_names(prof: ModuleType) -> None:
+    kind = prof.matmul_kind  # broker_server.packed_encoder: named by the projection, not the layer
+    assert kind("/key_1/MatMul/MatmulTransposeFusion/_kernel_time") == "frozen linear"
+    assert kind("/query/base_layer_3/MatMul_Grad/FusedMatMul_0/MatmulTransposeFusion/_kernel_time") == (
+        "frozen linear"
+    )
+    assert kind("/output/dense_5/MatMul/MatmulTransposeFusion/_kernel_time") == "frozen linear"
+    assert kind("/value/default_3/MatMul/MatmulTransposeFusion//MatMulScaleFusion/_kernel_time") == "lora"
+    assert kind("/MatMul_1_kernel_time") == "attention"
+    assert kind("/MatMul_2_Grad/FusedMatMul_1/MatMulScaleFusion/_kernel_time") == "attention"
+    assert kind("/MatMul/MatMulScaleFusion/_kernel_time") == "attention"
+    assert kind("/head/Gemm_kernel_time") == "other"
+
+
 def _node(name: str, op: str, dur: int, shapes: list[list[int]] | None = None) -> dict[str, Any]:
     args: dict[str, Any] = {"op_name": op}
     if shapes is not None:
