@@ -95,6 +95,13 @@ class ServiceConfig:
             "help": "sync: the server's momentum beta (FedAvgM, clusters too; not with exact); 0 = none"
         },
     )
+    evaluate_during_next_round: bool = field(
+        default=True,
+        metadata={
+            "help": "sync: test each round's module while the devices train the next, not in between "
+            "(not with a state store, an allocator, clusters or distillation)"
+        },
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from broker_server.registry import DeviceRegistry
 from broker_server.rounds.events import Checkpoint, Reject
 from broker_server.state import StateStore
 from edge_runtime.engines.base import EvalResult
+from edge_runtime.errors import FedPeftError
 
 log = logging.getLogger("fedpeft.server")
 
@@ -140,10 +141,14 @@ class Journal:
         if result is not None:
             self.final_eval = {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
 
-    def record_round(self, record: dict[str, Any], *, store: bool = True) -> None:
+    def record_round(self, record: dict[str, Any], *, store: bool = True, replace: bool = False) -> None:
         """A round's (or version's) record; a synchronous round's is stored with its round (an
-        asynchronous version's goes into the ledger with the version)."""
-        self.rounds.append(record)
+        asynchronous version's goes into the ledger with the version). ``replace``: the record,
+        already here, was completed (its test figures): stored again, not added."""
+        if not replace:
+            self.rounds.append(record)
+        elif not any(r is record for r in self.rounds):
+            raise FedPeftError(f"round {record['round']}'s record to replace is not in the journal")
         if store and self.store is not None:
             self.store.save_round_record(int(record["round"]), record)
 

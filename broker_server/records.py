@@ -80,6 +80,16 @@ class Timing:
     server_s: float
 
 
+EVAL_PENDING = "eval_pending"
+"""Key of a round record whose test figures are still being computed (the service tests a
+round's module while the devices train the next: :meth:`RoundLoop.run`)."""
+
+
+def evaluated_figures(result: EvalResult | None) -> dict[str, float | None]:
+    """A record's test figures (None without a test set)."""
+    return _evaluated(result)
+
+
 def _evaluated(result: EvalResult | None) -> dict[str, float | None]:
     figures = {
         "accuracy": None if result is None else result.accuracy,

@@ -25,7 +25,7 @@ from broker_server.inbound import Inbound
 from broker_server.journal import Journal
 from broker_server.layout import PERSONALIZE_PHASE, STATS_PHASE, TRAIN_PHASE
 from broker_server.privacy import PoissonSampler
-from broker_server.records import Timing, round_record
+from broker_server.records import EVAL_PENDING, Timing, evaluated_figures, round_record
 from broker_server.registry import DeviceRegistry
 from broker_server.rounds.aggregation import RoundAggregation
 from broker_server.rounds.events import CloseRound, Command, RoundFailed, Tick
@@ -152,9 +152,30 @@ class RoundLoop:
         else:
             b.state = self.aggregation.train(b.state, updates, b.round)
 
+    def overlaps_evaluation(self) -> bool:
+        """Whether each round's module is tested while the devices train the next one: where the
+        config allows it, nothing about the next round depends on the figures (no allocator
+        learning from them, no clusters or distillation reading them) and there is no state store
+        (with one, a round is recorded whole before the next goes out, so a restart never finds a
+        round without its figures, and a stop asked for on a round's record sends no more rounds)."""
+        return (
+            self.config.evaluate_during_next_round
+            and self.allocator is None
+            and self.clusters is None
+            and self.distillation is None
+            and self.store is None
+        )
+
     def run(self, start: float, resume_round: int | None, first: int, last: int) -> None:
-        """Rounds ``first`` to ``last``; ``resume_round`` is the one a restart interrupted."""
+        """Rounds ``first`` to ``last``; ``resume_round`` is the one a restart interrupted.
+
+        With :meth:`overlaps_evaluation`, a round other than the last is recorded as soon as it is
+        aggregated, its test figures pending; the next round opens at once, and the figures are
+        filled in (and the round reported) while its devices train.
+        """
         b = self.broadcast
+        overlap = self.overlaps_evaluation()
+        untested: dict[str, Any] | None = None
         for r in range(first, last + 1):
             if self.stopped():
                 break
@@ -180,6 +201,11 @@ class RoundLoop:
             # resuming: exactly the checkpointed bytes again (same content id, so devices' updates
             # trained on it before the crash stay valid), and the stored updates acknowledged again
             self.execute(opening)
+            if untested is not None:  # the previous round's module, while this round's devices train
+                self._test(untested)
+                untested = None
+                if self.stopped():  # told to stop when that round was reported: as before, no more
+                    break
             # DP: the fixed denominator makes any number of updates (none too) a valid release
             if not self.collect(participants, 0 if self.aggregation.dp is not None else None):
                 raise FedPeftError(f"round {r} got too few updates after every retry")
@@ -187,14 +213,47 @@ class RoundLoop:
             self.aggregate()
             if not self.stopped():
                 b.prepare_shared(r)
+            if overlap and r < last and not self.stopped():
+                now = self.clock()
+                timing = Timing(now - start, now - round_start, now - start, now - server_start)
+                untested = self._record(r, timing, None, {}, tested=False)
+                continue
             result, by_kind = self.evaluate()
             now = self.clock()
             self._record(
                 r, Timing(now - start, now - round_start, now - start, now - server_start), result, by_kind
             )
+        if untested is not None:  # stopped before the next round opened
+            self._test(untested)
 
-    def _record(self, r: int, timing: Timing, result: EvalResult | None, by_kind: dict[str, float]) -> None:
-        """The round's record: into the journal (and the store), the rewards, the callback."""
+    def _test(self, record: dict[str, Any]) -> None:
+        """Fill in a recorded round's test figures (the current global module's, which the next
+        round's devices are training from), then report the round."""
+        begun = self.clock()
+        result, by_kind = self.evaluate()
+        record.pop(EVAL_PENDING, None)
+        record.update(evaluated_figures(result))
+        if by_kind:
+            record["accuracy_by_kind"] = by_kind
+        record["eval_s"] = self.clock() - begun
+        record["tested_during_next_round"] = True
+        self.journal.evaluated(result)
+        self.journal.record_round(record, replace=True)
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _record(
+        self,
+        r: int,
+        timing: Timing,
+        result: EvalResult | None,
+        by_kind: dict[str, float],
+        *,
+        tested: bool = True,
+    ) -> dict[str, Any]:
+        """The round's record: into the journal (and the store), the rewards, the callback.
+        Untested (``tested`` False), it is stored with its figures pending and reported only once
+        :meth:`_test` filled them in."""
         record = round_record(
             r,
             self.broadcast.phase,
@@ -221,11 +280,16 @@ class RoundLoop:
         if dp is not None:
             record["dp_epsilon"] = dp.epsilon(self.aggregation.releases, self.config.dp_delta)
             record["dp_sampled"] = len(self.sampled)
+        if not tested:
+            record[EVAL_PENDING] = True
+            self.journal.record_round(record)
+            return record
         self._learn_rewards(record)
         self.journal.evaluated(result)
         self.journal.record_round(record)
         if self.on_round is not None:
             self.on_round(record)
+        return record
 
     def _learn_rewards(self, record: dict[str, Any]) -> None:
         """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
