@@ -96,10 +96,11 @@ class ServiceConfig:
         },
     )
     evaluate_during_next_round: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "sync: test each round's module while the devices train the next, not in between "
-            "(not with a state store, an allocator, clusters or distillation)"
+            "(not with a state store, an allocator, clusters or distillation); the round is then "
+            "reported (on_round) after the next one went out; fedpeft simulate turns it on"
         },
     )
     seed: int = 0

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
 from edge_runtime.engines import DEVICE_ENGINE_CHOICES
@@ -22,6 +22,9 @@ from edge_runtime.errors import ConfigError, FedPeftError, TransportError
 from edge_runtime.families import dims_of_dir
 from edge_runtime.peft_specs import PeftSpec, spec_from_dict
 from sdk.export import EXPORT_FORMATS, MODULE_CHOICES, ONNX_TOLERANCE
+
+if TYPE_CHECKING:
+    from sdk.simulate import SimulationConfig
 
 DEFAULTS_NOTE = "Defaults reach the README's results without tuning."
 EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, worth retrying (the broker cannot be reached)
@@ -282,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--report", default="run.json", help="report file (default run.json)")
     sim.add_argument("--plot", default=None, help="PNG plot file (default: the report's name with .png)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sim.add_argument(
+        "--test-between-rounds",
+        action="store_true",
+        help="test each round's module before the next round goes out (default: while the devices "
+        "train the next round, which takes the test off the rounds' critical path)",
+    )
 
     srv = sub.add_parser("serve", help="run the aggregation service next to an MQTT broker")
     _add_training_flags(srv)
@@ -602,15 +611,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Run a simulated federation and write its report and plot."""
-    from broker_server.report import write_report
-    from edge_runtime.data import folder_task, resolve_data_dir
-    from sdk.plot import plot_report
-    from sdk.progress import RoundProgress
-    from sdk.simulate import Simulation, SimulationConfig
+def simulation_config(args: argparse.Namespace) -> SimulationConfig:
+    """The simulation the ``simulate`` command's flags describe."""
+    from sdk.simulate import SimulationConfig
 
-    config = SimulationConfig(
+    return SimulationConfig(
         data=args.data,
         clients=args.clients,
         rounds=args.rounds,
@@ -661,11 +666,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
         delta_downlink=args.downlink == "delta",
+        test_during_next_round=not args.test_between_rounds,
         stragglers=args.stragglers,
         availability_period=args.availability_period,
         holdout=args.holdout,
         workers=args.workers,
     )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run a simulated federation and write its report and plot."""
+    from broker_server.report import write_report
+    from edge_runtime.data import folder_task, resolve_data_dir
+    from sdk.plot import plot_report
+    from sdk.progress import RoundProgress
+    from sdk.simulate import Simulation
+
+    config = simulation_config(args)
     per_round = config.clients if config.mode == "sync" else config.buffer_size  # async: a version's buffer
     # round 0 is the class-mean head, which data without classes (questions, image-text pairs,
     # causal-LM texts) never has

@@ -97,6 +97,13 @@ class SimulationConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     delta_downlink: bool = True
+    test_during_next_round: bool = field(
+        default=True,
+        metadata={
+            "help": "test each round's module while the devices train the next (the service's "
+            "evaluate_during_next_round); False: in between, as a service with a state store does"
+        },
+    )
     stragglers: str | None = field(
         default=None, metadata={"help": "FRACTION:SLOWDOWN:AVAILABILITY, e.g. 0.3:5:0.5"}
     )
@@ -593,6 +600,7 @@ class Simulation:
             server_lr=cfg.server_lr,
             server_momentum=cfg.server_momentum,
             delta_downlink=cfg.delta_downlink,
+            evaluate_during_next_round=cfg.test_during_next_round,
             round_timeout_s=cfg.round_timeout_s,
             seed=cfg.seed,
         )

@@ -98,3 +98,12 @@ def test_with_a_state_store_a_round_is_reported_before_the_next_goes_out(
     for r in (0, 1):
         assert events.index(("reported", r)) < events.index(("sent", r + 1))
     assert not any(r.get("tested_during_next_round") for r in records)
+
+
+def test_simulate_tests_during_the_next_round_unless_told_otherwise() -> None:
+    from sdk.cli import build_parser, simulation_config
+
+    base = ["simulate", "--data", "x"]
+    assert simulation_config(build_parser().parse_args(base)).test_during_next_round
+    between = simulation_config(build_parser().parse_args([*base, "--test-between-rounds"]))
+    assert not between.test_during_next_round
