@@ -397,8 +397,10 @@ def main() -> int:
         "cores": a.cores,
         "floor_s": floor_s,
         "training_real_over_slots": unpadded,
+        # the training rounds' step_flops count (padded) scaled to the real tokens: a packed graph's
+        # profiled FLOPs are already below the count, and must not be scaled a second time
         "floor_without_training_padding_s": (
-            run_gflop - ROUNDS * phases["training_round"]["matmul_gflop"] * (1 - unpadded)
+            run_gflop - ROUNDS * (phases["training_round"]["matmul_gflop"] - counted_gflop * unpadded)
         )
         / (a.cores * peak),
         "measured_wall_s_at_this_speed": (
