@@ -2,7 +2,7 @@
 
 A batch is padded to its longest text, and in the padded layout every linear layer, LayerNorm and
 GELU also computes the padding's rows, whose results the attention mask and the mean pooling then
-throw away: 12% of the token slots of the README's main run (``bench/step_profile.py``). This
+throw away: 12% of the token slots of the Flower comparison's workload (``bench/step_profile.py``). This
 forward gathers the real tokens into one ``[1, N, H]`` sequence after the embeddings and runs every
 per-token operation on it; only the attention scores need the ``[batch, heads, T, T]`` layout, so
 each layer spreads its query, key and value rows back into the padded slots and gathers the
@@ -14,8 +14,9 @@ Only real tokens' values reach the features, and each real token sees exactly wh
 padded forward (the same keys, the same mask), so the features equal
 :meth:`~edge_runtime.engines.torch_engine.TextClassifier.features`' up to float rounding
 (``tests/test_packed_encoder.py``). Both index maps come from the attention mask inside the graph
-(NonZero, CumSum), so the exported graphs keep their inputs; both directions are Gathers,
-whose gradient ONNX Runtime's gradient builder has.
+(NonZero, CumSum), so the exported graphs keep their inputs; both directions are row gathers,
+rewritten after the export as GatherND (:func:`gathers_as_gather_nd`), whose gradient ONNX
+Runtime computes far faster than a Gather's.
 
 It applies to BERT encoders (MiniLM) with absolute positions, mean pooling and no soft prompt;
 LoRA and bottleneck adapters ride along, as they live inside (or hook onto) the projections it
