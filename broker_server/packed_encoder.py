@@ -110,9 +110,11 @@ _INDEX_PASSING = {"Transpose", "Reshape", "Sub", "Clip", "Max", "Squeeze", "Cast
 def gathers_as_gather_nd(model: Any) -> int:
     """Rewrite the packed forward's row Gathers (indices from NonZero or CumSum) as GatherND.
 
-    Both compute the same rows; the difference is the backward. ONNX Runtime's CPU ``GatherGrad``
-    took 13 of a 54 s training round of two MiniLM devices (4 ms a call, ``bench/step_profile.py``),
-    as much as the padding it saves; ``GatherNDGrad`` adds whole rows. Returns how many were rewritten.
+    Both compute the same rows; the difference is the backward. In a trial profile of two MiniLM
+    devices' rounds (``bench/step_profile.py --devices 2``, not kept) ONNX Runtime's CPU
+    ``GatherGrad`` took 13 of 54 s, 4 ms a call, more than the padding saved; ``GatherNDGrad``,
+    which adds whole rows, took 6.3 of 201 s for all eight (``bench/results/step_profile-packed``).
+    Returns how many were rewritten.
     """
     from onnx import TensorProto, helper
 
