@@ -87,10 +87,6 @@ round's module while the devices train the next: :meth:`RoundLoop.run`)."""
 
 def evaluated_figures(result: EvalResult | None) -> dict[str, float | None]:
     """A record's test figures (None without a test set)."""
-    return _evaluated(result)
-
-
-def _evaluated(result: EvalResult | None) -> dict[str, float | None]:
     figures = {
         "accuracy": None if result is None else result.accuracy,
         "macro_f1": None if result is None else result.macro_f1,
@@ -144,7 +140,7 @@ def round_record(
         "round_wall_s": timing.round_wall_s,
         "virtual_s": timing.virtual_s,
         "server_s": timing.server_s,
-        **_evaluated(result),
+        **evaluated_figures(result),
         "participants": len(pending),
         "stale_updates": stale,
         "bytes_up": sum(p.nbytes for p in pending.values()),
@@ -181,7 +177,7 @@ def version_record(
         "round_wall_s": timing.round_wall_s,
         "virtual_s": timing.virtual_s,
         "server_s": timing.server_s,
-        **_evaluated(result),
+        **evaluated_figures(result),
         "participants": len(ordered),
         "stale_updates": stale,
         "staleness": [b.staleness for b in updates],

@@ -213,16 +213,13 @@ class RoundLoop:
             self.aggregate()
             if not self.stopped():
                 b.prepare_shared(r)
-            if overlap and r < last and not self.stopped():
-                now = self.clock()
-                timing = Timing(now - start, now - round_start, now - start, now - server_start)
-                untested = self._record(r, timing, None, {}, tested=False)
-                continue
-            result, by_kind = self.evaluate()
+            # overlapping, every round but the last is tested while the next one trains (_test)
+            tested = not (overlap and r < last and not self.stopped())
+            result, by_kind = self.evaluate() if tested else (None, {})
             now = self.clock()
-            self._record(
-                r, Timing(now - start, now - round_start, now - start, now - server_start), result, by_kind
-            )
+            timing = Timing(now - start, now - round_start, now - start, now - server_start)
+            record = self._record(r, timing, result, by_kind, tested=tested)
+            untested = None if tested else record
         if untested is not None:  # stopped before the next round opened
             self._test(untested)
 
@@ -237,10 +234,7 @@ class RoundLoop:
             record["accuracy_by_kind"] = by_kind
         record["eval_s"] = self.clock() - begun
         record["tested_during_next_round"] = True
-        self.journal.evaluated(result)
-        self.journal.record_round(record, replace=True)
-        if self.on_round is not None:
-            self.on_round(record)
+        self._report(record, result, replace=True)
 
     def _record(
         self,
@@ -284,12 +278,16 @@ class RoundLoop:
             record[EVAL_PENDING] = True
             self.journal.record_round(record)
             return record
+        self._report(record, result)
+        return record
+
+    def _report(self, record: dict[str, Any], result: EvalResult | None, *, replace: bool = False) -> None:
+        """A tested round's record: the rewards, the journal (and the store), the callback."""
         self._learn_rewards(record)
         self.journal.evaluated(result)
-        self.journal.record_round(record)
+        self.journal.record_round(record, replace=replace)
         if self.on_round is not None:
             self.on_round(record)
-        return record
 
     def _learn_rewards(self, record: dict[str, Any]) -> None:
         """Credit this round's accuracy gain to the configurations that took part (train rounds)."""
