@@ -1,0 +1,105 @@
+"""Benchmark: fp32 MatMul against int8 DynamicQuantizeMatMul in ONNX Runtime, one thread.
+
+The frozen linear layers of a LoRA training step (forward and input gradient) are 73% of a
+training round (bench/results/step_profile-packed). This measures what int8 frozen weights would
+buy on the training graph's matmul shapes before anything is built on it: ``MatMul`` (fp32) and
+``com.microsoft.DynamicQuantizeMatMul`` (activations quantized per tensor at run time, weights
+int8 per column or per tensor), each a one-node session on the CPU provider at one thread.
+FLOPs = 2 M K N per matmul; relative error = ||Y - X W|| / ||X W|| on Gaussian data (real
+activations have heavier tails: this is a lower bound on the error).
+
+    .venv/bin/python bench/int8_matmul.py --out bench/results/int8_matmul
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+SHAPES = ((800, 384, 384), (800, 384, 1536), (800, 1536, 384), (3000, 384, 1536))
+
+
+def _session(model: ModelProto) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _model(nodes: list[Any], inits: list[Any], k: int, n: int) -> ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def fp32_matmul(w: np.ndarray) -> ModelProto:
+    k, n = w.shape
+    return _model([helper.make_node("MatMul", ["X", "W"], ["Y"])], [numpy_helper.from_array(w, "W")], k, n)
+
+
+def int8_matmul(w: np.ndarray, *, per_column: bool) -> ModelProto:
+    k, n = w.shape
+    amax = np.abs(w).max(axis=0) if per_column else np.array(np.abs(w).max())
+    scale = (amax / 127).astype(np.float32)
+    quantized = np.round(w / scale).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(quantized, "Wq"),
+        numpy_helper.from_array(scale, "s"),
+        numpy_helper.from_array(np.zeros(scale.shape, np.int8), "zp"),
+    ]
+    node = helper.make_node("DynamicQuantizeMatMul", ["X", "Wq", "s", "zp"], ["Y"], domain="com.microsoft")
+    return _model([node], inits, k, n)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--repeats", type=int, default=20)
+    a = p.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, k, n in SHAPES:
+        w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        exact = x @ w
+        row: dict[str, Any] = {"m": m, "k": k, "n": n}
+        for name, model in (
+            ("fp32", fp32_matmul(w)),
+            ("int8_per_column", int8_matmul(w, per_column=True)),
+            ("int8_per_tensor", int8_matmul(w, per_column=False)),
+        ):
+            session = _session(model)
+            for _ in range(3):
+                y = session.run(None, {"X": x})[0]
+            start = time.perf_counter()
+            for _ in range(a.repeats):
+                session.run(None, {"X": x})
+            seconds = (time.perf_counter() - start) / a.repeats
+            row[name] = {
+                "gflops": round(2 * m * k * n / seconds / 1e9, 1),
+                "rel_error": float(np.linalg.norm(y - exact) / np.linalg.norm(exact)),
+            }
+        row["speedup_per_column"] = round(row["int8_per_column"]["gflops"] / row["fp32"]["gflops"], 2)
+        print(json.dumps(row))
+        rows.append(row)
+    a.out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "int8_matmul", "onnxruntime": ort.__version__, "threads": 1, "shapes": rows}
+    (a.out / "summary.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
