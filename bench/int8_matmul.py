@@ -6,7 +6,7 @@ buy on the training graph's matmul shapes before anything is built on it: ``MatM
 ``com.microsoft.DynamicQuantizeMatMul`` (activations quantized per tensor at run time, weights
 int8 per column or per tensor), each a one-node session on the CPU provider at one thread.
 FLOPs = 2 M K N per matmul; relative error = ||Y - X W|| / ||X W|| on Gaussian data (real
-activations have heavier tails: this is a lower bound on the error).
+activations have heavier tails, so their error is likely larger).
 
     .venv/bin/python bench/int8_matmul.py --out bench/results/int8_matmul
 """
