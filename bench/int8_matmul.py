@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper, numpy_helper
+from runner import main_guard
+from step_speed import machine_info
 
 SHAPES = ((800, 384, 384), (800, 384, 1536), (800, 1536, 384), (3000, 384, 1536))
 
@@ -96,10 +98,10 @@ def main() -> int:
         print(json.dumps(row))
         rows.append(row)
     a.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "int8_matmul", "onnxruntime": ort.__version__, "threads": 1, "shapes": rows}
+    report = {"benchmark": "int8_matmul", "machine": machine_info(1), "shapes": rows}
     (a.out / "summary.json").write_text(json.dumps(report, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main_guard(main)

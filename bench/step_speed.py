@@ -440,8 +440,11 @@ def _peak_of(measured: dict[str, Any]) -> tuple[float, str]:
     return float(best[0]), best[1]
 
 
+MATMUL_FLAGS = {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"}
+
+
 def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model and flags that matter for fp32 matmul, logical CPUs, threads used, versions."""
+    """CPU model and its fp32, bf16 and int8 matmul flags, logical CPUs, threads used, versions."""
     model, flags = "unknown", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -460,7 +463,7 @@ def machine_info(threads: int) -> dict[str, Any]:
             versions[package] = "absent"
     return {
         "cpu_model": model,
-        "cpu_flags": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
+        "cpu_flags": sorted(flags & MATMUL_FLAGS),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "versions": versions,
