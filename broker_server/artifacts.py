@@ -35,7 +35,9 @@ onnxruntime-training on either side and trains every PEFT kind.
 Folders are cached under :func:`default_cache_dir`, keyed by a SHA-256 over everything that
 changes the graph or the initial weights: the model's name and its folder's contents, the PEFT
 spec, the number of labels, the sequence length, the seed, the versions of the exporting
-libraries and the graph's token layout (:data:`TRAINING_LAYOUT`). A folder is
+libraries, the graph's token layout (:data:`TRAINING_LAYOUT`) and, when not fp32, how the frozen
+linear weights are held (``TrainConfig.frozen_weights``: ``int8`` rewrites the training folder's
+graphs with :func:`broker_server.int8_weights.quantize_frozen_linears`). A folder is
 built in a temporary sibling and renamed into place, so a reader never sees half of one.
 """
 
@@ -193,6 +195,8 @@ def artifact_key(config: TrainConfig, *, seed: int = 0, flavour: str = TRAINING_
         described["flavour"] = flavour
     else:  # BERT graphs compute on the real tokens only since this layout (broker_server.packed_encoder)
         described["layout"] = TRAINING_LAYOUT
+        if config.frozen_weights != "fp32":  # left out for fp32: its cached folders keep their keys
+            described["frozen_weights"] = config.frozen_weights
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -213,6 +217,11 @@ def build_artifacts(
         raise ConfigError(f"artifact flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
     if flavour == STEP_FLAVOUR:
         check_step_support(config)
+        if config.frozen_weights != "fp32":
+            raise ConfigError(
+                f"frozen_weights {config.frozen_weights!r} is an option of the training flavour "
+                "(engine ort), not of the step graph"
+            )
     else:
         check_ort_support(config)
         if not ort_available():  # a cached pack would not help: its key names the package's version
@@ -383,6 +392,10 @@ def _build_into(
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
             raise EngineError(f"building the ORT training artifacts failed: {exc}\n{tail}") from None
     onnx_path.unlink()
+    if config.frozen_weights == "int8":
+        from broker_server.int8_weights import quantize_frozen_linears
+
+        quantize_frozen_linears(folder, set(names))
     manifest = {
         **_manifest_head(engine, config, folder, key=key, seed=seed),
         "trainable": [
@@ -391,6 +404,7 @@ def _build_into(
         ],
         "opset": OPSET,
         "tokens": "packed" if packed else "padded",
+        "frozen_weights": config.frozen_weights,
         "versions": {p: _version(p) for p in _VERSIONED},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

@@ -10,6 +10,9 @@ from edge_runtime.peft_specs import DEFAULT_MICRO_BATCH, LoraSpec, PeftSpec, spe
 
 ENGINES = ("torch", "ort", "ort-plain")
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
+FROZEN_WEIGHTS = ("fp32", "int8")
+"""How the ORT engine's artifacts hold the frozen linear weights in the forward: ``fp32``, or
+``int8`` (``broker_server.int8_weights``: not exact, faster; the input gradients stay fp32)."""
 TRAIN_TASKS = ("classification", "question-answering", "image-text-matching", "causal-lm")
 """``classification``: the model family's classifier (texts, or images for ViT);
 ``question-answering``: extractive answer spans of a text encoder; ``image-text-matching``: CLIP's
@@ -45,6 +48,13 @@ class TrainConfig:
     )
     engine: str = "torch"
     mem_cap_mb: float | None = None
+    frozen_weights: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32, or int8: the ORT engine's forward multiplies by int8 copies of the frozen "
+            "linear weights (not exact; engine ort only)"
+        },
+    )
     task: str = field(
         default="classification",
         metadata={
@@ -69,6 +79,7 @@ class TrainConfig:
             ("engine", self.engine in ENGINES),
             ("mem_cap_mb", self.mem_cap_mb is None or self.mem_cap_mb > 0),
             ("task", self.task in TRAIN_TASKS),
+            ("frozen_weights", self.frozen_weights in FROZEN_WEIGHTS),
         ]
         for name, ok in checks:
             if not ok:
@@ -105,6 +116,9 @@ class TrainConfig:
         # it computes, and a runtime from before micro-batches still reads the assignment
         if self.micro_batch != DEFAULT_MICRO_BATCH:
             out["micro_batch"] = self.micro_batch
+        # and fp32 frozen weights, for the same reasons
+        if self.frozen_weights != "fp32":
+            out["frozen_weights"] = self.frozen_weights
         return out
 
     def micro_rows(self) -> int:

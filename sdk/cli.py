@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, FROZEN_WEIGHTS, TrainConfig
 from edge_runtime.engines import DEVICE_ENGINE_CHOICES
 from edge_runtime.errors import ConfigError, FedPeftError, TransportError
 from edge_runtime.families import dims_of_dir
@@ -266,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="training engine of the devices: auto (ONNX Runtime where installed and the module allows, "
         "else torch), torch, ort (onnxruntime-training), ort-plain (plain onnxruntime, every PEFT kind), "
         "or mixed (half the worker processes on ort, half on torch)",
+    )
+    sim.add_argument(
+        "--frozen-weights",
+        default="fp32",
+        choices=FROZEN_WEIGHTS,
+        help="with --engine ort: fp32 (default), or int8: the devices' forward multiplies by int8 copies "
+        "of the frozen linear weights (faster where the CPU has integer matmul kernels; not exact: "
+        "README, 'Frozen weights in int8'); the input gradients stay fp32",
     )
     sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
     sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
@@ -641,6 +649,7 @@ def simulation_config(args: argparse.Namespace) -> SimulationConfig:
         max_message_bytes=args.max_message_bytes,
         mode=args.mode,
         engine=args.engine,
+        frozen_weights=args.frozen_weights,
         model=args.model,
         broker=args.broker,
         lora_rank=args.lora_rank,

@@ -32,7 +32,7 @@ from broker_server.records import task_figures
 from broker_server.report import build_report, communication, peft_entry
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.strategies import check_strategy
-from edge_runtime.config import DEFAULT_MICRO_BATCH, SUPPORTED_BITS, TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, FROZEN_WEIGHTS, SUPPORTED_BITS, TrainConfig
 from edge_runtime.data import Dataset, TextDataset, load_folder, resolve_data_dir
 from edge_runtime.engines import artifact_flavour
 from edge_runtime.engines.base import ORT_IMAGE_REFUSAL
@@ -114,6 +114,13 @@ class SimulationConfig:
         default="torch",
         metadata={"help": "auto, torch, ort, ort-plain or mixed (half the workers on ort, half on torch)"},
     )
+    frozen_weights: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32, or int8: with --engine ort, the devices' forward multiplies by int8 copies "
+            "of the frozen linear weights (broker_server.int8_weights; not exact, faster)"
+        },
+    )
     model: str = "all-MiniLM-L6-v2"
     broker: str | None = None
     lora_rank: int = 4
@@ -174,6 +181,15 @@ class SimulationConfig:
             raise ConfigError("--availability-period must be positive")
         if self.engine not in ENGINE_CHOICES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
+        if self.frozen_weights not in FROZEN_WEIGHTS:
+            raise ConfigError(
+                f"--frozen-weights must be one of {', '.join(FROZEN_WEIGHTS)}, got {self.frozen_weights!r}"
+            )
+        if self.frozen_weights != "fp32" and (self.engine != "ort" or self.distill_epochs > 0):
+            raise ConfigError(
+                f"--frozen-weights {self.frozen_weights} is an option of the ort engine's artifacts: it "
+                "needs --engine ort, and no --distill-epochs (distillation trains with torch on the server)"
+            )
         if self.personalize_epochs < 0:
             raise ConfigError(f"--personalize-epochs must be 0 or more, got {self.personalize_epochs}")
         if self.distill_epochs > 0 and self.allocation_mode == "fixed":
@@ -293,6 +309,7 @@ class SimulationConfig:
             prox_mu=self.prox_mu,
             logit_adjust=0.0 if qa else self.logit_adjust,
             engine="torch",
+            frozen_weights=self.frozen_weights,
             task=task if qa else "classification",
         )
 

@@ -82,6 +82,11 @@ def create_engine(
             f"the {config.engine} engine trains classification only; "
             f"{config.task} trains with the torch engine"
         )
+    if config.frozen_weights != "fp32" and config.engine != "ort":
+        raise ConfigError(
+            f"frozen_weights {config.frozen_weights!r} is an option of the ort engine's artifacts; "
+            f"the {config.engine} engine multiplies by fp32 weights"
+        )
     if config.engine == "torch":
         from edge_runtime.engines.torch_engine import TorchEngine
 

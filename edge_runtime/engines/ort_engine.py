@@ -272,8 +272,9 @@ class OrtEngine:
             ("peft", config.peft.to_dict()),
             ("num_labels", config.num_labels),
             ("model", config.model),
+            ("frozen_weights", config.frozen_weights),
         ):
-            if manifest.get(field_name) != expected:
+            if manifest.get(field_name, "fp32" if field_name == "frozen_weights" else None) != expected:
                 raise ConfigError(
                     f"ORT artifacts in {folder} were built for {field_name}={manifest.get(field_name)!r}, "
                     f"not {expected!r}"
