@@ -296,12 +296,20 @@ def engine_differences(extra: str) -> list[str]:
     engine = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--engine"), "torch")
     if engine == "torch":
         return []
-    return [
+    differences = [
         f"FedPEFT+ trains with --engine {engine} (ONNX Runtime: graphs exported without dropout; its "
         "service evaluates on the same engine) where Flower trains and evaluates with torch. Its "
         "artifacts are exported once per configuration and cached: fedpeft.log says how long the "
         "export took in this run ('ready in ... s')."
     ]
+    frozen = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--frozen-weights"), "fp32")
+    if frozen != "fp32":
+        differences.append(
+            f"FedPEFT+ runs with --frozen-weights {frozen}: its forward (training and testing) "
+            "multiplies by int8 copies of the frozen linear weights, with activations quantized at "
+            "run time (broker_server/int8_weights.py); not exact, where Flower computes in fp32."
+        )
+    return differences
 
 
 def main() -> int:
