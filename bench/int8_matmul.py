@@ -6,7 +6,9 @@ buy on the training graph's matmul shapes before anything is built on it: ``MatM
 ``com.microsoft.DynamicQuantizeMatMul`` (activations quantized per tensor at run time, weights
 int8 per column or per tensor), each a one-node session on the CPU provider at one thread.
 FLOPs = 2 M K N per matmul; relative error = ||Y - X W|| / ||X W|| on Gaussian data (real
-activations have heavier tails, so their error is likely larger).
+activations have heavier tails, so their error is likely larger). ``broker_server/int8_weights.py``
+(``--frozen-weights int8``) is built on this for the forward products only: quantizing activation
+gradients per tensor the same way did not train (its module docstring says how that was measured).
 
     .venv/bin/python bench/int8_matmul.py --out bench/results/int8_matmul
 """
