@@ -45,8 +45,10 @@ def quantize_columns(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per column of ``b`` (``[K, N]``): ``b[:, j] ~ q[:, j] * scale[j]``."""
     if b.ndim != 2:
         raise EngineError(f"per-column quantization needs a matrix, got shape {b.shape}")
-    amax = np.abs(b).max(axis=0)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    amax = np.abs(b).max(axis=0).astype(np.float32)
+    # a column of zeros (or of values so small that amax / 127 underflows) gets the smallest
+    # normal scale, never 0: its values round to 0, within half a step
+    scale = np.maximum(amax / np.float32(127.0), np.finfo(np.float32).tiny).astype(np.float32)
     q = np.clip(np.rint(b / scale), -127, 127).astype(np.int8)
     return q, scale
 

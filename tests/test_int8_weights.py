@@ -48,8 +48,9 @@ def test_per_column_int8_is_within_half_a_step_of_each_value(b: np.ndarray) -> N
     error = np.abs(q.astype(np.float64) * scale - b)
     assert np.all(error <= scale.astype(np.float64) / 2 * (1 + 1e-5) + 1e-30)
     peak = np.abs(b).max(axis=0)
-    used = peak > 0
-    # each nonzero column's largest value maps to +-127: the whole int8 range is used
+    used = peak / 127 >= np.finfo(np.float32).tiny
+    # each column's largest value maps to +-127 (the whole int8 range is used), unless its scale
+    # would underflow: then its values round to 0
     assert np.all(np.abs(q[:, used]).max(axis=0) == 127)
 
 
@@ -119,7 +120,14 @@ class Built:
 
 def _config(model: Path, **kw: Any) -> TrainConfig:
     values: dict[str, Any] = dict(
-        model=str(model), num_labels=3, seq_len=16, batch_size=8, lr=5e-3, head_lr=5e-2, peft=LORA, engine="ort"
+        model=str(model),
+        num_labels=3,
+        seq_len=16,
+        batch_size=8,
+        lr=5e-3,
+        head_lr=5e-2,
+        peft=LORA,
+        engine="ort",
     )
     values.update(kw)
     return TrainConfig(**values)
@@ -141,21 +149,23 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return Built(model, data, fp32, int8, cache)
 
 
-def _products(path: Path) -> tuple[int, int, set[str]]:
-    """(DynamicQuantizeMatMul nodes, forward MatMuls through a transposed graph input, inputs)."""
+def _products(path: Path, trainable: set[str]) -> tuple[int, int, set[str]]:
+    """(DynamicQuantizeMatMul nodes, forward MatMuls through a transposed frozen graph input, inputs)."""
     import onnx
 
     graph = onnx.load(str(path)).graph
     inputs = {i.name for i in graph.input}
-    transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inputs}
+    frozen = inputs - trainable
+    transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in frozen}
     quantized = sum(n.op_type == "DynamicQuantizeMatMul" for n in graph.node)
     fp32 = sum(n.op_type == "MatMul" and n.input[1] in transposed for n in graph.node)
     return quantized, fp32, inputs
 
 
 def test_the_rewrite_replaces_every_frozen_forward_product_and_nothing_else(built: Built) -> None:
-    from broker_server.artifacts import artifact_key
     from onnxruntime.training.api import CheckpointState
+
+    from broker_server.artifacts import artifact_key
 
     linears = LAYERS * LINEARS_PER_LAYER
     manifest = json.loads((built.int8 / "manifest.json").read_text())
@@ -163,23 +173,27 @@ def test_the_rewrite_replaces_every_frozen_forward_product_and_nothing_else(buil
     assert json.loads((built.fp32 / "manifest.json").read_text())["frozen_weights"] == "fp32"
     assert artifact_key(_config(built.model)) != artifact_key(_config(built.model, frozen_weights="int8"))
 
-    assert _products(built.fp32 / "training_model.onnx")[:2] == (0, linears)
-    quantized, fp32_left, inputs = _products(built.int8 / "training_model.onnx")
+    trainable = {t["onnx"] for t in manifest["trainable"]}
+    assert _products(built.fp32 / "training_model.onnx", trainable)[:2] == (0, linears)
+    quantized, fp32_left, inputs = _products(built.int8 / "training_model.onnx", trainable)
     assert (quantized, fp32_left) == (linears, 0)
-    eval_quantized, eval_left, eval_inputs = _products(built.int8 / "eval_model.onnx")
+    eval_quantized, eval_left, eval_inputs = _products(built.int8 / "eval_model.onnx", trainable)
     assert (eval_quantized, eval_left) == (linears, 0)
-    assert eval_inputs == inputs  # ORT's Module feeds both graphs the same parameters
-
-    # the first layer's query, key and value feed no input gradient (nothing below them trains):
-    # their fp32 weights are gone; every other frozen linear weight stays for its input gradient
-    params = {name for name, _ in iter(CheckpointState.load_checkpoint(str(built.int8 / "checkpoint")).parameters)}
-    first = {f"inner.encoder.encoder.layer.0.attention.self.{p}" for p in ("query.base_layer", "key", "value.base_layer")}
+    params = {
+        name for name, _ in iter(CheckpointState.load_checkpoint(str(built.int8 / "checkpoint")).parameters)
+    }
+    first = {
+        f"inner.encoder.encoder.layer.0.attention.self.{p}"
+        for p in ("query.base_layer", "key", "value.base_layer")
+    }
     for stem in first:
         assert f"{stem}.weight" not in params and f"{stem}.weight" not in inputs
     assert "inner.encoder.encoder.layer.1.attention.self.key.weight" in params
     assert "inner.encoder.encoder.layer.0.output.dense.weight" in params
-    trainable = {t["onnx"] for t in manifest["trainable"]}
     assert trainable <= params
+    # ORT's Module feeds the eval graph every parameter of the checkpoint, as it feeds training
+    assert eval_inputs - {"input_ids", "attention_mask", "labels"} == params
+    assert params <= inputs
 
 
 def _engines(built: Built) -> tuple[Any, Any]:
@@ -246,7 +260,9 @@ def test_the_step_flavour_refuses_int8_weights(built: Built) -> None:
 
     with pytest.raises(ConfigError, match="training flavour"):
         build_artifacts(
-            _config(built.model, engine="ort-plain", frozen_weights="int8"), cache_dir=built.cache, flavour="step"
+            _config(built.model, engine="ort-plain", frozen_weights="int8"),
+            cache_dir=built.cache,
+            flavour="step",
         )
 
 
@@ -278,7 +294,8 @@ def test_a_simulated_ort_fleet_trains_with_int8_weights_over_mosquitto(
     validate_report(report)
     assert report["rejected"] == []
     assert report["config"]["frozen_weights"] == "int8"
-    assert all(c["engine"] == "ort" and c["updates_accepted"] == 2 for c in report["clients"])
+    # class means, then 2 rounds each
+    assert all(c["engine"] == "ort" and c["updates_accepted"] == 3 for c in report["clients"])
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "artifacts").glob("*/manifest.json")]
     assert [m["frozen_weights"] for m in manifests] == ["int8"]
     losses = [r["loss"] for r in report["rounds"]]
