@@ -62,6 +62,12 @@ class Rewritten:
     dropped: frozenset[str]  # fp32 weight inputs no node reads any more, removed from the graph
 
 
+def _swaps_axes(transpose: onnx.NodeProto) -> bool:
+    """A Transpose of a matrix: ``perm`` [1, 0], or no ``perm`` (reversed axes)."""
+    perm = [list(helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"]
+    return not perm or perm[0] == [1, 0]
+
+
 def quantize_graph(
     model: onnx.ModelProto, frozen: Mapping[str, np.ndarray], *, keep: frozenset[str] = frozenset()
 ) -> Rewritten:
@@ -87,11 +93,7 @@ def quantize_graph(
         weight = frozen[name]
         if name not in inputs or weight.ndim != 2:
             continue
-        transposes = [
-            u
-            for u in consumers[name]
-            if u.op_type == "Transpose" and list(helper.get_attribute_value(u.attribute[0])) == [1, 0]
-        ]
+        transposes = [u for u in consumers[name] if u.op_type == "Transpose" and _swaps_axes(u)]
         products = [
             c
             for t in transposes
