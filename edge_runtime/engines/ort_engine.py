@@ -274,10 +274,11 @@ class OrtEngine:
             ("model", config.model),
             ("frozen_weights", config.frozen_weights),
         ):
-            if manifest.get(field_name, "fp32" if field_name == "frozen_weights" else None) != expected:
+            # a manifest from before the option was built with fp32 frozen weights
+            built = manifest.get(field_name, "fp32" if field_name == "frozen_weights" else None)
+            if built != expected:
                 raise ConfigError(
-                    f"ORT artifacts in {folder} were built for {field_name}={manifest.get(field_name)!r}, "
-                    f"not {expected!r}"
+                    f"ORT artifacts in {folder} were built for {field_name}={built!r}, not {expected!r}"
                 )
         self.hidden = int(manifest["hidden"])
         self._total_params = int(manifest["total_params"])
