@@ -4,7 +4,8 @@ MiniLM + LoRA r=8 on query and value, batch 32, 64 tokens: each engine trains ``
 a fresh process (edge_runtime.engines.memory_probe), side by side in one run, ``--repeats`` times
 alternately; the ORT process has torch, transformers and peft made unimportable, as on a device
 with the ``edge`` extra only. ``ort-plain`` (the step graph in plain onnxruntime, ``--engines``
-includes it by default) also has ``onnxruntime.training`` made unimportable. Reports peak
+includes it by default) also has ``onnxruntime.training`` made unimportable. ``--int8`` adds
+``ort-int8``: the ort engine on artifacts built with ``frozen_weights="int8"``. Reports peak
 resident memory (VmHWM) and mean seconds per step (without the warm-up step), and the ratios of
 each ORT engine to torch.
 
@@ -41,17 +42,28 @@ def main() -> int:
         help="comma-separated; torch is always measured (default torch,ort,ort-plain, without ort where "
         "onnxruntime-training is not installed)",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also measure ort-int8: the ort engine with the frozen linear weights in int8",
+    )
     a = p.parse_args()
     here = engines_here(a.engines, ("torch", "ort", "ort-plain"))
     engines = ["torch"] + [e for e in here if e != "torch"]
+    if a.int8 and "ort" not in engines:
+        p.error("--int8 needs the ort engine (onnxruntime-training)")
     base = TrainConfig(
         peft=LoraSpec(rank=8, alpha=16.0), num_labels=20, batch_size=a.batch_size, seq_len=a.seq_len
     )
     configs = {name: replace(base, engine=name) for name in engines}
+    if a.int8:
+        configs["ort-int8"] = replace(base, engine="ort", frozen_weights="int8")
     print("building ORT artifacts (cached after the first time)...", flush=True)
     folders: dict[str, str | None] = {"torch": None}
     if "ort" in configs:
         folders["ort"] = str(build_artifacts(configs["ort"]).folder)
+    if "ort-int8" in configs:
+        folders["ort-int8"] = str(build_artifacts(configs["ort-int8"]).folder)
     if "ort-plain" in configs:
         folders["ort-plain"] = str(build_artifacts(configs["ort-plain"], flavour="step").folder)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
@@ -71,6 +83,8 @@ def main() -> int:
             "peft": base.peft.to_dict(),
             "batch": a.batch_size,
             "seq_len": a.seq_len,
+            "threads": a.threads,
+            "steps": a.steps,
         },
         "runs": runs,
     }

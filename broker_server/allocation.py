@@ -31,9 +31,9 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from edge_runtime.config import DEFAULT_MICRO_BATCH, TrainConfig
+from edge_runtime.config import DEFAULT_MICRO_BATCH, FROZEN_WEIGHTS, TrainConfig
 from edge_runtime.errors import ConfigError, FedPeftError
-from edge_runtime.peft_specs import LoraSpec, ModelDims, PeftSpec, spec_from_dict
+from edge_runtime.peft_specs import MIB, LoraSpec, ModelDims, PeftSpec, spec_from_dict
 from hw_profiles import DeviceProfile
 
 ALLOWED_BITS = (16, 8, 4, 2)
@@ -318,6 +318,8 @@ class Allocator:
         """
         failure: NoFeasibleConfig | None = None
         for engine in engines:
+            if base.frozen_weights != "fp32" and engine != "ort":
+                continue  # int8 frozen weights are an option of the ort engine's artifacts only
             usable = self._for_engine(engine)
             if usable is None:
                 continue
@@ -386,17 +388,39 @@ ORT_ENGINES: dict[str, Callable[[PeftSpec], bool]] = {"ort": ort_trains, "ort-pl
 # safe side. Far less runtime (no torch, no transformers) and fewer kept activations than torch.
 ORT_RUNTIME_MB = 150.0
 ORT_ACTIVATION_SCALE = 0.5  # relative to the torch model's activation estimate
+# Artifacts built with frozen_weights="int8" hold, beside the fp32 weights the input gradients
+# read, int8 copies of the linear weights as initializers of both the training and the eval graph
+# (broker_server.int8_weights). bench/results/ort_memory_int8 (MiniLM, LoRA r8, one thread, the
+# lean allocator on; rerun: bench/ort_memory.py --engines ort --int8 --threads 1) measured the
+# peak 25.7 MiB above fp32's at (batch, seq_len) = (32, 64) and (8, 128) alike, 2.54 times the
+# 10.1 MiB of one int8 copy: rounded up to 2.6 bytes per linear weight.
+ORT_INT8_BYTES_PER_WEIGHT = 2.6
 
 
-def ort_predictor(dims: ModelDims, num_labels: int, micro_batch: int = DEFAULT_MICRO_BATCH) -> Predictor:
-    """Costs on the ORT engine: the spec's model with ORT's runtime and activation constants."""
+def ort_predictor(
+    dims: ModelDims,
+    num_labels: int,
+    micro_batch: int = DEFAULT_MICRO_BATCH,
+    frozen_weights: str = "fp32",
+) -> Predictor:
+    """Costs on the ORT engine: the spec's model with ORT's runtime and activation constants, and
+    with ``frozen_weights="int8"`` the int8 copies of the linear weights on top."""
+    if frozen_weights not in FROZEN_WEIGHTS:
+        raise ConfigError(
+            f"frozen_weights must be one of {', '.join(FROZEN_WEIGHTS)}, got {frozen_weights!r}"
+        )
+    int8_mb = ORT_INT8_BYTES_PER_WEIGHT * dims.linear_weights / MIB if frozen_weights == "int8" else 0.0
 
     def predict(candidate: Candidate, profile: DeviceProfile) -> CostEstimate:
         cost = candidate.peft.predict_cost(
             dims, candidate.batch_size, candidate.seq_len, num_labels, micro_batch=micro_batch
         )
         memory = (
-            ORT_RUNTIME_MB + cost.frozen_mb + cost.trainable_mb + ORT_ACTIVATION_SCALE * cost.activation_mb
+            ORT_RUNTIME_MB
+            + cost.frozen_mb
+            + int8_mb
+            + cost.trainable_mb
+            + ORT_ACTIVATION_SCALE * cost.activation_mb
         )
         return CostEstimate(
             memory_mb=memory, step_s=cost.step_s(profile.gflops), trainable_params=cost.trainable_params
@@ -449,5 +473,5 @@ def build_allocator(
         spec_predictor(dims, base.num_labels, base.micro_batch),
         config or AllocationConfig(),
         adapt_bits=mode == "utility",
-        predict_ort=ort_predictor(dims, base.num_labels, base.micro_batch),
+        predict_ort=ort_predictor(dims, base.num_labels, base.micro_batch, base.frozen_weights),
     )

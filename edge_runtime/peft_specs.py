@@ -180,6 +180,12 @@ class ModelDims:
         """Weight matrices of the feed-forward block: 3 when gated, else 2."""
         return 3 if self.gated_ffn else 2
 
+    @property
+    def linear_weights(self) -> int:
+        """Weights of the encoder layers' linear projections (Q, K, V, output, feed-forward)."""
+        h = self.hidden
+        return self.layers * (2 * h * h + 2 * h * self.kv + self.ffn_matrices * h * self.intermediate)
+
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelDims:
         """From a transformers config object or the dict of a ``config.json`` of a BERT-layout

@@ -221,3 +221,40 @@ def test_plain_onnx_runtime_devices_get_every_peft_kind_at_ort_costs() -> None:
     with pytest.raises(NoFeasibleConfig, match="none of its engines"):
         only_dropout.assign(base, low, 150, engines=("ort-plain",))
     assert only_dropout.assign(base, low, 150, engines=("ort-plain", "torch"))[0].engine == "torch"
+
+
+def test_int8_frozen_weights_are_predicted_on_top_and_trained_on_ort_only() -> None:
+    """An int8 device holds int8 copies beside the fp32 weights: the cost model adds them, and
+    only the ort engine (whose artifacts carry the option) may get such a configuration."""
+    from dataclasses import replace
+
+    from broker_server.allocation import ORT_INT8_BYTES_PER_WEIGHT
+
+    base = TrainConfig(peft=LoraSpec(rank=8), num_labels=20, seq_len=128, batch_size=16)
+    int8 = replace(base, frozen_weights="int8")
+    assert MINILM.linear_weights == 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    low = load_profile("low")
+    cand = Candidate(LoraSpec(rank=8, alpha=16.0), 8, 128)
+    fp32_mb = ort_predictor(MINILM, 20)(cand, low).memory_mb
+    int8_mb = ort_predictor(MINILM, 20, frozen_weights="int8")(cand, low).memory_mb
+    assert int8_mb - fp32_mb == pytest.approx(ORT_INT8_BYTES_PER_WEIGHT * MINILM.linear_weights / 2**20)
+    with pytest.raises(ConfigError, match="frozen_weights"):
+        ort_predictor(MINILM, 20, frozen_weights="int4")
+    allocator = build_allocator("utility", int8, MINILM)
+    assert allocator is not None and allocator.predict_ort is not None
+    for engines in (("ort",), ("torch", "ort"), ("ort-plain", "ort")):
+        cfg, alloc = allocator.assign(int8, low, 150, engines=engines)
+        assert cfg.engine == "ort" and cfg.frozen_weights == "int8"
+        assert alloc.cost == allocator.predict_ort(alloc.candidate, low)
+        assert alloc.cost.memory_mb <= cfg.mem_cap_mb
+    for engines in (("torch",), ("ort-plain",)):
+        with pytest.raises(NoFeasibleConfig, match="none of its engines"):
+            allocator.assign(int8, low, 150, engines=engines)
+    # a device whose cap fits a candidate in fp32 but not with the int8 copies gets a smaller one
+    fp32_alloc = build_allocator("utility", base, MINILM)
+    assert fp32_alloc is not None
+    _, chosen = fp32_alloc.assign(base, low, 150, engines=("ort",))
+    tight = replace(low, extra={"mem_cap_mb": chosen.cost.memory_mb + 1.0})
+    assert fp32_alloc.assign(base, tight, 150, engines=("ort",))[1].candidate == chosen.candidate
+    _, squeezed = allocator.assign(int8, tight, 150, engines=("ort",))
+    assert squeezed.candidate != chosen.candidate and squeezed.cost.memory_mb <= tight.extra["mem_cap_mb"]

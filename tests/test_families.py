@@ -9,6 +9,7 @@ also trains causal-LM fine-tuning (tests/test_causal_lm.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,7 @@ def test_adapter_sites_are_the_output_projections(family: str, name: str, layer:
 
 @pytest.mark.parametrize("model_type", [*TINY_FAMILIES, "llama-gqa", "vit", "clip"])
 def test_shape_totals_are_the_models_parameter_counts(model_type: str) -> None:
+    import torch
     from transformers import AutoModel, LlamaConfig
 
     if model_type in ("vit", "clip"):
@@ -162,6 +164,13 @@ def test_shape_totals_are_the_models_parameter_counts(model_type: str) -> None:
     model = AutoModel.from_config(config)
     towers = tower_dims(config)
     assert sum(d.total_params for d in towers.values()) == sum(p.numel() for p in model.parameters())
+    # the linear projections inside the layers (what int8 frozen weights quantize) are counted too
+    in_layers = [
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.search(r"(^|\.)layers?\.\d+\.", name)
+    ]
+    assert in_layers and sum(d.linear_weights for d in towers.values()) == sum(in_layers)
     # the dict of the saved config.json gives the same numbers as the config object
     assert tower_dims(json.loads(config.to_json_string())) == towers
     if model_type == "llama-gqa":

@@ -5,7 +5,7 @@ of the frozen linear weights, keeps the fp32 weights the input gradients read, d
 gradient reads from the graphs and the checkpoint, and the rewritten artifacts train and test
 close to the fp32 ones (within the tolerances below, which an untouched graph would meet exactly
 and a wrong rewrite would not). The flag is refused where it does not apply, and a simulated
-fleet over a real Mosquitto trains with it.
+fleet over a real Mosquitto trains with it, with a fixed module and under the allocator.
 """
 
 from __future__ import annotations
@@ -300,3 +300,39 @@ def test_a_simulated_ort_fleet_trains_with_int8_weights_over_mosquitto(
     assert [m["frozen_weights"] for m in manifests] == ["int8"]
     losses = [r["loss"] for r in report["rounds"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_an_allocated_fleet_gets_int8_artifacts_within_its_caps(
+    built: Built, mosquitto: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --allocation utility every module on offer is built int8, and each device's predicted
+    cost (int8 copies included) is within its cap."""
+    from broker_server.report import validate_report
+    from sdk.simulate import Simulation, SimulationConfig
+
+    monkeypatch.setenv("FEDPEFT_ARTIFACTS", str(tmp_path / "artifacts"))
+    config = SimulationConfig(
+        data=str(built.data),
+        model=str(built.model),
+        clients=2,
+        rounds=1,
+        partition="iid",
+        samples_per_client=16,
+        test_samples=20,
+        seq_len=16,
+        workers=1,
+        round_timeout_s=60.0,
+        engine="ort",
+        frozen_weights="int8",
+        profiles="low=0.5,mid=0.5",
+        allocation="utility",
+        broker=mosquitto.url,
+    )
+    report = Simulation(config).run()
+    validate_report(report)
+    assert report["rejected"] == []
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "artifacts").glob("*/manifest.json")]
+    assert len(manifests) > 1 and {m["frozen_weights"] for m in manifests} == {"int8"}
+    for client in report["clients"]:
+        assert client["engine"] == "ort" and client["updates_accepted"] == 2
+        assert client["allocation"]["predicted_memory_mb"] <= client["mem_cap_mb"]
