@@ -348,8 +348,13 @@ class Allocator:
             return cfg, chosen
         if failure is not None:
             raise failure
+        needs = (
+            f" (frozen_weights {base.frozen_weights} trains on ort only)"
+            if base.frozen_weights != "fp32"
+            else ""
+        )
         raise NoFeasibleConfig(
-            f"device profile {profile.name!r}: none of its engines {list(engines)} is usable here"
+            f"device profile {profile.name!r}: none of its engines {list(engines)} is usable here{needs}"
         )
 
     def largest(self, base: TrainConfig) -> list[TrainConfig]:

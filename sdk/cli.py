@@ -314,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--rounds", type=_positive_int, default=5)
     srv.add_argument("--min-clients", type=_positive_int, default=2)
     srv.add_argument("--bits", type=int, default=4, choices=(32, 16, 8, 4, 2))
+    srv.add_argument(
+        "--frozen-weights",
+        default="fp32",
+        choices=FROZEN_WEIGHTS,
+        help="with --allocation utility|uniform: fp32 (default), or int8: devices on the ort engine get "
+        "artifacts whose forward multiplies by int8 copies of the frozen linear weights (not exact: "
+        "README, 'Frozen weights in int8'); devices without the ort engine are left out, and the "
+        "service still tests the global module with torch in fp32",
+    )
     _add_aggregation_flags(srv)
     _add_allocation_flags(srv, default="fixed")
     _add_mode_flags(srv)

@@ -84,6 +84,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     labels = load_labels(folder) or test.label_names
     train_cfg = _train_config(args, len(labels), bits=args.bits)
+    if args.frozen_weights != "fp32":
+        if args.allocation == "fixed":
+            raise ConfigError(
+                f"--frozen-weights {args.frozen_weights} is an option of the ort engine's artifacts, which "
+                "devices get under --allocation utility|uniform; with --allocation fixed every device "
+                "trains with torch"
+            )
+        if args.distill_epochs > 0:
+            raise ConfigError(
+                f"--frozen-weights {args.frozen_weights} and --distill-epochs: distillation trains "
+                "every kind's module with torch on the server, in fp32"
+            )
+        train_cfg = replace(train_cfg, frozen_weights=args.frozen_weights)
     if args.mode == "async" and args.allocation != "fixed":
         raise ConfigError(
             f"--mode async with --allocation {args.allocation} is not supported yet: every device "

@@ -336,3 +336,108 @@ def test_an_allocated_fleet_gets_int8_artifacts_within_its_caps(
     for client in report["clients"]:
         assert client["engine"] == "ort" and client["updates_accepted"] == 2
         assert client["allocation"]["predicted_memory_mb"] <= client["mem_cap_mb"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ((), r"--allocation utility\|uniform"),
+        (("--allocation", "uniform", "--distill-epochs", "1"), "distillation"),
+    ],
+)
+def test_serve_refuses_int8_weights_where_no_device_would_train_them(
+    flags: tuple[str, ...], message: str, tmp_path: Path
+) -> None:
+    from sdk.cli import build_parser
+    from sdk.commands import cmd_serve
+    from tests.helpers import write_text_folder
+
+    data = write_text_folder(tmp_path / "data", per_class_train=2)
+    argv = ["serve", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--state", str(tmp_path / "s")]
+    args = build_parser().parse_args([*argv, "--data", str(data), "--frozen-weights", "int8", *flags])
+    with pytest.raises(ConfigError, match=message):
+        cmd_serve(args)
+    assert not (tmp_path / "s").exists()  # refused before it touched its state
+
+
+def test_serve_gives_ort_devices_int8_artifacts_over_mosquitto(
+    built: Built, mosquitto: Any, tmp_path: Path
+) -> None:
+    """``fedpeft serve --allocation uniform --frozen-weights int8`` and two ``fedpeft edge --engine
+    ort`` processes: the devices fetch int8 artifacts over MQTT and their updates are accepted."""
+    import os
+    import subprocess
+
+    from broker_server.report import validate_report
+    from tests.cli_processes import cli, start_edge
+
+    root = Path(__file__).resolve().parent.parent
+    env = os.environ | {"PYTHONPATH": str(root), "FEDPEFT_ARTIFACTS": str(tmp_path / "server-artifacts")}
+    report = tmp_path / "serve.json"
+    common = ["--model", str(built.model), "--seq-len", "16"]
+    server = subprocess.Popen(
+        cli(
+            "serve",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "int8",
+            "--state",
+            str(tmp_path / "state"),
+            "--data",
+            str(built.data),
+            "--rounds",
+            "1",
+            "--min-clients",
+            "2",
+            "--report",
+            str(report),
+            "--round-timeout",
+            "90",
+            "--hello-timeout",
+            "90",
+            "--allocation",
+            "uniform",
+            "--frozen-weights",
+            "int8",
+            *common,
+        ),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    devices = [
+        start_edge(
+            mosquitto.url,
+            "int8",
+            f"box-{i}",
+            built.data,
+            tmp_path / f"edge{i}",
+            seed=i,
+            max_samples=20,
+            cwd=tmp_path,
+            env=env,
+            extra=("--engine", "ort"),
+        )
+        for i in range(2)
+    ]
+    try:
+        out, _ = server.communicate(timeout=240)
+        device_out = [d.communicate(timeout=60)[0] for d in devices]
+    finally:
+        for p in (server, *devices):
+            if p.poll() is None:
+                p.kill()
+    assert server.returncode == 0, out
+    assert all(d.returncode == 0 for d in devices), device_out
+    data_out = json.loads(report.read_text())
+    validate_report(data_out)
+    assert [r["round"] for r in data_out["rounds"]] == [0, 1]
+    for client in data_out["clients"]:
+        assert client["engine"] == "ort" and client["updates_accepted"] == 2, client
+    served = [json.loads(p.read_text()) for p in (tmp_path / "server-artifacts").glob("*/manifest.json")]
+    fetched = [json.loads(p.read_text()) for p in tmp_path.glob("edge*/**/manifest.json")]
+    assert [m["frozen_weights"] for m in served] == ["int8"]
+    assert len(fetched) == 2 and {m["frozen_weights"] for m in fetched} == {"int8"}
