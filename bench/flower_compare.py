@@ -68,6 +68,7 @@ from typing import Any
 
 from process_memory import measured_run
 from runner import DATA_20NG, ROOT, main_guard
+from step_speed import machine_info
 
 sys.path.insert(0, str(ROOT))
 
@@ -246,6 +247,7 @@ def summarise(
         "server_s",
     )
     summary: dict[str, Any] = {
+        "machine": machine_info(1),
         "workload": {
             "data": a.data,
             "clients": a.clients,

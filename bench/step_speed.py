@@ -440,7 +440,18 @@ def _peak_of(measured: dict[str, Any]) -> tuple[float, str]:
     return float(best[0]), best[1]
 
 
-MATMUL_FLAGS = {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile"}
+MATMUL_FLAGS = {
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+}
 
 
 def machine_info(threads: int) -> dict[str, Any]:
