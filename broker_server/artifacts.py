@@ -93,7 +93,7 @@ _MODEL_FILES = (
 )
 _VERSIONED = ("torch", "transformers", "peft", "onnx", "onnxruntime-training")
 TRAINING_FLAVOUR = "training"
-TRAINING_LAYOUT = "packed-1"  # a new value rebuilds every cached training-flavour folder
+TRAINING_LAYOUT = "packed-2"  # a new value rebuilds every cached training-flavour folder
 FLAVOURS = (TRAINING_FLAVOUR, STEP_FLAVOUR)
 
 
@@ -300,7 +300,12 @@ def _build_into(
     from onnxruntime.training import artifacts as ort_artifacts
     from torch import nn
 
-    from broker_server.packed_encoder import gathers_as_gather_nd, packable, packed_features
+    from broker_server.packed_encoder import (
+        gathers_as_gather_nd,
+        packable,
+        packed_features,
+        row_gradients_as_gathers,
+    )
     from edge_runtime.engines.torch_engine import TextClassifier, TorchEngine, _canonical
 
     if engine is None:
@@ -392,6 +397,11 @@ def _build_into(
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
             raise EngineError(f"building the ORT training artifacts failed: {exc}\n{tail}") from None
     onnx_path.unlink()
+    if packed:  # the packed gathers' gradients as gathers (exact; far faster than GatherNDGrad)
+        training_path = folder / "training_model.onnx"
+        training = onnx.load(str(training_path))
+        if row_gradients_as_gathers(training):
+            onnx.save(training, str(training_path))
     if config.frozen_weights == "int8":
         from broker_server.int8_weights import quantize_frozen_linears
 

@@ -147,3 +147,87 @@ def gathers_as_gather_nd(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return rewritten
+
+
+def _row_kinds(graph: Any) -> dict[str, str]:
+    """The packed forward's GatherND index columns (``.../rows_as_column``), each ``real`` (rows
+    from NonZero: packed <- padded) or ``slot`` (rows from CumSum: padded <- packed)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    kinds: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "GatherND" or not node.input[1].endswith("/rows_as_column"):
+            continue
+        seen, todo, kind = set(), [node.input[1]], None
+        while todo and kind is None:
+            name = todo.pop()
+            producer = producers.get(name)
+            if producer is None or name in seen:
+                continue
+            seen.add(name)
+            if producer.op_type == "NonZero":
+                kind = "real"
+            elif producer.op_type == "CumSum":
+                kind = "slot"
+            else:
+                todo.extend(producer.input)
+        if kind is not None:
+            kinds[node.input[1]] = kind
+    return kinds
+
+
+def row_gradients_as_gathers(model: Any, mask_input: str = "attention_mask") -> int:
+    """Rewrite the training graph's ``GatherNDGrad`` nodes of the packed row gathers as gathers.
+
+    ``GatherNDGrad`` scatter-adds rows into zeros, 14x slower on ONNX Runtime's CPU than a
+    ``GatherND`` of the same rows (one node on 663 x 384 rows: 1.03 against 0.075 ms). Both of the
+    packed forward's maps are gathers whose gradient is itself a gather, exactly:
+
+    - ``slot`` (padded <- packed: a padding slot copies the real row before it): every padding
+      slot's gradient is exactly 0 (its key has probability exactly 0, so its key and value rows
+      get none; its query's context is never read; the pooling multiplies it by 0), so the
+      scatter-add of a real row is its own slot's row plus zeros: ``GatherND(dY, real)``.
+    - ``real`` (packed <- padded): each real slot takes its packed row, a padding slot 0:
+      ``GatherND(dY, slot) * mask``.
+
+    Returns how many were rewritten (none where the graph has no packed gathers).
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    kinds = _row_kinds(graph)
+    columns = {kind: next((c for c, k in kinds.items() if k == kind), None) for kind in ("real", "slot")}
+    if columns["real"] is None or columns["slot"] is None:
+        return 0
+    mask_column = f"/{mask_input}/as_row_weights"
+    prelude = [
+        helper.make_node("Cast", [mask_input], [f"{mask_column}/float"], to=TensorProto.FLOAT),
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{mask_column}/shape"],
+            value=helper.make_tensor(f"{mask_column}/shape", TensorProto.INT64, [2], [-1, 1]),
+        ),
+        helper.make_node("Reshape", [f"{mask_column}/float", f"{mask_column}/shape"], [mask_column]),
+    ]
+    nodes = []
+    rewritten = 0
+    for node in graph.node:
+        kind = kinds.get(node.input[1]) if node.op_type == "GatherNDGrad" and len(node.input) == 3 else None
+        if kind == "slot":
+            nodes.append(
+                helper.make_node(
+                    "GatherND", [node.input[2], columns["real"]], list(node.output), name=node.name
+                )
+            )
+        elif kind == "real":
+            gathered = f"{node.name or node.output[0]}/gathered"
+            nodes.append(helper.make_node("GatherND", [node.input[2], columns["slot"]], [gathered]))
+            nodes.append(helper.make_node("Mul", [gathered, mask_column], list(node.output), name=node.name))
+        else:
+            nodes.append(node)
+            continue
+        rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(prelude + nodes)
+    return rewritten

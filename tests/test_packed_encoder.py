@@ -113,8 +113,9 @@ def test_the_exported_graphs_train_like_torch_on_uneven_batches(model: Path, tmp
     paths = build_artifacts(dataclasses.replace(config, engine="ort"), seed=0, cache_dir=tmp_path, threads=1)
     assert json.loads(paths.manifest.read_text())["tokens"] == "packed"
     ops = {n.op_type for n in onnx.load(str(paths.training_model)).graph.node}
-    assert {"NonZero", "GatherND", "GatherNDGrad"} <= ops
-    assert "GatherGrad" not in ops  # ORT's slow scatter-add: every row gather is a GatherND
+    assert {"NonZero", "GatherND"} <= ops
+    # ORT's slow scatter-adds: every row gather is a GatherND, and so is every row gather's gradient
+    assert "GatherGrad" not in ops and "GatherNDGrad" not in ops
 
     train, test = _uneven(96, seed=1), _uneven(30, seed=2)
     ort = OrtEngine(dataclasses.replace(config, engine="ort"), artifacts=paths.folder, threads=1)
@@ -128,3 +129,45 @@ def test_the_exported_graphs_train_like_torch_on_uneven_batches(model: Path, tmp
     evals = [e.evaluate(test) for e in (ort, torch_engine)]
     assert evals[0].loss == pytest.approx(evals[1].loss, rel=1e-4)
     np.testing.assert_array_equal(evals[0].predictions, evals[1].predictions)
+
+
+def test_the_row_gathers_gradients_as_gathers_change_no_bit(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training artifacts with the packed gathers' gradients rewritten as gathers train to the
+    same tensors, bit for bit, as with ONNX Runtime's GatherNDGrad (uneven batches, 2 epochs)."""
+    pytest.importorskip("onnxruntime.training.api", reason="the ORT engine needs onnxruntime-training")
+    import onnx
+
+    import broker_server.packed_encoder as packed_encoder
+    from broker_server.artifacts import build_artifacts
+    from edge_runtime.engines.ort_engine import OrtEngine
+
+    config = TrainConfig(
+        model=str(model),
+        num_labels=3,
+        seq_len=16,
+        batch_size=8,
+        lr=5e-3,
+        head_lr=5e-2,
+        peft=LORA,
+        engine="ort",
+    )
+    rewritten = build_artifacts(config, seed=0, cache_dir=tmp_path / "rewritten", threads=1)
+    monkeypatch.setattr(packed_encoder, "row_gradients_as_gathers", lambda model: 0)
+    scatter = build_artifacts(config, seed=0, cache_dir=tmp_path / "scatter", threads=1)
+    counts = [
+        sum(n.op_type == "GatherNDGrad" for n in onnx.load(str(p.training_model)).graph.node)
+        for p in (rewritten, scatter)
+    ]
+    assert counts[0] == 0 and counts[1] >= 2 * 2  # the tiny BERT's 2 layers: context and spreads
+    train, test = _uneven(96, seed=1), _uneven(30, seed=2)
+    engines = [OrtEngine(config, artifacts=p.folder, threads=1) for p in (rewritten, scatter)]
+    results = [e.train(train, epochs=2, seed=3) for e in engines]
+    assert results[0].loss == results[1].loss
+    states = [e.trainable_state() for e in engines]
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        np.testing.assert_array_equal(states[0][name], states[1][name], err_msg=name)
+    evals = [e.evaluate(test) for e in engines]
+    assert evals[0].loss == evals[1].loss
