@@ -67,7 +67,7 @@ from edge_runtime.engines.base import EVAL_BATCH  # noqa: E402
 from edge_runtime.peft_specs import LoraSpec, ModelDims  # noqa: E402
 
 DATA_20NG = str(ROOT.parent / "shared" / "datasets" / "20newsgroups")
-MATMUL_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "MatMulScaleFusion"})
+MATMUL_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "MatMulScaleFusion", "DynamicQuantizeMatMul"})
 ROUNDS = 5  # the workload's training rounds (bench/flower_compare.py)
 EVALUATIONS = ROUNDS + 1  # the start's, then one a round
 
@@ -98,9 +98,13 @@ def matmul_kind(node: str) -> str:
     The padded graphs name nodes by module path (``/encoder/encoder/layer.0/attention/self/...``);
     the packed ones (broker_server.packed_encoder) by the projection called (``/query/base_layer_1/
     MatMul``, ``/output/dense_3/MatMul``), the attention products being ``/MatMul``, ``/MatMul_1``...
+    With ``--frozen-weights int8`` the forward products are ``DynamicQuantizeMatMul`` nodes named
+    after the product they replace plus ``_int8``: kind ``frozen linear int8``.
     """
     if "/default" in node or "lora_" in node:
         return "lora"
+    if node.removesuffix("_kernel_time").endswith("_int8"):  # broker_server.int8_weights' products
+        return "frozen linear int8"
     if "attention/self/MatMul" in node or _PACKED_ATTENTION.match(node):
         return "attention"
     if "encoder/layer." in node or _PACKED_LINEAR.match(node):
@@ -266,6 +270,13 @@ def main() -> int:
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the floor divides by")
     p.add_argument("--devices", type=int, default=8, help="devices of the workload to profile (<= 8)")
     p.add_argument(
+        "--frozen-weights",
+        default="fp32",
+        choices=("fp32", "int8"),
+        help="the artifacts' frozen linear weights (TrainConfig.frozen_weights; int8: the forward products "
+        "are DynamicQuantizeMatMul, counted as kind 'frozen linear int8')",
+    )
+    p.add_argument(
         "--flower",
         default=str(ROOT / "bench/results/flower-ort-arena/summary.json"),
         help="a bench/flower_compare.py summary whose Flower wall time the floor is set against",
@@ -291,6 +302,7 @@ def main() -> int:
         lr=3e-3,
         head_lr=2e-3,
         engine="ort",
+        frozen_weights=a.frozen_weights,
     )
     folder = str(build_artifacts(config).folder)
     peak_run = _run_child(["--child", "peak", "--threads", str(a.threads), "--peak-sizes", "2048"], a.threads)
@@ -434,6 +446,7 @@ def main() -> int:
             "micro_batch": config.micro_batch,
             "local_epochs": 2,
             "module": "LoRA r=8 alpha 8 on query,value",
+            "frozen_weights": config.frozen_weights,
             "test_samples": len(test),
             "rounds": ROUNDS,
         },

@@ -178,9 +178,10 @@ def _row_kinds(graph: Any) -> dict[str, str]:
 def row_gradients_as_gathers(model: Any, mask_input: str = "attention_mask") -> int:
     """Rewrite the training graph's ``GatherNDGrad`` nodes of the packed row gathers as gathers.
 
-    ``GatherNDGrad`` scatter-adds rows into zeros, 14x slower on ONNX Runtime's CPU than a
-    ``GatherND`` of the same rows (one node on 663 x 384 rows: 1.03 against 0.075 ms). Both of the
-    packed forward's maps are gathers whose gradient is itself a gather, exactly:
+    ``GatherNDGrad`` scatter-adds rows into zeros, far slower on ONNX Runtime's CPU than a
+    ``GatherND`` of the same rows (``bench/row_gradients.py`` times a device's round with and
+    without this). Both of the packed forward's maps are gathers whose gradient is itself a
+    gather, exactly:
 
     - ``slot`` (padded <- packed: a padding slot copies the real row before it): every padding
       slot's gradient is exactly 0 (its key has probability exactly 0, so its key and value rows

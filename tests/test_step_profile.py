@@ -78,6 +78,10 @@ def test_matmul_kinds_from_the_packed_graphs_node_names(prof: ModuleType) -> Non
     assert kind("/MatMul_2_Grad/FusedMatMul_1/MatMulScaleFusion/_kernel_time") == "attention"
     assert kind("/MatMul/MatMulScaleFusion/_kernel_time") == "attention"
     assert kind("/head/Gemm_kernel_time") == "other"
+    # --frozen-weights int8: broker_server.int8_weights names a product's replacement NAME_int8
+    assert kind("/query/base_layer_1/MatMul_int8_kernel_time") == "frozen linear int8"
+    assert kind("/output/dense_2/MatMul_int8_kernel_time") == "frozen linear int8"
+    assert kind("/query/base_layer_1/MatMul_Grad/FusedMatMul_0_kernel_time") == "frozen linear"
 
 
 def _node(name: str, op: str, dur: int, shapes: list[list[int]] | None = None) -> dict[str, Any]:
