@@ -11,11 +11,12 @@ activations have heavier tails, so their error is likely larger). ``broker_serve
 gradients per tensor the same way did not train (its module docstring says how that was measured).
 
 ``int8_per_row`` is the candidate for those input gradients: X quantized per row at run time to
-uint8 with zero point 128 (Abs, ReduceMax, Div, Round, Add, Cast: ONNX Runtime's fast integer
-path takes a uint8 A), ``MatMulInteger`` against W in int8 per column, then the int32 result cast
-and multiplied by both scales. Every variant's ``rel_error_rows`` is its error on the same X with
-each row scaled by 10^u, u uniform in [-3, 0]: rows of sizes three orders of magnitude apart, as
-activation gradients' are, which per-tensor quantization handles badly.
+uint8 with zero point 128 (Abs, ReduceMax and a Div for the row scales, then ``QuantizeLinear``:
+ONNX Runtime's fast integer path takes a uint8 A), ``com.microsoft.MatMulIntegerToFloat`` against
+W in int8 per column (the cast and the column scales in the kernel), then the row scales. Every
+variant's ``rel_error_rows`` is its error on the same X with each row scaled by 10^u, u uniform in
+[-3, 0]: rows of sizes three orders of magnitude apart, as activation gradients' are, which
+per-tensor quantization handles badly.
 
     .venv/bin/python bench/int8_matmul.py --out bench/results/int8_matmul
 """
@@ -86,21 +87,21 @@ def int8_per_row_matmul(w: np.ndarray) -> ModelProto:
         numpy_helper.from_array(np.array(128, np.uint8), "zp"),
         f32("inv127", 1 / 127),
         f32("tiny", np.finfo(np.float32).tiny),
-        f32("c128", 128.0),
+        f32("one", 1.0),
     ]
     nodes = [
         helper.make_node("Abs", ["X"], ["abs"]),
-        helper.make_node("ReduceMax", ["abs"], ["amax"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMax", ["abs"], ["amax"], axes=[-1], keepdims=1),
         helper.make_node("Mul", ["amax", "inv127"], ["rs0"]),
-        helper.make_node("Max", ["rs0", "tiny"], ["rs"]),
+        helper.make_node("Max", ["rs0", "tiny"], ["rs"]),  # one scale a row
         helper.make_node("Div", ["X", "rs"], ["xs"]),
-        helper.make_node("Round", ["xs"], ["xr"]),
-        helper.make_node("Add", ["xr", "c128"], ["xu"]),
-        helper.make_node("Cast", ["xu"], ["xq"], to=TensorProto.UINT8),
-        helper.make_node("MatMulInteger", ["xq", "Wq", "zp"], ["acc"]),
-        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["accf", "rs"], ["y0"]),
-        helper.make_node("Mul", ["y0", "ws"], ["Y"]),
+        # rounds half to even, adds the zero point and saturates, in one pass
+        helper.make_node("QuantizeLinear", ["xs", "one", "zp"], ["xq"]),
+        # the int8 product, cast and times the weights' column scales in the kernel's epilogue
+        helper.make_node(
+            "MatMulIntegerToFloat", ["xq", "Wq", "one", "ws", "zp"], ["y0"], domain="com.microsoft"
+        ),
+        helper.make_node("Mul", ["y0", "rs"], ["Y"]),
     ]
     return _model(nodes, inits, k, n)
 
