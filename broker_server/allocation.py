@@ -414,7 +414,9 @@ def ort_predictor(
         raise ConfigError(
             f"frozen_weights must be one of {', '.join(FROZEN_WEIGHTS)}, got {frozen_weights!r}"
         )
-    int8_mb = ORT_INT8_BYTES_PER_WEIGHT * dims.linear_weights / MIB if frozen_weights == "int8" else 0.0
+    # int8-grad drops the fp32 copies the input gradients read in int8's place: int8's figure
+    # over-estimates it (not measured yet), which keeps a device on the safe side of its cap
+    int8_mb = ORT_INT8_BYTES_PER_WEIGHT * dims.linear_weights / MIB if frozen_weights != "fp32" else 0.0
 
     def predict(candidate: Candidate, profile: DeviceProfile) -> CostEstimate:
         cost = candidate.peft.predict_cost(

@@ -402,10 +402,10 @@ def _build_into(
         training = onnx.load(str(training_path))
         if row_gradients_as_gathers(training):
             onnx.save(training, str(training_path))
-    if config.frozen_weights == "int8":
+    if config.frozen_weights != "fp32":
         from broker_server.int8_weights import quantize_frozen_linears
 
-        quantize_frozen_linears(folder, set(names))
+        quantize_frozen_linears(folder, set(names), gradients=config.frozen_weights == "int8-grad")
     manifest = {
         **_manifest_head(engine, config, folder, key=key, seed=seed),
         "trainable": [

@@ -60,6 +60,7 @@ class Rewritten:
     products: int  # MatMul(X, W^T) nodes now DynamicQuantizeMatMul
     weights: frozenset[str]  # frozen weights quantized
     dropped: frozenset[str]  # fp32 weight inputs no node reads any more, removed from the graph
+    gradients: int = 0  # input-gradient products dY @ W now the per-row int8 chain
 
 
 def _swaps_axes(transpose: onnx.NodeProto) -> bool:
@@ -68,15 +69,73 @@ def _swaps_axes(transpose: onnx.NodeProto) -> bool:
     return not perm or perm[0] == [1, 0]
 
 
+_ROW = "int8_rows"  # the per-row chain's shared constants
+
+
+def _row_constants() -> list[onnx.TensorProto]:
+    def f32(name: str, value: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(value, np.float32), f"{_ROW}/{name}")
+
+    return [
+        f32("inv127", 1 / 127),
+        f32("tiny", float(np.finfo(np.float32).tiny)),
+        f32("one", 1.0),
+        numpy_helper.from_array(np.array(128, np.uint8), f"{_ROW}/zero_point"),
+    ]
+
+
+def _per_row_product(x: str, q_name: str, scale_name: str, out: str, name: str) -> list[onnx.NodeProto]:
+    """``x @ W`` with ``x`` quantized per row (last axis) to uint8 at run time and ``W`` int8 per
+    column: row scales, ``QuantizeLinear``, ``MatMulIntegerToFloat`` (the column scales in its
+    epilogue), times the row scales. ``bench/int8_matmul.py``'s ``int8_per_row``."""
+    k = f"{name}/rows"
+    c = f"{_ROW}/"
+    return [
+        helper.make_node("Abs", [x], [f"{k}/abs"]),
+        helper.make_node("ReduceMax", [f"{k}/abs"], [f"{k}/amax"], axes=[-1], keepdims=1),
+        helper.make_node("Mul", [f"{k}/amax", c + "inv127"], [f"{k}/scale0"]),
+        helper.make_node("Max", [f"{k}/scale0", c + "tiny"], [f"{k}/scale"]),
+        helper.make_node("Div", [x, f"{k}/scale"], [f"{k}/scaled"]),
+        helper.make_node("QuantizeLinear", [f"{k}/scaled", c + "one", c + "zero_point"], [f"{k}/uint8"]),
+        helper.make_node(
+            "MatMulIntegerToFloat",
+            [f"{k}/uint8", q_name, c + "one", scale_name, c + "zero_point"],
+            [f"{k}/product"],
+            domain=MS_DOMAIN,
+        ),
+        helper.make_node("Mul", [f"{k}/product", f"{k}/scale"], [out], name=name),
+    ]
+
+
+def _input_gradient(node: onnx.NodeProto, transposed: str) -> bool:
+    """``FusedMatMul(dY, W^T, transB=1)`` (``dY @ W``), plain otherwise."""
+    if node.op_type != "FusedMatMul" or node.domain != MS_DOMAIN or node.input[1] != transposed:
+        return False
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (
+        at.get("transA", 0) == 0
+        and at.get("transB", 0) == 1
+        and at.get("alpha", 1.0) == 1.0
+        and not at.get("transBatchA", 0)
+        and not at.get("transBatchB", 0)
+    )
+
+
 def quantize_graph(
-    model: onnx.ModelProto, frozen: Mapping[str, np.ndarray], *, keep: frozenset[str] = frozenset()
+    model: onnx.ModelProto,
+    frozen: Mapping[str, np.ndarray],
+    *,
+    keep: frozenset[str] = frozenset(),
+    gradients: bool = False,
 ) -> Rewritten:
     """Rewrite ``model`` in place: every ``MatMul(X, Transpose(W))`` whose ``W`` is a 2-D graph
-    input named in ``frozen`` becomes ``DynamicQuantizeMatMul(X, int8 W^T, scales)``.
+    input named in ``frozen`` becomes ``DynamicQuantizeMatMul(X, int8 W^T, scales)``; with
+    ``gradients`` every input-gradient product ``FusedMatMul(dY, Transpose(W), transB=1)`` also
+    becomes the per-row int8 chain (:func:`_per_row_product`) against an int8 ``W``.
 
     A weight read only by such products leaves the graph's inputs, unless ``keep`` names it.
-    Everything else (embeddings read by Gather, LayerNorm weights, biases, the input gradients'
-    products) is left as it is.
+    Everything else (embeddings read by Gather, LayerNorm weights, biases, and without
+    ``gradients`` the input gradients' products) is left as it is.
     """
     graph = model.graph
     inputs = {i.name for i in graph.input}
@@ -84,11 +143,12 @@ def quantize_graph(
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    replaced: dict[int, onnx.NodeProto] = {}  # id(old node) -> its replacement
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> its replacement
     dead: set[int] = set()
     added: list[onnx.TensorProto] = []
     quantized: set[str] = set()
     dropped: set[str] = set()
+    gradient_products = 0
     for name in sorted(frozen):
         weight = frozen[name]
         if name not in inputs or weight.ndim != 2:
@@ -106,39 +166,58 @@ def quantize_graph(
         q_name, scale_name = f"{name}.int8_t", f"{name}.scale_t"
         added += [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, scale_name)]
         for c in products:
-            replaced[id(c)] = helper.make_node(
-                "DynamicQuantizeMatMul",
-                [c.input[0], q_name, scale_name],
-                list(c.output),
-                name=(c.name or c.output[0]) + "_int8",
-                domain=MS_DOMAIN,
-            )
+            replaced[id(c)] = [
+                helper.make_node(
+                    "DynamicQuantizeMatMul",
+                    [c.input[0], q_name, scale_name],
+                    list(c.output),
+                    name=(c.name or c.output[0]) + "_int8",
+                    domain=MS_DOMAIN,
+                )
+            ]
+        grads = (
+            [c for t in transposes for c in consumers[t.output[0]] if _input_gradient(c, t.output[0])]
+            if gradients
+            else []
+        )
+        if grads:
+            g, g_scale = quantize_columns(np.ascontiguousarray(weight))  # dY @ W: per input feature
+            g_name, g_scale_name = f"{name}.int8", f"{name}.scale"
+            added += [numpy_helper.from_array(g, g_name), numpy_helper.from_array(g_scale, g_scale_name)]
+            for c in grads:
+                replaced[id(c)] = _per_row_product(
+                    c.input[0], g_name, g_scale_name, c.output[0], (c.name or c.output[0]) + "_int8"
+                )
+            gradient_products += len(grads)
         quantized.add(name)
         readers = {id(c) for t in transposes for c in consumers[t.output[0]]}
-        if len(consumers[name]) == len(transposes) and readers <= {id(c) for c in products}:
+        if len(consumers[name]) == len(transposes) and readers <= {id(c) for c in [*products, *grads]}:
             dead.update(id(t) for t in transposes)  # the transposes feed nothing any more
             dropped.add(name)
     if not quantized:
         return Rewritten(0, frozenset(), frozenset())
-    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in dead]
+    nodes = [m for n in graph.node if id(n) not in dead for m in replaced.get(id(n), [n])]
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(added)
+    graph.initializer.extend(added + (_row_constants() if gradient_products else []))
     removed = dropped - keep
     kept = [i for i in graph.input if i.name not in removed]
     del graph.input[:]
     graph.input.extend(kept)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return Rewritten(len(replaced), frozenset(quantized), frozenset(removed))
+    return Rewritten(
+        len(replaced) - gradient_products, frozenset(quantized), frozenset(removed), gradient_products
+    )
 
 
-def quantize_frozen_linears(folder: Path, trainable: set[str]) -> Rewritten:
+def quantize_frozen_linears(folder: Path, trainable: set[str], *, gradients: bool = False) -> Rewritten:
     """Rewrite an artifact folder's training and eval graphs (:func:`quantize_graph`) and write
     its checkpoint again without the fp32 weights that left the training graph.
 
-    ``trainable``: the ONNX names of the trained parameters (never quantized). Returns the
-    training graph's rewrite.
+    ``trainable``: the ONNX names of the trained parameters (never quantized); ``gradients``: the
+    input gradients' products too (``frozen_weights="int8-grad"``). Returns the training graph's
+    rewrite.
     """
     from onnxruntime.training import onnxblock
     from onnxruntime.training.api import CheckpointState
@@ -149,10 +228,15 @@ def quantize_frozen_linears(folder: Path, trainable: set[str]) -> Rewritten:
     frozen = {n: v for n, (v, grad) in params.items() if not grad and n not in trainable}
     training = onnx.load(str(folder / "training_model.onnx"))
     evaluation = onnx.load(str(folder / "eval_model.onnx"))
-    done = quantize_graph(training, frozen)
+    done = quantize_graph(training, frozen, gradients=gradients)
     # ORT's Module feeds the eval graph every parameter of the checkpoint the training graph reads
     evaluated = quantize_graph(evaluation, frozen, keep=frozenset(frozen) - done.dropped)
-    if done.products == 0 or done.weights != evaluated.weights or done.dropped != evaluated.dropped:
+    if (
+        done.products == 0
+        or (gradients and done.gradients == 0)
+        or done.weights != evaluated.weights
+        or done.dropped != evaluated.dropped
+    ):
         raise EngineError(
             f"int8 frozen weights: the training graph quantized {len(done.weights)} weights and "
             f"dropped {len(done.dropped)}, the eval graph {len(evaluated.weights)} and "

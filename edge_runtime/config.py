@@ -10,9 +10,10 @@ from edge_runtime.peft_specs import DEFAULT_MICRO_BATCH, LoraSpec, PeftSpec, spe
 
 ENGINES = ("torch", "ort", "ort-plain")
 SUPPORTED_BITS = (32, 16, 8, 4, 2)
-FROZEN_WEIGHTS = ("fp32", "int8")
-"""How the ORT engine's artifacts hold the frozen linear weights in the forward: ``fp32``, or
-``int8`` (``broker_server.int8_weights``: not exact, faster; the input gradients stay fp32)."""
+FROZEN_WEIGHTS = ("fp32", "int8", "int8-grad")
+"""How the ORT engine's artifacts hold the frozen linear weights: ``fp32``; ``int8`` in the
+forward (``broker_server.int8_weights``: not exact, faster; the input gradients stay fp32); or
+``int8-grad``: the input gradients' products in int8 too, the gradient quantized per row."""
 TRAIN_TASKS = ("classification", "question-answering", "image-text-matching", "causal-lm")
 """``classification``: the model family's classifier (texts, or images for ViT);
 ``question-answering``: extractive answer spans of a text encoder; ``image-text-matching``: CLIP's
@@ -51,8 +52,8 @@ class TrainConfig:
     frozen_weights: str = field(
         default="fp32",
         metadata={
-            "help": "fp32, or int8: the ORT engine's forward multiplies by int8 copies of the frozen "
-            "linear weights (not exact; engine ort only)"
+            "help": "fp32; int8: the ORT engine's forward multiplies by int8 copies of the frozen "
+            "linear weights; int8-grad: the input gradients too (not exact; engine ort only)"
         },
     )
     task: str = field(

@@ -95,12 +95,13 @@ def test_the_simulator_refuses_int8_weights_off_the_ort_engine(flags: dict[str, 
         SimulationConfig(**values)
 
 
-def test_the_command_line_offers_fp32_and_int8_only(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_line_offers_fp32_int8_and_int8_grad_only(capsys: pytest.CaptureFixture[str]) -> None:
     from sdk.cli import build_parser
 
     base = ["simulate", "--data", "x", "--engine", "ort"]
     assert build_parser().parse_args(base).frozen_weights == "fp32"
     assert build_parser().parse_args([*base, "--frozen-weights", "int8"]).frozen_weights == "int8"
+    assert build_parser().parse_args([*base, "--frozen-weights", "int8-grad"]).frozen_weights == "int8-grad"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--frozen-weights", "int4"])
     assert "invalid choice" in capsys.readouterr().err
@@ -116,6 +117,7 @@ class Built:
     fp32: Path
     int8: Path
     cache: Path
+    int8_grad: Path
 
 
 def _config(model: Path, **kw: Any) -> TrainConfig:
@@ -146,7 +148,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     cache = root / "artifacts"
     fp32 = build_artifacts(_config(model), seed=0, cache_dir=cache, threads=1).folder
     int8 = build_artifacts(_config(model, frozen_weights="int8"), seed=0, cache_dir=cache, threads=1).folder
-    return Built(model, data, fp32, int8, cache)
+    int8_grad = build_artifacts(
+        _config(model, frozen_weights="int8-grad"), seed=0, cache_dir=cache, threads=1
+    ).folder
+    return Built(model, data, fp32, int8, cache, int8_grad)
 
 
 def _products(path: Path, trainable: set[str]) -> tuple[int, int, set[str]]:
@@ -196,11 +201,49 @@ def test_the_rewrite_replaces_every_frozen_forward_product_and_nothing_else(buil
     assert params <= inputs
 
 
-def _engines(built: Built) -> tuple[Any, Any]:
+def test_int8_grad_also_rewrites_every_input_gradient_product_and_drops_the_fp32_weights(
+    built: Built,
+) -> None:
+    import onnx
+    from onnxruntime.training.api import CheckpointState
+
+    manifest = json.loads((built.int8_grad / "manifest.json").read_text())
+    assert manifest["frozen_weights"] == "int8-grad"
+    trainable = {t["onnx"] for t in manifest["trainable"]}
+
+    def input_gradients(path: Path) -> tuple[int, int]:
+        """(FusedMatMul products through a transposed frozen input, per-row int8 products)."""
+        graph = onnx.load(str(path)).graph
+        frozen = {i.name for i in graph.input} - trainable
+        transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in frozen}
+        fused = sum(n.op_type == "FusedMatMul" and n.input[1] in transposed for n in graph.node)
+        return fused, sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node)
+
+    before = input_gradients(built.int8 / "training_model.onnx")
+    assert before[0] > 0 and before[1] == 0
+    assert input_gradients(built.int8_grad / "training_model.onnx") == (0, before[0])
+    assert _products(built.int8_grad / "training_model.onnx", trainable)[:2] == (
+        LAYERS * LINEARS_PER_LAYER,
+        0,
+    )
+    params = {
+        name
+        for name, _ in iter(CheckpointState.load_checkpoint(str(built.int8_grad / "checkpoint")).parameters)
+    }
+    # no node reads a frozen linear weight in fp32 any more: they all left the checkpoint
+    linear = [
+        n for n in params if n.startswith("inner.encoder.encoder.layer.") and n.endswith("dense.weight")
+    ]
+    assert not linear and "inner.encoder.encoder.layer.1.attention.self.key.weight" not in params
+    assert trainable <= params
+
+
+def _engines(built: Built, fmt: str = "int8") -> tuple[Any, Any]:
     from edge_runtime.engines.ort_engine import OrtEngine
 
     fp32 = OrtEngine(_config(built.model), artifacts=built.fp32, threads=1)
-    int8 = OrtEngine(_config(built.model, frozen_weights="int8"), artifacts=built.int8, threads=1)
+    folder = built.int8 if fmt == "int8" else built.int8_grad
+    int8 = OrtEngine(_config(built.model, frozen_weights=fmt), artifacts=folder, threads=1)
     return fp32, int8
 
 
@@ -224,12 +267,13 @@ def test_int8_artifacts_start_from_the_same_module_and_test_close_to_fp32(built:
     assert 0 < gap < 0.05, gap
 
 
-def test_int8_artifacts_train_like_fp32_ones(built: Built) -> None:
+@pytest.mark.parametrize("fmt", ["int8", "int8-grad"])
+def test_int8_artifacts_train_like_fp32_ones(built: Built, fmt: str) -> None:
     from edge_runtime.data import load_folder
 
     train, test = load_folder(built.data)
     rows = train.subset(np.arange(160))  # 20 steps at batch 8
-    fp32, int8 = _engines(built)
+    fp32, int8 = _engines(built, fmt)
     start = fp32.trainable_state()
     first = [e.train(rows, epochs=1, seed=3) for e in (fp32, int8)]
     assert first[1].loss == pytest.approx(first[0].loss, rel=0.05)
