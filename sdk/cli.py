@@ -271,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--frozen-weights",
         default="fp32",
         choices=FROZEN_WEIGHTS,
-        help="with --engine ort: fp32 (default), or int8: the devices' forward multiplies by int8 copies "
+        help="with --engine ort: fp32 (default); int8: the devices' forward multiplies by int8 copies "
         "of the frozen linear weights (faster where the CPU has integer matmul kernels; not exact: "
-        "README, 'Frozen weights in int8'); the input gradients stay fp32",
+        "README, 'Frozen weights in int8'), the input gradients stay fp32; int8-grad: the input "
+        "gradients' products in int8 too, the gradients quantized per row",
     )
     sim.add_argument("--broker", default=None, help="mqtt://[user:pass@]host:port; default: embedded broker")
     sim.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: cores)")
@@ -318,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--frozen-weights",
         default="fp32",
         choices=FROZEN_WEIGHTS,
-        help="with --allocation utility|uniform: fp32 (default), or int8: devices on the ort engine get "
-        "artifacts whose forward multiplies by int8 copies of the frozen linear weights (not exact: "
-        "README, 'Frozen weights in int8'); devices without the ort engine are left out, and the "
-        "service still tests the global module with torch in fp32",
+        help="with --allocation utility|uniform: fp32 (default), or int8 / int8-grad: devices on the ort "
+        "engine get artifacts whose forward (int8-grad: and input gradients) multiplies by int8 copies "
+        "of the frozen linear weights (not exact: README, 'Frozen weights in int8'); devices without "
+        "the ort engine are left out, and the service still tests the global module with torch in fp32",
     )
     _add_aggregation_flags(srv)
     _add_allocation_flags(srv, default="fixed")
