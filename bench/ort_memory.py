@@ -4,8 +4,9 @@ MiniLM + LoRA r=8 on query and value, batch 32, 64 tokens: each engine trains ``
 a fresh process (edge_runtime.engines.memory_probe), side by side in one run, ``--repeats`` times
 alternately; the ORT process has torch, transformers and peft made unimportable, as on a device
 with the ``edge`` extra only. ``ort-plain`` (the step graph in plain onnxruntime, ``--engines``
-includes it by default) also has ``onnxruntime.training`` made unimportable. ``--int8`` adds
-``ort-int8``: the ort engine on artifacts built with ``frozen_weights="int8"``. Reports peak
+includes it by default) also has ``onnxruntime.training`` made unimportable. ``--frozen-weights
+int8 int8-grad`` adds ``ort-int8`` and ``ort-int8-grad``: the ort engine on artifacts built with
+that ``frozen_weights`` (``--int8`` is ``--frozen-weights int8``). Reports peak
 resident memory (VmHWM) and mean seconds per step (without the warm-up step), and the ratios of
 each ORT engine to torch.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from runner import ROOT, engines_here, main_guard
 
 from broker_server.artifacts import build_artifacts
-from edge_runtime.config import TrainConfig
+from edge_runtime.config import FROZEN_WEIGHTS, TrainConfig
 from edge_runtime.engines.memory_probe import measure_training
 from edge_runtime.peft_specs import LoraSpec
 
@@ -43,27 +44,32 @@ def main() -> int:
         "onnxruntime-training is not installed)",
     )
     p.add_argument(
-        "--int8",
-        action="store_true",
-        help="also measure ort-int8: the ort engine with the frozen linear weights in int8",
+        "--frozen-weights",
+        nargs="+",
+        default=[],
+        choices=[f for f in FROZEN_WEIGHTS if f != "fp32"],
+        help="also measure the ort engine with the frozen linear weights in these formats "
+        "(as ort-int8, ort-int8-grad)",
     )
+    p.add_argument("--int8", action="store_true", help="the same as --frozen-weights int8")
     a = p.parse_args()
+    formats = list(dict.fromkeys([*a.frozen_weights, *(["int8"] if a.int8 else [])]))
     here = engines_here(a.engines, ("torch", "ort", "ort-plain"))
     engines = ["torch"] + [e for e in here if e != "torch"]
-    if a.int8 and "ort" not in engines:
-        p.error("--int8 needs the ort engine (onnxruntime-training)")
+    if formats and "ort" not in engines:
+        p.error("--frozen-weights needs the ort engine (onnxruntime-training)")
     base = TrainConfig(
         peft=LoraSpec(rank=8, alpha=16.0), num_labels=20, batch_size=a.batch_size, seq_len=a.seq_len
     )
     configs = {name: replace(base, engine=name) for name in engines}
-    if a.int8:
-        configs["ort-int8"] = replace(base, engine="ort", frozen_weights="int8")
+    for fmt in formats:
+        configs[f"ort-{fmt}"] = replace(base, engine="ort", frozen_weights=fmt)
     print("building ORT artifacts (cached after the first time)...", flush=True)
     folders: dict[str, str | None] = {"torch": None}
     if "ort" in configs:
         folders["ort"] = str(build_artifacts(configs["ort"]).folder)
-    if "ort-int8" in configs:
-        folders["ort-int8"] = str(build_artifacts(configs["ort-int8"]).folder)
+    for fmt in formats:
+        folders[f"ort-{fmt}"] = str(build_artifacts(configs[f"ort-{fmt}"]).folder)
     if "ort-plain" in configs:
         folders["ort-plain"] = str(build_artifacts(configs["ort-plain"], flavour="step").folder)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
