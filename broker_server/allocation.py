@@ -400,6 +400,17 @@ ORT_ACTIVATION_SCALE = 0.5  # relative to the torch model's activation estimate
 # peak 25.7 MiB above fp32's at (batch, seq_len) = (32, 64) and (8, 128) alike, 2.54 times the
 # 10.1 MiB of one int8 copy: rounded up to 2.6 bytes per linear weight.
 ORT_INT8_BYTES_PER_WEIGHT = 2.6
+# Artifacts built with frozen_weights="int8-grad" hold the int8 copies and no fp32 linear weights.
+# bench/results/ort_memory_int8_grad (same setup, AMD EPYC; rerun: bench/ort_memory.py --engines
+# ort --frozen-weights int8 int8-grad --threads 1) measured the peak 5.1 MiB above fp32's at
+# (batch, seq_len) = (32, 64) and 3.2 MiB above at (8, 128), 0.51 and 0.32 bytes per linear
+# weight (and int8 again 24.7 and 26.2 MiB above): rounded up to 0.6.
+ORT_INT8_GRAD_BYTES_PER_WEIGHT = 0.6
+ORT_FROZEN_BYTES_PER_WEIGHT = {
+    "fp32": 0.0,
+    "int8": ORT_INT8_BYTES_PER_WEIGHT,
+    "int8-grad": ORT_INT8_GRAD_BYTES_PER_WEIGHT,
+}
 
 
 def ort_predictor(
@@ -409,14 +420,13 @@ def ort_predictor(
     frozen_weights: str = "fp32",
 ) -> Predictor:
     """Costs on the ORT engine: the spec's model with ORT's runtime and activation constants, and
-    with ``frozen_weights="int8"`` the int8 copies of the linear weights on top."""
+    with ``frozen_weights`` other than fp32 what its int8 linear weights add on top
+    (:data:`ORT_FROZEN_BYTES_PER_WEIGHT`)."""
     if frozen_weights not in FROZEN_WEIGHTS:
         raise ConfigError(
             f"frozen_weights must be one of {', '.join(FROZEN_WEIGHTS)}, got {frozen_weights!r}"
         )
-    # int8-grad drops the fp32 copies the input gradients read in int8's place: int8's figure
-    # over-estimates it (not measured yet), which keeps a device on the safe side of its cap
-    int8_mb = ORT_INT8_BYTES_PER_WEIGHT * dims.linear_weights / MIB if frozen_weights != "fp32" else 0.0
+    int8_mb = ORT_FROZEN_BYTES_PER_WEIGHT[frozen_weights] * dims.linear_weights / MIB
 
     def predict(candidate: Candidate, profile: DeviceProfile) -> CostEstimate:
         cost = candidate.peft.predict_cost(

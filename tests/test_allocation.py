@@ -228,7 +228,7 @@ def test_int8_frozen_weights_are_predicted_on_top_and_trained_on_ort_only() -> N
     only the ort engine (whose artifacts carry the option) may get such a configuration."""
     from dataclasses import replace
 
-    from broker_server.allocation import ORT_INT8_BYTES_PER_WEIGHT
+    from broker_server.allocation import ORT_INT8_BYTES_PER_WEIGHT, ORT_INT8_GRAD_BYTES_PER_WEIGHT
 
     base = TrainConfig(peft=LoraSpec(rank=8), num_labels=20, seq_len=128, batch_size=16)
     int8 = replace(base, frozen_weights="int8")
@@ -238,6 +238,10 @@ def test_int8_frozen_weights_are_predicted_on_top_and_trained_on_ort_only() -> N
     fp32_mb = ort_predictor(MINILM, 20)(cand, low).memory_mb
     int8_mb = ort_predictor(MINILM, 20, frozen_weights="int8")(cand, low).memory_mb
     assert int8_mb - fp32_mb == pytest.approx(ORT_INT8_BYTES_PER_WEIGHT * MINILM.linear_weights / 2**20)
+    # int8-grad drops the fp32 copies: measured a few MiB above fp32, far below int8
+    grad_mb = ort_predictor(MINILM, 20, frozen_weights="int8-grad")(cand, low).memory_mb
+    assert grad_mb - fp32_mb == pytest.approx(ORT_INT8_GRAD_BYTES_PER_WEIGHT * MINILM.linear_weights / 2**20)
+    assert fp32_mb < grad_mb < int8_mb
     with pytest.raises(ConfigError, match="frozen_weights"):
         ort_predictor(MINILM, 20, frozen_weights="int4")
     allocator = build_allocator("utility", int8, MINILM)
@@ -250,6 +254,14 @@ def test_int8_frozen_weights_are_predicted_on_top_and_trained_on_ort_only() -> N
     for engines in (("torch",), ("ort-plain",)):
         with pytest.raises(NoFeasibleConfig, match=r"none of its engines .* int8 trains on ort only"):
             allocator.assign(int8, low, 150, engines=engines)
+    grad = replace(base, frozen_weights="int8-grad")
+    grad_allocator = build_allocator("utility", grad, MINILM)
+    assert grad_allocator is not None
+    cfg, alloc = grad_allocator.assign(grad, low, 150, engines=("torch", "ort"))
+    assert cfg.engine == "ort" and cfg.frozen_weights == "int8-grad"
+    assert alloc.cost == grad_allocator.predict_ort(alloc.candidate, low)
+    with pytest.raises(NoFeasibleConfig, match=r"int8-grad trains on ort only"):
+        grad_allocator.assign(grad, low, 150, engines=("torch",))
     # a device whose cap fits a candidate in fp32 but not with the int8 copies gets a smaller one
     fp32_alloc = build_allocator("utility", base, MINILM)
     assert fp32_alloc is not None

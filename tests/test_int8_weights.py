@@ -404,11 +404,13 @@ def test_serve_refuses_int8_weights_where_no_device_would_train_them(
     assert not (tmp_path / "s").exists()  # refused before it touched its state
 
 
+@pytest.mark.parametrize("frozen", ["int8", "int8-grad"])
 def test_serve_gives_ort_devices_int8_artifacts_over_mosquitto(
-    built: Built, mosquitto: Any, tmp_path: Path
+    built: Built, mosquitto: Any, tmp_path: Path, frozen: str
 ) -> None:
-    """``fedpeft serve --allocation uniform --frozen-weights int8`` and two ``fedpeft edge --engine
-    ort`` processes: the devices fetch int8 artifacts over MQTT and their updates are accepted."""
+    """``fedpeft serve --allocation uniform --frozen-weights int8|int8-grad`` and two ``fedpeft edge
+    --engine ort`` processes: the devices fetch artifacts of that format over MQTT and their updates
+    are accepted."""
     import os
     import subprocess
 
@@ -443,7 +445,7 @@ def test_serve_gives_ort_devices_int8_artifacts_over_mosquitto(
             "--allocation",
             "uniform",
             "--frozen-weights",
-            "int8",
+            frozen,
             *common,
         ),
         cwd=tmp_path,
@@ -483,5 +485,5 @@ def test_serve_gives_ort_devices_int8_artifacts_over_mosquitto(
         assert client["engine"] == "ort" and client["updates_accepted"] == 2, client
     served = [json.loads(p.read_text()) for p in (tmp_path / "server-artifacts").glob("*/manifest.json")]
     fetched = [json.loads(p.read_text()) for p in tmp_path.glob("edge*/**/manifest.json")]
-    assert [m["frozen_weights"] for m in served] == ["int8"]
-    assert len(fetched) == 2 and {m["frozen_weights"] for m in fetched} == {"int8"}
+    assert [m["frozen_weights"] for m in served] == [frozen]
+    assert len(fetched) == 2 and {m["frozen_weights"] for m in fetched} == {frozen}
