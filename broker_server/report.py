@@ -22,6 +22,17 @@ def report_schema() -> dict[str, Any]:
     return schema
 
 
+def train_config_entry(train: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The report's ``config.train``: the base training configuration, whose ``engine`` is a
+    placeholder that assignment replaces per device, with the engine the clients trained on (the
+    one they share, or ``mixed``; each client's is in ``clients[].engine``). Without clients the
+    base configuration's engine is kept."""
+    engines = sorted({str(c["engine"]) for c in clients})
+    if not engines:
+        return dict(train)
+    return dict(train) | {"engine": engines[0] if len(engines) == 1 else "mixed"}
+
+
 def communication(
     bytes_up_total: int, bytes_down_total: int, full_model_params: int, participations: int
 ) -> dict[str, Any]:

@@ -68,7 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the aggregation service until the last round, then write its report."""
     from broker_server.allocation import AllocationConfig, build_allocator
     from broker_server.evaluation import Evaluator
-    from broker_server.report import build_report, communication, peft_entry, write_report
+    from broker_server.report import (
+        build_report,
+        communication,
+        peft_entry,
+        train_config_entry,
+        write_report,
+    )
     from broker_server.service import AggregationService, ServiceConfig
     from broker_server.state import StateStore
     from edge_runtime.data import TextDataset, load_labels, load_split, resolve_data_dir
@@ -209,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "clusters": args.clusters,
             "min_clients": args.min_clients,
             "mode": args.mode,
-            "train": train_cfg.to_dict(),
+            "train": train_config_entry(train_cfg.to_dict(), clients),
         },
         rounds=summary.reported_rounds(),
         final=final,

@@ -29,7 +29,7 @@ from broker_server.clustering import parse_clusters
 from broker_server.distillation import unlabeled
 from broker_server.evaluation import Evaluator, ModelEvaluator, OrtEvaluator
 from broker_server.records import task_figures
-from broker_server.report import build_report, communication, peft_entry
+from broker_server.report import build_report, communication, peft_entry, train_config_entry
 from broker_server.service import AggregationService, ServiceConfig
 from broker_server.strategies import check_strategy
 from edge_runtime.config import DEFAULT_MICRO_BATCH, FROZEN_WEIGHTS, SUPPORTED_BITS, TrainConfig
@@ -117,8 +117,9 @@ class SimulationConfig:
     frozen_weights: str = field(
         default="fp32",
         metadata={
-            "help": "fp32, or int8: with --engine ort, the devices' forward multiplies by int8 copies "
-            "of the frozen linear weights (broker_server.int8_weights; not exact, faster)"
+            "help": "fp32, or with --engine ort int8: the devices' forward multiplies by int8 copies "
+            "of the frozen linear weights, or int8-grad: the input gradients too "
+            "(broker_server.int8_weights; not exact, faster)"
         },
     )
     model: str = "all-MiniLM-L6-v2"
@@ -863,7 +864,7 @@ class Simulation:
             "data": str(resolve_data_dir(cfg.data)),
             "broker": "embedded" if cfg.broker is None else str(parse_broker_url(url)),
             "broker_kind": "external" if cfg.broker is not None else self.broker_kind,
-            "train": train_cfg.to_dict(),
+            "train": train_config_entry(train_cfg.to_dict(), clients),
             "lora_targets": list(getattr(train_cfg.peft, "target_modules", cfg.lora_targets)),
             "host": self.host.to_dict(),
         }

@@ -338,6 +338,7 @@ def test_a_simulated_ort_fleet_trains_with_int8_weights_over_mosquitto(
     validate_report(report)
     assert report["rejected"] == []
     assert report["config"]["frozen_weights"] == "int8"
+    assert report["config"]["train"]["engine"] == "ort"  # not the base configuration's placeholder
     # class means, then 2 rounds each
     assert all(c["engine"] == "ort" and c["updates_accepted"] == 3 for c in report["clients"])
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "artifacts").glob("*/manifest.json")]
@@ -481,6 +482,7 @@ def test_serve_gives_ort_devices_int8_artifacts_over_mosquitto(
     data_out = json.loads(report.read_text())
     validate_report(data_out)
     assert [r["round"] for r in data_out["rounds"]] == [0, 1]
+    assert data_out["config"]["train"]["engine"] == "ort"
     for client in data_out["clients"]:
         assert client["engine"] == "ort" and client["updates_accepted"] == 2, client
     served = [json.loads(p.read_text()) for p in (tmp_path / "server-artifacts").glob("*/manifest.json")]

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker_server.report import build_report, communication, report_schema, validate_report, write_report
+from broker_server.report import (
+    build_report,
+    communication,
+    report_schema,
+    train_config_entry,
+    validate_report,
+    write_report,
+)
 from edge_runtime.errors import ConfigError
 from sdk.plot import plot_report
 
@@ -60,6 +67,16 @@ def test_communication_reduction() -> None:
     comm = communication(bytes_up_total=100, bytes_down_total=300, full_model_params=1000, participations=2)
     assert comm["full_model_fp32_bytes"] == 4000
     assert comm["reduction_vs_full"] == pytest.approx(1 - 400 / (2 * 4000 * 2))
+
+
+def test_the_train_block_names_the_engine_the_clients_trained_on() -> None:
+    """The base configuration's engine is a placeholder: the report says what the devices ran."""
+    base = {"engine": "torch", "seq_len": 128}
+    ort = [{"engine": "ort"}, {"engine": "ort"}]
+    assert train_config_entry(base, ort) == {"engine": "ort", "seq_len": 128}
+    assert train_config_entry(base, [*ort, {"engine": "torch"}])["engine"] == "mixed"
+    assert train_config_entry(base, []) == base
+    assert base["engine"] == "torch"  # the caller's dict is left as it was
 
 
 def test_valid_report_writes_and_plots(tmp_path: Path) -> None:
