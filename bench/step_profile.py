@@ -62,12 +62,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_runtime.config import TrainConfig  # noqa: E402
+from edge_runtime.config import FROZEN_WEIGHTS, TrainConfig  # noqa: E402
 from edge_runtime.engines.base import EVAL_BATCH  # noqa: E402
 from edge_runtime.peft_specs import LoraSpec, ModelDims  # noqa: E402
 
 DATA_20NG = str(ROOT.parent / "shared" / "datasets" / "20newsgroups")
-MATMUL_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "MatMulScaleFusion", "DynamicQuantizeMatMul"})
+MATMUL_OPS = frozenset(
+    {"MatMul", "FusedMatMul", "Gemm", "MatMulScaleFusion", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+)
 ROUNDS = 5  # the workload's training rounds (bench/flower_compare.py)
 EVALUATIONS = ROUNDS + 1  # the start's, then one a round
 
@@ -99,10 +101,14 @@ def matmul_kind(node: str) -> str:
     the packed ones (broker_server.packed_encoder) by the projection called (``/query/base_layer_1/
     MatMul``, ``/output/dense_3/MatMul``), the attention products being ``/MatMul``, ``/MatMul_1``...
     With ``--frozen-weights int8`` the forward products are ``DynamicQuantizeMatMul`` nodes named
-    after the product they replace plus ``_int8``: kind ``frozen linear int8``.
+    after the product they replace plus ``_int8``: kind ``frozen linear int8``. With ``int8-grad``
+    the input gradients' ``MatMulIntegerToFloat`` nodes are named ``<product>_int8/rows/product``:
+    kind ``input gradients int8``.
     """
     if "/default" in node or "lora_" in node:
         return "lora"
+    if "_int8/rows/" in node:  # broker_server.int8_weights' per-row input-gradient products
+        return "input gradients int8"
     if node.removesuffix("_kernel_time").endswith("_int8"):  # broker_server.int8_weights' products
         return "frozen linear int8"
     if "attention/self/MatMul" in node or _PACKED_ATTENTION.match(node):
@@ -272,9 +278,10 @@ def main() -> int:
     p.add_argument(
         "--frozen-weights",
         default="fp32",
-        choices=("fp32", "int8"),
+        choices=FROZEN_WEIGHTS,
         help="the artifacts' frozen linear weights (TrainConfig.frozen_weights; int8: the forward products "
-        "are DynamicQuantizeMatMul, counted as kind 'frozen linear int8')",
+        "are DynamicQuantizeMatMul, counted as kind 'frozen linear int8'; int8-grad: the input gradients' "
+        "MatMulIntegerToFloat too, kind 'input gradients int8')",
     )
     p.add_argument(
         "--flower",

@@ -94,19 +94,22 @@ def _per_row_product(x: str, q_name: str, scale_name: str, out: str, name: str) 
     """``x @ W`` with ``x`` quantized per row (last axis) to uint8 at run time and ``W`` int8 per
     column: row scales, ``QuantizeLinear``, ``MatMulIntegerToFloat`` (the column scales in its
     epilogue), times the row scales. ``bench/int8_matmul.py``'s ``int8_per_row``."""
-    k = f"{name}/rows"
+    k = f"{name}/rows"  # every node of the chain is named under it (profiles: bench/step_profile.py)
     c = f"{_ROW}/"
     return [
-        helper.make_node("Abs", [x], [f"{k}/abs"]),
-        helper.make_node("ReduceMax", [f"{k}/abs"], [f"{k}/amax"], axes=[-1], keepdims=1),
-        helper.make_node("Mul", [f"{k}/amax", c + "inv127"], [f"{k}/scale0"]),
-        helper.make_node("Max", [f"{k}/scale0", c + "tiny"], [f"{k}/scale"]),
-        helper.make_node("Div", [x, f"{k}/scale"], [f"{k}/scaled"]),
-        helper.make_node("QuantizeLinear", [f"{k}/scaled", c + "one", c + "zero_point"], [f"{k}/uint8"]),
+        helper.make_node("Abs", [x], [f"{k}/abs"], name=f"{k}/abs"),
+        helper.make_node("ReduceMax", [f"{k}/abs"], [f"{k}/amax"], name=f"{k}/amax", axes=[-1], keepdims=1),
+        helper.make_node("Mul", [f"{k}/amax", c + "inv127"], [f"{k}/scale0"], name=f"{k}/scale0"),
+        helper.make_node("Max", [f"{k}/scale0", c + "tiny"], [f"{k}/scale"], name=f"{k}/scale"),
+        helper.make_node("Div", [x, f"{k}/scale"], [f"{k}/scaled"], name=f"{k}/scaled"),
+        helper.make_node(
+            "QuantizeLinear", [f"{k}/scaled", c + "one", c + "zero_point"], [f"{k}/uint8"], name=f"{k}/uint8"
+        ),
         helper.make_node(
             "MatMulIntegerToFloat",
             [f"{k}/uint8", q_name, c + "one", scale_name, c + "zero_point"],
             [f"{k}/product"],
+            name=f"{k}/product",
             domain=MS_DOMAIN,
         ),
         helper.make_node("Mul", [f"{k}/product", f"{k}/scale"], [out], name=name),

@@ -82,6 +82,9 @@ def test_matmul_kinds_from_the_packed_graphs_node_names(prof: ModuleType) -> Non
     assert kind("/query/base_layer_1/MatMul_int8_kernel_time") == "frozen linear int8"
     assert kind("/output/dense_2/MatMul_int8_kernel_time") == "frozen linear int8"
     assert kind("/query/base_layer_1/MatMul_Grad/FusedMatMul_0_kernel_time") == "frozen linear"
+    # int8-grad: the input gradients' per-row chain is named NAME_int8/rows/...
+    grad = "/query/base_layer_1/MatMul_Grad/FusedMatMul_0_int8/rows"
+    assert kind(f"{grad}/product_kernel_time") == "input gradients int8"
 
 
 def _node(name: str, op: str, dur: int, shapes: list[list[int]] | None = None) -> dict[str, Any]:
